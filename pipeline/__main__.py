@@ -1,0 +1,45 @@
+"""CLI.  python -m pipeline run <stage>|all [key=value ...] [--force] | ls | check | config"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="MedLLM Day-1 pipeline")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="run a stage (and what it needs) or 'all'; finished stages are skipped")
+    p_run.add_argument("targets", nargs="+", help="stage names or 'all', then optional key=value overrides")
+    p_run.add_argument("--force", action="store_true", help="re-run the named stages even when up to date")
+    for name, text in (("ls", "stages in order with their status"), ("check", "the strict completion gate"),
+                       ("config", "print the resolved config")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("targets", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+
+    from rich.console import Console
+    from pipeline.settings import ConfigError, load_config
+    console = Console(highlight=False)
+    overrides = [t for t in args.targets if "=" in t]
+    try:
+        cfg = load_config(overrides=overrides)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/] {exc}", soft_wrap=True)
+        return 2
+    from pipeline import engine
+    if args.cmd == "run":
+        names = [t for t in args.targets if "=" not in t]
+        return engine.run(names, cfg, console, force=args.force)
+    if args.cmd == "ls":
+        engine.print_table(cfg, console)
+        return 0
+    if args.cmd == "config":
+        print(json.dumps(cfg.to_dict(), indent=2, default=str))
+        return 0
+    from pipeline import checker
+    return checker.main(cfg, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The stage engine: fingerprint -> skip when fresh -> marker -> run -> validate -> atomic evidence.
+
+A stage is a module in pipeline/stages with `run(ctx) -> dict`; the registry (pipeline/stages/__init__.py)
+is a plain list of `Stage` records. Idempotence lives here, not in Make timestamps.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import faulthandler
+import fcntl
+import importlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from pipeline import evidence as ev
+from pipeline.settings import REPO, Config, secret
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "openai",
+            "tokenizers", "safetensors", "jsonschema")
+
+
+class SkipStage(Exception):
+    """Raise with a reason: the stage writes `skipped` evidence (or `failed` where skips are not allowed)."""
+
+
+class StageFailed(Exception):
+    """Raise with a one-line reason for the user: the stage writes `failed` evidence and the run exits non-zero."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: tuple[str, ...]
+    evidence: Callable[[Config], str]                   # evidence path relative to the output root
+    inputs: Callable[[Config], list] = lambda cfg: []   # data files whose sha256 enter the fingerprint
+    sections: tuple[str, ...] = ()                      # config sections that enter the fingerprint
+    in_all: bool = True                                 # part of `run all`
+    training: bool = False                              # a skip is a failure when ALLOW_SKIP_TRAINING=false
+    runs_after_skip: bool = False                       # still runs when a need was skipped (eval lists it)
+    done_status: str = "ok"
+
+    @property
+    def module(self):
+        return importlib.import_module(f"pipeline.stages.{self.name}")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Ctx:
+    """What a stage sees: config, output root, upstream evidence, the hardware plan, secrets, console."""
+
+    def __init__(self, cfg: Config, stage: Stage, console):
+        self.cfg, self.stage, self.console = cfg, stage, console
+        self.root = Path(cfg.root)
+        self.name = stage.name
+
+    def path(self, rel: str) -> Path:
+        p = self.root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def evidence(self, stage: str) -> dict | None:
+        return ev.read_json(self.root / STAGE_BY_NAME[stage].evidence(self.cfg))
+
+    @property
+    def plan(self) -> dict:
+        check = self.evidence("gpu_check")
+        if not check or "plan" not in check:
+            raise StageFailed("no hardware plan: run `make gpu-check` (python -m pipeline run gpu_check) first")
+        return check["plan"]
+
+    def secret(self, name: str) -> str | None:
+        return secret(name)
+
+    def log(self, msg: str) -> None:
+        self.console.print(f"[dim]{self.name}:[/] {msg}")
+
+    def progress(self, iterable, total=None, description=""):
+        from rich.progress import track
+        return track(iterable, total=total, description=description or self.name, console=self.console,
+                     transient=False)
+
+
+# --- registry helpers ----------------------------------------------------------------------------
+def _registry():
+    from pipeline.stages import STAGES
+    return STAGES
+
+
+STAGE_BY_NAME: dict[str, Stage] = {}
+
+
+def stages() -> list[Stage]:
+    if not STAGE_BY_NAME:
+        STAGE_BY_NAME.update({s.name: s for s in _registry()})
+    return list(STAGE_BY_NAME.values())
+
+
+def plan_order(targets: list[str], cfg: Config) -> list[Stage]:
+    """Targets plus their needs, in registry order. 'all' = every in_all stage (dry-run: up to dry_run)."""
+    all_stages = stages()
+    if targets == ["all"]:
+        if cfg.runtime.dry_run:
+            targets = ["gpu_bootstrap", "gpu_check", "dry_run"]
+        else:
+            targets = [s.name for s in all_stages if s.in_all]
+    wanted: set[str] = set()
+
+    def add(name):
+        if name not in STAGE_BY_NAME:
+            raise SystemExit(f"unknown stage {name!r}: choose one of {', '.join(STAGE_BY_NAME)} or 'all'")
+        if name not in wanted:
+            wanted.add(name)
+            for n in STAGE_BY_NAME[name].needs:
+                add(n)
+    for t in targets:
+        add(t)
+    return [s for s in all_stages if s.name in wanted]
+
+
+# --- fingerprint and freshness -------------------------------------------------------------------
+def fingerprint(stage: Stage, cfg: Config) -> tuple[str, dict]:
+    root = Path(cfg.root)
+    inputs = {str(p): ev.sha256_file(p) for p in map(Path, stage.inputs(cfg)) if p.is_file()}
+    upstream = {}
+    for need in stage.needs:
+        up = ev.read_json(root / STAGE_BY_NAME[need].evidence(cfg)) or {}
+        upstream[need] = {"status": up.get("status"), "fingerprint": up.get("fingerprint"), "outputs": up.get("outputs")}
+    material = {"stage": stage.name, "tier": cfg.tier, "model": cfg.section("model"),
+                "config": {s: cfg.section(s) for s in stage.sections}, "inputs": inputs,
+                "upstream": upstream, "versions": versions()}
+    return ev.sha256_json(material), inputs
+
+
+def marker_path(stage: Stage, cfg: Config) -> Path:
+    return Path(cfg.root) / "reports" / ".incomplete" / f"{stage.name}.marker"
+
+
+def status_of(stage: Stage, cfg: Config, fp: str | None = None) -> str:
+    """missing | incomplete | ok | skipped | failed | dry_run | stale | tampered."""
+    if marker_path(stage, cfg).exists():
+        return "incomplete"
+    doc = ev.read_json(Path(cfg.root) / stage.evidence(cfg))
+    if not isinstance(doc, dict):
+        return "missing"
+    status = doc.get("status", "missing")
+    if status != stage.done_status:
+        return status
+    if fp is not None and doc.get("fingerprint") != fp:
+        return "stale"
+    if ev.hash_paths(Path(cfg.root), doc.get("outputs", {}).keys()) != doc.get("outputs", {}):
+        return "tampered"
+    return "ok" if stage.done_status == "ok" else status
+
+
+# --- lock and log capture ------------------------------------------------------------------------
+@contextlib.contextmanager
+def pipeline_lock(root: Path, console):
+    """One pipeline per output root. flock dies with its process, so a dead holder's lock is taken over."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".pipeline.lock"
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise SystemExit(f"another pipeline (PID {holder}) is running on {root} (lock {path}): "
+                         "wait for it to finish or stop it; two runs on one output root would corrupt each other")
+    fh.seek(0)
+    old = fh.read().strip()
+    if old and old != str(os.getpid()):
+        console.print(f"[yellow]warning:[/] took over the lock left by PID {old}, which is no longer running")
+    fh.seek(0), fh.truncate(), fh.write(str(os.getpid())), fh.flush()
+    try:
+        yield
+    finally:
+        fh.seek(0), fh.truncate(), fh.flush()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+@contextlib.contextmanager
+def tee_output(log_path: Path, header: str):
+    """Copy fd 1 and 2 (Python, C code and subprocesses alike) into log_path as well as the console."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab", buffering=0)
+    log.write(f"\n===== {header} =====\n".encode())
+    faulthandler.enable(file=log, all_threads=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    r, w = os.pipe()
+    os.dup2(w, 1), os.dup2(w, 2)
+    os.close(w)
+
+    def pump():
+        while chunk := os.read(r, 65536):
+            log.write(chunk)
+            os.write(saved[0], chunk)
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)   # closes the pipe's last writer -> pump ends
+        t.join(timeout=10)
+        os.close(r), os.close(saved[0]), os.close(saved[1])
+        faulthandler.enable(file=sys.__stderr__)
+        log.close()
+
+
+# --- running -------------------------------------------------------------------------------------
+def run_stage(stage: Stage, cfg: Config, console, force: bool = False) -> str:
+    root = Path(cfg.root)
+    fp, inputs = fingerprint(stage, cfg)
+    current = status_of(stage, cfg, fp)
+    if current == "ok" and not force:
+        console.print(f"[green]✓ {stage.name}[/]: up to date")
+        return "ok"
+    if current == "incomplete":
+        console.print(f"[yellow]{stage.name}[/]: an earlier run did not finish (marker left); running it again")
+    skipped_need = None
+    for need in stage.needs:
+        up = ev.read_json(root / STAGE_BY_NAME[need].evidence(cfg)) or {}
+        if up.get("status") == "skipped" and not stage.runs_after_skip:
+            skipped_need = SkipStage(f"needs {need}, which was skipped: {up.get('reason')}")
+        elif up.get("status") not in ("ok", "skipped", STAGE_BY_NAME[need].done_status):
+            console.print(f"[red]✗ {stage.name}[/]: not run: it needs {need}, whose status is {up.get('status', 'missing')}")
+            return "blocked"
+    console.rule(f"[bold]{stage.name}")
+    evidence_file = root / stage.evidence(cfg)
+    ev.atomic_write_json(marker_path(stage, cfg), {"stage": stage.name, "pid": os.getpid(), "started_at": now()})
+    if evidence_file.exists():   # an earlier result is kept aside, never half-trusted
+        os.replace(evidence_file, evidence_file.with_suffix(".previous.json"))
+    if skipped_need:
+        return _finish(stage, cfg, console, fp, inputs, now(), skipped_need)
+    started, t0 = now(), time.monotonic()
+    with tee_output(root / "reports" / "logs" / f"{stage.name}_full.log", f"{stage.name} attempt at {started} (pid {os.getpid()})"):
+        try:
+            result = stage.module.run(Ctx(cfg, stage, console))
+        except (SkipStage, StageFailed) as exc:
+            result = exc
+        except Exception as exc:  # noqa: BLE001 - any crash becomes failed evidence with its text
+            import traceback
+            traceback.print_exc()
+            result = StageFailed(f"{type(exc).__name__}: {exc}")
+    return _finish(stage, cfg, console, fp, inputs, started, result, time.monotonic() - t0)
+
+
+def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0) -> str:
+    root = Path(cfg.root)
+    fields: dict = {}
+    if isinstance(result, SkipStage):
+        status, reason = "skipped", str(result)
+        if stage.training and not cfg.runtime.allow_skip_training:
+            status, reason = "failed", f"{reason} (ALLOW_SKIP_TRAINING=false: a skipped training stage is a failure)"
+    elif isinstance(result, StageFailed):
+        status, reason = "failed", str(result)
+    else:
+        fields = dict(result)
+        status, reason = fields.pop("status", "ok"), fields.pop("reason", None)
+    outputs = ev.hash_paths(root, fields.pop("outputs", []) or [])
+    inputs = {**inputs, **ev.hash_paths(root, fields.pop("inputs", []) or [])}
+    doc = {"stage": stage.name, "status": status, "skipped": status == "skipped", "reason": reason,
+           "started_at": started, "finished_at": now(), "duration_s": round(duration, 3), "git_commit": git_commit(),
+           "config_hash": ev.sha256_json({s: cfg.section(s) for s in stage.sections}), "fingerprint": fp,
+           "versions": versions(), "inputs": inputs, "outputs": outputs, "model_tier": cfg.tier, **fields}
+    errors = ev.validate(stage.name, doc)
+    if errors:
+        doc.update(status="failed", skipped=False, reason=f"evidence does not match its schema: {errors[0]}",
+                   schema_errors=errors[:20])
+    ev.atomic_write_json(root / stage.evidence(cfg), doc)
+    marker_path(stage, cfg).unlink(missing_ok=True)
+    colour = {"ok": "green", "skipped": "yellow", "dry_run": "cyan"}.get(doc["status"], "red")
+    console.print(f"[{colour}]{doc['status']}[/] {stage.name}" + (f": {doc['reason']}" if doc["reason"] else "")
+                  + f"  ({stage.evidence(cfg)})")
+    return doc["status"]
+
+
+def run(targets: list[str], cfg: Config, console, force: bool = False) -> int:
+    order = plan_order(targets, cfg)
+    results = {}
+    with pipeline_lock(Path(cfg.root), console):
+        for stage in order:
+            results[stage.name] = run_stage(stage, cfg, console, force=force and stage.name in targets)
+    if len(order) > 1:
+        print_table(cfg, console, order)
+    bad = [n for n, s in results.items() if s not in ("ok", "skipped", "dry_run")]
+    return 1 if bad else 0
+
+
+def print_table(cfg: Config, console, order: list[Stage] | None = None) -> None:
+    from rich.table import Table
+    table = Table(title=f"pipeline status (tier {cfg.tier}, root {cfg.root})")
+    for col in ("stage", "needs", "status", "reason", "evidence"):
+        table.add_column(col)
+    for stage in order or stages():
+        fp, _ = fingerprint(stage, cfg)
+        st = status_of(stage, cfg, fp)
+        doc = ev.read_json(Path(cfg.root) / stage.evidence(cfg)) or {}
+        reason = (doc.get("reason") or "")[:80] if st not in ("ok", "missing") else ""
+        table.add_row(stage.name, ",".join(stage.needs), st, reason, stage.evidence(cfg))
+    console.print(table)

@@ -1,0 +1,88 @@
+"""Evidence helpers: hashes, atomic JSON writes, schema validation. Small on purpose."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+SCHEMA_PKG = "pipeline.schemas"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_tree(folder: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder`, sorted."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def hash_paths(root: Path, paths) -> dict[str, str]:
+    """{relpath: sha256} for files, and for each file inside folders (relpath/inner)."""
+    out: dict[str, str] = {}
+    for p in paths:
+        full = Path(p) if Path(p).is_absolute() else root / p
+        rel = full.relative_to(root).as_posix() if full.is_relative_to(root) else str(full)
+        if full.is_dir():
+            out.update({f"{rel}/{k}": v for k, v in sha256_tree(full).items()})
+        elif full.is_file():
+            out[rel] = sha256_file(full)
+    return out
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Temp file in the same folder, fsync, os.replace: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path):
+    """The parsed JSON, or None when the file is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def load_schema(stage: str) -> dict:
+    common = json.loads(resources.files(SCHEMA_PKG).joinpath("_common.schema.json").read_text())
+    own_file = resources.files(SCHEMA_PKG).joinpath(f"{stage}.schema.json")
+    if not own_file.is_file():
+        return common
+    own = json.loads(own_file.read_text())
+    return {"allOf": [common, own]}
+
+
+def validate(stage: str, evidence: dict) -> list[str]:
+    """Schema errors as sentences ('field: problem'); empty when valid."""
+    import jsonschema
+    validator = jsonschema.Draft202012Validator(load_schema(stage))
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}"
+            for e in sorted(validator.iter_errors(evidence), key=lambda e: list(map(str, e.absolute_path)))]

@@ -1,0 +1,424 @@
+"""Typed configuration. The ONLY module that reads os.environ and .env.
+
+Precedence: dataclass defaults < configs/base.yaml < configs/<section>.yaml < configs/tiers/<tier>.yaml
+< environment variables (CONTRACT list; .env via python-dotenv, the process env wins) < key=value arguments.
+Unknown keys and values that do not parse are errors that name where the value came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+TIERS = ("tiny", "demo", "7b", "14b")
+GPU_TIERS = ("7b", "14b")
+SECRET_VARS = ("OPENAI_API_KEY",)
+SLUGS = {"tiny": "tiny", "demo": "smollm2_135m", "7b": "qwen25_7b", "14b": "qwen25_14b"}
+HUB_MODELS = {"7b": "Qwen/Qwen2.5-7B-Instruct", "14b": "Qwen/Qwen2.5-14B-Instruct"}
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message says where it came from and what to do."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelCfg:
+    name: str | None = None          # MODEL_NAME: a local folder (or a hub name on a machine that can reach one)
+    qlora: bool = False              # 4-bit QLoRA where the hardware plan allows it
+    flash_attn: bool = True          # use flash_attention_2 when installed, Ampere+, not 4-bit
+    merge_final: bool = False        # also save merged weights next to the final adapter
+    tiny_seed: int = 0               # seed of the locally built tiny model
+
+
+@dataclass
+class LoraCfg:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self):
+        _check(self.r > 0, f"lora.r must be > 0, got {self.r}")
+        _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(bool(self.target_modules), "lora.target_modules is empty: name at least one module")
+
+
+OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit", "sgd")
+
+
+@dataclass
+class TrainCfg:
+    """One training stage (sft, dpo, simpo, kto). max_steps is the plan; curriculum is cumulative."""
+    max_steps: int = 100
+    learning_rate: float = 2e-4
+    batch_size: int = 1
+    grad_acc: int = 8
+    max_length: int = 2048
+    max_prompt_length: int = 1024
+    warmup_ratio: float = 0.03
+    logging_steps: int = 1
+    save_steps: int = 25
+    eval_steps: int = 25
+    save_total_limit: int = 2
+    optimizer: str = "adamw_torch"
+    activation_checkpointing: bool = True
+    packing: bool = False
+    beta: float = 0.1                # DPO/SimPO/KTO beta
+    simpo_gamma: float = 0.5         # SimPO target reward margin (gamma_beta_ratio = gamma / beta)
+    max_oom_retries: int = 3
+    curriculum: list[dict] = field(default_factory=list)   # [{"max_length": 512, "until_step": 40}, ...]
+
+    def __post_init__(self):
+        _check(self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.grad_acc >= 1, f"grad_acc must be >= 1, got {self.grad_acc}")
+        _check(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
+        _check(self.save_steps >= 1 and self.logging_steps >= 1 and self.eval_steps >= 1,
+               "save_steps, logging_steps and eval_steps must be >= 1")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        last = 0
+        for i, sub in enumerate(self.curriculum):
+            _check(isinstance(sub, dict) and set(sub) == {"max_length", "until_step"},
+                   f"curriculum[{i}] must have exactly the keys max_length and until_step, got {sub!r}")
+            _check(isinstance(sub["until_step"], int) and sub["until_step"] > last,
+                   f"curriculum[{i}].until_step must be an integer > {last} (cumulative steps), got {sub['until_step']!r}")
+            _check(isinstance(sub["max_length"], int) and sub["max_length"] >= 16,
+                   f"curriculum[{i}].max_length must be an integer >= 16")
+            last = sub["until_step"]
+        if self.curriculum:
+            _check(last == self.max_steps,
+                   f"curriculum ends at step {last} but max_steps is {self.max_steps}: make the last until_step equal max_steps")
+
+
+@dataclass
+class DataCfg:
+    sft_path: str = "data/medicalgpt_medical_sft_zh_1k/medical_sft_1K_format.jsonl"
+    sft_format: str = "auto"
+    preference_path: str = "data/medicalgpt_medical_reward_zh_100/test.json"
+    preference_format: str = "auto"
+    kto_path: str | None = None      # None: KTO rows come from unpairing the preference pairs
+    medqa_path: str = "data/medqa_usmle_4opt_test/test.jsonl"
+    pubmedqa_path: str = "data/pubmedqa_pqal/ori_pqal.json"
+    pubmedqa_test_ids: str = "data/pubmedqa_pqal/test_ground_truth.json"
+    cmmlu_dir: str = "data/cmmlu_medical_zh"
+    on_bad_row: str = "error"
+    sft_eval_size: int = 50          # held out from SFT training for the eval_loss curve
+    judge_heldout_size: int = 30     # held out from SFT training for the LLM judge
+    max_sft_rows: int | None = None  # cap on training rows (None: all)
+    seed: int = 42
+
+    def __post_init__(self):
+        _check(self.on_bad_row in ("error", "skip"), f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        _check(self.sft_eval_size >= 1 and self.judge_heldout_size >= 0, "sft_eval_size must be >= 1, judge_heldout_size >= 0")
+
+
+@dataclass
+class EvalCfg:
+    sets: list[str] = field(default_factory=lambda: ["medqa", "pubmedqa", "cmmlu"])
+    sample_sizes: dict = field(default_factory=lambda: {"medqa": None, "pubmedqa": None, "cmmlu": None})
+    seed: int = 1234
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    llm_fallback: bool = True        # ENABLE_V2_LLM_FALLBACK
+    n_bootstrap: int = 2000
+
+    def __post_init__(self):
+        bad = [s for s in self.sets if s not in ("medqa", "pubmedqa", "cmmlu")]
+        _check(not bad, f"eval.sets has unknown set(s) {bad}: use medqa, pubmedqa, cmmlu")
+        _check(self.batch_size >= 1 and self.max_new_tokens >= 1, "eval.batch_size and eval.max_new_tokens must be >= 1")
+
+
+@dataclass
+class JudgeCfg:
+    enabled: bool = False            # ENABLE_LLM_JUDGE (pairwise)
+    risk_enabled: bool = True        # ENABLE_LLM_RISK_JUDGE
+    base_url: str | None = None      # OPENAI_BASE_URL
+    model: str = "gpt-4o-mini"       # JUDGE_MODEL
+    concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    max_reasks: int = 1
+    max_new_tokens: int = 256        # answer length of the judged variants
+    min_coverage: float = 0.9
+    prices: dict = field(default_factory=dict)   # {model: {"input_per_1m": usd, "output_per_1m": usd}}
+
+    def __post_init__(self):
+        _check(0 < self.min_coverage <= 1, f"judge.min_coverage must be in (0, 1], got {self.min_coverage}")
+        _check(self.concurrency >= 1, "judge.concurrency must be >= 1")
+
+
+@dataclass
+class RuntimeCfg:
+    allow_skip_training: bool = True
+    force_skip_training: bool = False
+    min_cuda_mem_gb_7b: float = 18.0
+    min_cuda_mem_gb_14b: float = 36.0
+    nproc: int = 1
+    dry_run: bool = False
+    hf_home: str | None = None
+    seed: int = 42
+    inject_oom_at_step: int | None = None   # test hook: raise torch.OutOfMemoryError at this global step
+
+    def __post_init__(self):
+        _check(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
+
+
+SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "sft": TrainCfg, "dpo": TrainCfg,
+            "simpo": TrainCfg, "kto": TrainCfg, "eval": EvalCfg, "judge": JudgeCfg, "runtime": RuntimeCfg}
+
+
+@dataclass
+class Config:
+    tier: str = "7b"
+    root: str = str(REPO)
+    cache_dir: str = ""
+    model: ModelCfg = field(default_factory=ModelCfg)
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    sft: TrainCfg = field(default_factory=TrainCfg)
+    dpo: TrainCfg = field(default_factory=TrainCfg)
+    simpo: TrainCfg = field(default_factory=TrainCfg)
+    kto: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    judge: JudgeCfg = field(default_factory=JudgeCfg)
+    runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
+
+    def __post_init__(self):
+        _check(self.tier in TIERS, f"tier {self.tier!r} is not one of {', '.join(TIERS)}")
+
+    @property
+    def slug(self) -> str:
+        return SLUGS[self.tier]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section(self, name: str) -> dict:
+        value = getattr(self, name)
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+    def data_path(self, rel: str) -> Path:
+        """Data paths are relative to the repository (bundled data) unless absolute."""
+        p = Path(rel)
+        return p if p.is_absolute() else REPO / p
+
+
+# --- environment -------------------------------------------------------------------------------
+TRAIN_STAGES = ("sft", "dpo", "simpo", "kto")
+ENV_MAP: dict[str, tuple[str, ...]] = {
+    "MODEL_TIER": ("tier",), "PIPELINE_ROOT": ("root",), "MODEL_NAME": ("model.name",),
+    "ALLOW_SKIP_TRAINING": ("runtime.allow_skip_training",), "FORCE_SKIP_TRAINING": ("runtime.force_skip_training",),
+    "ENABLE_LLM_JUDGE": ("judge.enabled",), "ENABLE_LLM_RISK_JUDGE": ("judge.risk_enabled",),
+    "ENABLE_V2_LLM_FALLBACK": ("eval.llm_fallback",), "OPENAI_BASE_URL": ("judge.base_url",),
+    "JUDGE_MODEL": ("judge.model",), "MIN_CUDA_MEM_GB_7B": ("runtime.min_cuda_mem_gb_7b",),
+    "MIN_CUDA_MEM_GB_14B": ("runtime.min_cuda_mem_gb_14b",),
+    "BATCH_SIZE": tuple(f"{s}.batch_size" for s in TRAIN_STAGES), "GRAD_ACC": tuple(f"{s}.grad_acc" for s in TRAIN_STAGES),
+    "NPROC": ("runtime.nproc",), "DAY1_DRY_RUN": ("runtime.dry_run",), "DRY_RUN": ("runtime.dry_run",),
+    "HF_HOME": ("runtime.hf_home",), "SEED": ("runtime.seed", "data.seed", "eval.seed"),
+    "MEDLLM_CACHE": ("cache_dir",), "MEDLLM_INJECT_OOM_AT_STEP": ("runtime.inject_oom_at_step",),
+}
+
+
+def environment(dotenv_path: Path | None = None) -> dict[str, str]:
+    """The process env over .env (python-dotenv); the process env wins."""
+    from dotenv import dotenv_values
+    path = dotenv_path or REPO / ".env"
+    merged = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    merged.update(os.environ)
+    return merged
+
+
+def secret(name: str, env: dict | None = None) -> str | None:
+    value = (env if env is not None else environment()).get(name)
+    return value or None
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """For scripts that need one boolean from the environment (parsed like every other flag)."""
+    raw = environment().get(name)
+    return default if raw in (None, "") else _coerce(raw, bool, f"environment variable {name}")
+
+
+# --- loading -----------------------------------------------------------------------------------
+def _yaml_with_lines(path: Path) -> tuple[dict, dict]:
+    """Load a YAML mapping and the line of each dotted key (for error messages)."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}): fix the syntax") from None
+    if node is None:
+        return {}, {}
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the file must be a YAML mapping of keys to values")
+    lines: dict[str, int] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+    walk(node, "")
+    return data, lines
+
+
+def _flatten(d: dict) -> dict:
+    """{"sft": {"max_steps": 5}, "tier": "tiny"} -> {"sft.max_steps": 5, "tier": "tiny"}."""
+    out = {}
+    for k, v in d.items():
+        if k in SECTIONS and isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[str(k)] = v
+    return out
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _known_keys() -> dict[str, type]:
+    known = {k: t for k, t in _field_types(Config).items() if k not in SECTIONS}
+    for sec, cls in SECTIONS.items():
+        for k, t in _field_types(cls).items():
+            known[f"{sec}.{k}"] = t
+    return known
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _coerce(value, typ, where: str):
+    """Coerce a YAML/env/argument value to the field's type or raise a ConfigError naming `where`."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise ValueError(f"accepted values: {', '.join(_TRUE + _FALSE)}")
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if typ is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError("expected a string")
+            return str(value)
+        if origin is list or typ is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError("expected a list")
+            return value
+        if origin is dict or typ is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping")
+            return value
+    except (ValueError, TypeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{where}: cannot parse {value!r} as {getattr(typ, '__name__', typ)} ({exc})") from None
+    return value
+
+
+def load_config(tier: str | None = None, overrides: list[str] | None = None,
+                env: dict[str, str] | None = None) -> Config:
+    """Resolve the config. `overrides` are key=value arguments (dotted keys, e.g. sft.max_steps=5)."""
+    env = environment() if env is None else env
+    known = _known_keys()
+    values: dict[str, object] = {}
+    origin: dict[str, str] = {}
+
+    def put(key, raw, where):
+        if key not in known:
+            hint = ", ".join(sorted(k for k in known if k.split(".")[0] == key.split(".")[0])[:12])
+            raise ConfigError(f"{where}: unknown key '{key}'" + (f" (known keys here: {hint})" if hint else "")
+                              + ": remove it or fix its spelling")
+        values[key] = _coerce(raw, known[key], where)
+        origin[key] = where
+
+    def put_file(path: Path, section: str | None = None):
+        if not path.is_file():
+            return
+        data, lines = _yaml_with_lines(path)
+        if section:
+            data, lines = {section: data}, {f"{section}.{k}": v for k, v in lines.items()}
+        for key, raw in _flatten(data).items():
+            put(key, raw, f"{path}:{lines.get(key, 1)}: key '{key}'")
+
+    # 1. the tier decides which tier file applies; it comes from args > env > YAML base > default
+    arg_pairs = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"argument {item!r}: expected key=value (e.g. sft.max_steps=5)")
+        k, v = item.split("=", 1)
+        arg_pairs.append((k.strip(), v))
+    put_file(CONFIG_DIR / "base.yaml")
+    for sec in SECTIONS:
+        put_file(CONFIG_DIR / f"{sec}.yaml", section=sec)
+    chosen = tier or next((v for k, v in arg_pairs if k == "tier"), None) or env.get("MODEL_TIER") \
+        or values.get("tier") or Config.tier
+    if chosen not in TIERS:
+        raise ConfigError(f"MODEL_TIER={chosen!r}: accepted values are {', '.join(TIERS)}")
+    put_file(CONFIG_DIR / "tiers" / f"{chosen}.yaml")
+    for var, keys in ENV_MAP.items():
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        for key in keys:
+            put(key, raw, f"environment variable {var}")
+    for k, v in arg_pairs:
+        put(k, v, f"argument {k}={v}")
+    values["tier"] = chosen
+    return _build(values, origin)
+
+
+def _build(values: dict, origin: dict) -> Config:
+    kwargs: dict = {}
+    for sec, cls in SECTIONS.items():
+        sub = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(sec + ".")}
+        try:
+            kwargs[sec] = cls(**sub)
+        except ConfigError as exc:
+            where = next((origin[f"{sec}.{k}"] for k in sub if f"{sec}.{k}" in origin and k in str(exc)), None)
+            raise ConfigError(f"{where or 'config section ' + sec}: {sec}.{exc}") from None
+    top = {k: v for k, v in values.items() if "." not in k}
+    cfg = Config(**top, **kwargs)
+    cfg.root = str(Path(cfg.root).expanduser().resolve())
+    if not cfg.cache_dir:
+        cfg.cache_dir = str(Path(cfg.root) / ".cache")
+    return cfg
