@@ -10,18 +10,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="MedLLM Day-1 pipeline")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_run = sub.add_parser("run", help="run a stage (and what it needs) or 'all'; finished stages are skipped")
-    p_run.add_argument("targets", nargs="+", help="stage names or 'all', then optional key=value overrides")
+    p_run.add_argument("targets", nargs="*", help="stage names or 'all', then optional key=value overrides")
     p_run.add_argument("--force", action="store_true", help="re-run the named stages even when up to date")
     for name, text in (("ls", "stages in order with their status"), ("check", "the strict completion gate"),
                        ("config", "print the resolved config")):
         p = sub.add_parser(name, help=text)
         p.add_argument("targets", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    if args.cmd == "run" and not args.targets:
+        parser.error("run: name a stage or 'all'")
 
     from rich.console import Console
     from pipeline.settings import ConfigError, load_config
     console = Console(highlight=False)
-    overrides = [t for t in args.targets if "=" in t]
     try:
         cfg = load_config(overrides=overrides)
     except ConfigError as exc:
@@ -29,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipeline import engine
     if args.cmd == "run":
-        names = [t for t in args.targets if "=" not in t]
-        return engine.run(names, cfg, console, force=args.force)
+        return engine.run(args.targets, cfg, console, force=args.force)
     if args.cmd == "ls":
         engine.print_table(cfg, console)
         return 0

@@ -46,6 +46,7 @@ class Stage:
     training: bool = False                              # a skip is a failure when ALLOW_SKIP_TRAINING=false
     runs_after_skip: bool = False                       # still runs when a need was skipped (eval lists it)
     done_status: str = "ok"
+    always_run: bool = False                            # machine-dependent (the hardware probe): never "up to date"
 
     @property
     def module(self):
@@ -80,8 +81,8 @@ def git_commit() -> str | None:
 class Ctx:
     """What a stage sees: config, output root, upstream evidence, the hardware plan, secrets, console."""
 
-    def __init__(self, cfg: Config, stage: Stage, console):
-        self.cfg, self.stage, self.console = cfg, stage, console
+    def __init__(self, cfg: Config, stage: Stage, console, fingerprint: str = ""):
+        self.cfg, self.stage, self.console, self.fingerprint = cfg, stage, console, fingerprint
         self.root = Path(cfg.root)
         self.name = stage.name
 
@@ -247,7 +248,7 @@ def run_stage(stage: Stage, cfg: Config, console, force: bool = False) -> str:
     root = Path(cfg.root)
     fp, inputs = fingerprint(stage, cfg)
     current = status_of(stage, cfg, fp)
-    if current == "ok" and not force:
+    if current == "ok" and not force and not stage.always_run:
         console.print(f"[green]✓ {stage.name}[/]: up to date")
         return "ok"
     if current == "incomplete":
@@ -270,7 +271,10 @@ def run_stage(stage: Stage, cfg: Config, console, force: bool = False) -> str:
     started, t0 = now(), time.monotonic()
     with tee_output(root / "reports" / "logs" / f"{stage.name}_full.log", f"{stage.name} attempt at {started} (pid {os.getpid()})"):
         try:
-            result = stage.module.run(Ctx(cfg, stage, console))
+            result = stage.module.run(Ctx(cfg, stage, console, fp))
+            if not isinstance(result, dict):
+                raise StageFailed(f"run() returned {type(result).__name__}, not a dict of evidence fields: "
+                                  f"end pipeline/stages/{stage.name}.py's run() with `return {{...}}`")
         except (SkipStage, StageFailed) as exc:
             result = exc
         except Exception as exc:  # noqa: BLE001 - any crash becomes failed evidence with its text

@@ -162,9 +162,10 @@ def estimate_memory(shape: dict, *, lora_r: int, target_modules: list[str], prec
         layer_acts = per_layer * n_layers
     logits = tokens * shape["vocab"] * 8   # fp32 logits for the loss + their gradient
     activations = layer_acts + logits
-    assumptions.append("activations: (6*hidden + 2*kv_dim + 4*intermediate) x tokens x bytes per layer"
-                       + (", checkpointed: 2*hidden x layers x tokens x bytes + one full layer" if activation_checkpointing
-                          else ", all layers kept") + "; plus fp32 logits and their gradient (8 bytes x vocab x tokens).")
+    kept = ("checkpointed: 2*hidden x layers x tokens x bytes + one full layer" if activation_checkpointing
+            else "all layers kept")
+    assumptions.append(f"activations: (6*hidden + 2*kv_dim + 4*intermediate) x tokens x bytes per layer, {kept}; "
+                       "plus fp32 logits and their gradient (8 bytes x vocab x tokens).")
 
     parts = {"weights_gb": weights, "adapters_gb": adapters, "optimizer_gb": optimizer_b,
              "gradients_gb": gradients, "activations_gb": activations}
@@ -232,13 +233,12 @@ def make_plan(probe: dict, *, tier: str, want_qlora: bool, want_flash_attn: bool
     # feasibility
     estimate = estimate_memory(MODEL_SHAPES[tier], precision=precision, quantization=quantization, **estimate_inputs)
     need = min_mem_gb.get(tier)
-    free_dev = None
-    if cuda:
-        free_dev = min(used, key=lambda d: d["free_gb"] if d.get("free_gb") is not None else d["total_gb"])
+    free_dev, free = None, None
+    if cuda:   # the tightest device decides; a device whose free memory is unknown counts with its total
+        free_dev = min(used, key=lambda d: d["total_gb"] if d.get("free_gb") is None else d["free_gb"])
+        free = free_dev["total_gb"] if free_dev.get("free_gb") is None else free_dev["free_gb"]
         if free_dev.get("free_gb") is None:
-            downgrades.append(f"GPU {free_dev['index']}: free memory unknown, using its total {free_dev['total_gb']} GB")
-    free = None if free_dev is None else (free_dev["free_gb"] if free_dev.get("free_gb") is not None
-                                          else free_dev["total_gb"])
+            downgrades.append(f"GPU {free_dev['index']}: free memory unknown, using its total {free} GB")
     feasible, feasible_reason = True, f"the {tier} tier runs on {'GPU' if cuda else 'the CPU'}"
     if tier in min_mem_gb and not cuda:
         feasible = False

@@ -164,11 +164,15 @@ def _scrub(text: str, secret: str | None) -> str:
 
 async def judge_all(items: list[dict], *, kind: str, base_url: str, api_key: str, model: str,
                     cache: JudgeCache, concurrency: int = 8, timeout_s: float = 60, max_retries: int = 3,
-                    max_reasks: int = 1, on_progress=None) -> dict:
+                    max_reasks: int = 1, max_tokens: int | None = None, on_progress=None) -> dict:
     """Judge every item (cache hits cost nothing); each fresh result is appended to the cache as it completes.
 
-    on_progress(n_done, n_total, record) is called after each item. Returns the results in item order and
-    the run's totals; `usage` counts only the tokens spent by this run's requests.
+    Each result: the key fields, key, endpoint, cached, status ("judged" | "unjudged"), verdict (None unless
+    judged), reason ("unparsable" | "api_error") and error (exception class) when unjudged, raw_reply (first
+    2000 chars), model (the id the server returned), system_fingerprint, usage, latency_s, n_requests
+    (re-asks included; the client's own retries are not counted). on_progress(n_done, n_total, record) is
+    called after each item. Returns the results in item order and the run's totals; `n_requests` and
+    `usage` count only this run's requests.
     """
     from openai import AsyncOpenAI
 
@@ -183,7 +187,8 @@ async def judge_all(items: list[dict], *, kind: str, base_url: str, api_key: str
     async def ask(messages):
         stats["n_requests"] += 1
         t0 = time.perf_counter()
-        resp = await client.chat.completions.create(model=model, messages=messages, temperature=0)
+        extra = {"max_tokens": max_tokens} if max_tokens else {}
+        resp = await client.chat.completions.create(model=model, messages=messages, temperature=0, **extra)
         usage = {"prompt_tokens": getattr(resp.usage, "prompt_tokens", 0) or 0,
                  "completion_tokens": getattr(resp.usage, "completion_tokens", 0) or 0}
         stats["prompt_tokens"] += usage["prompt_tokens"]
@@ -253,15 +258,15 @@ def endpoint_host(base_url: str) -> str:
 
 
 def estimate_cost(usage: dict, model: str, price_table: dict) -> dict | None:
-    """USD cost of `usage` at price_table[model] = {"prompt": USD per 1M tokens, "completion": USD per 1M};
-    None when the model has no price."""
+    """USD cost of `usage` at price_table[model] = {"input_per_1m": USD, "output_per_1m": USD} (the
+    `prices` section of configs/judge.yaml); None when the model has no price."""
     price = price_table.get(model)
     if not price:
         return None
     p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    usd = (p * price["prompt"] + c * price["completion"]) / 1e6
+    usd = (p * price["input_per_1m"] + c * price["output_per_1m"]) / 1e6
     return {"model": model, "prompt_tokens": p, "completion_tokens": c, "usd": round(usd, 6),
-            "price_per_1m": {"prompt": price["prompt"], "completion": price["completion"]}}
+            "price_per_1m": {"input": price["input_per_1m"], "output": price["output_per_1m"]}}
 
 
 def check_endpoint(base_url: str, api_key: str, timeout_s: float = 5) -> str | None:

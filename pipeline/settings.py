@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class DataCfg:
     sft_eval_size: int = 50          # held out from SFT training for the eval_loss curve
     judge_heldout_size: int = 30     # held out from SFT training for the LLM judge
     max_sft_rows: int | None = None  # cap on training rows (None: all)
+    max_preference_rows: int | None = None  # cap on preference pairs (None: all)
     seed: int = 42
 
     def __post_init__(self):
@@ -139,6 +141,8 @@ class EvalCfg:
     def __post_init__(self):
         bad = [s for s in self.sets if s not in ("medqa", "pubmedqa", "cmmlu")]
         _check(not bad, f"eval.sets has unknown set(s) {bad}: use medqa, pubmedqa, cmmlu")
+        bad = [s for s in self.sample_sizes if s not in ("medqa", "pubmedqa", "cmmlu")]
+        _check(not bad, f"eval.sample_sizes has unknown set(s) {bad}: use medqa, pubmedqa, cmmlu")
         _check(self.batch_size >= 1 and self.max_new_tokens >= 1, "eval.batch_size and eval.max_new_tokens must be >= 1")
 
 
@@ -259,13 +263,13 @@ def _yaml_with_lines(path: Path) -> tuple[dict, dict]:
     text = path.read_text(encoding="utf-8")
     try:
         node = yaml.compose(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}): fix the syntax") from None
     if node is None:
         return {}, {}
-    data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: the file must be a YAML mapping of keys to values")
     lines: dict[str, int] = {}
@@ -274,6 +278,9 @@ def _yaml_with_lines(path: Path) -> tuple[dict, dict]:
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = f"{prefix}{k.value}"
+                if key in lines:
+                    raise ConfigError(f"{path}:{k.start_mark.line + 1}: key '{key}' appears twice (first on line "
+                                      f"{lines[key]}): keep one")
                 lines[key] = k.start_mark.line + 1
                 walk(v, key + ".")
     walk(node, "")
@@ -335,7 +342,7 @@ def _coerce(value, typ, where: str):
                 raise ValueError("expected a number")
             return float(value)
         if typ is str:
-            if isinstance(value, (dict, list)):
+            if value is None or isinstance(value, (dict, list)):
                 raise ValueError("expected a string")
             return str(value)
         if origin is list or typ is list:
@@ -390,10 +397,12 @@ def load_config(tier: str | None = None, overrides: list[str] | None = None,
     put_file(CONFIG_DIR / "base.yaml")
     for sec in SECTIONS:
         put_file(CONFIG_DIR / f"{sec}.yaml", section=sec)
-    chosen = tier or next((v for k, v in arg_pairs if k == "tier"), None) or env.get("MODEL_TIER") \
-        or values.get("tier") or Config.tier
+    arg_tier = next((v for k, v in arg_pairs if k == "tier"), None)
+    chosen, where = next((v, w) for v, w in ((tier, "load_config(tier=...)"), (arg_tier, f"argument tier={arg_tier}"),
+                                             (env.get("MODEL_TIER"), "environment variable MODEL_TIER"),
+                                             (values.get("tier"), origin.get("tier")), (Config.tier, "default")) if v)
     if chosen not in TIERS:
-        raise ConfigError(f"MODEL_TIER={chosen!r}: accepted values are {', '.join(TIERS)}")
+        raise ConfigError(f"{where}: tier {chosen!r} is not one of {', '.join(TIERS)}")
     put_file(CONFIG_DIR / "tiers" / f"{chosen}.yaml")
     for var, keys in ENV_MAP.items():
         raw = env.get(var)
@@ -414,8 +423,10 @@ def _build(values: dict, origin: dict) -> Config:
         try:
             kwargs[sec] = cls(**sub)
         except ConfigError as exc:
-            where = next((origin[f"{sec}.{k}"] for k in sub if f"{sec}.{k}" in origin and k in str(exc)), None)
-            raise ConfigError(f"{where or 'config section ' + sec}: {sec}.{exc}") from None
+            where = next((origin[f"{sec}.{k}"] for k in sub
+                          if f"{sec}.{k}" in origin and re.search(rf"\b{k}\b", str(exc))), None)
+            msg = str(exc) if str(exc).startswith(sec + ".") else f"{sec}.{exc}"
+            raise ConfigError(f"{where or 'config section ' + sec}: {msg}") from None
     top = {k: v for k, v in values.items() if "." not in k}
     cfg = Config(**top, **kwargs)
     cfg.root = str(Path(cfg.root).expanduser().resolve())

@@ -3,16 +3,23 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.fakes.openai_server import FakeOpenAI, fake_reply
-
 __all__ = ["FakeOpenAI", "fake_reply", "start_fake_openai", "fake_openai", "FAKE_KEY"]
 
 FAKE_KEY = "sk-fake-SECRET-do-not-leak-7f3a9c"
 
 
+def __getattr__(name):  # lazy, so `python -m tests.fakes.openai_server` runs the module only once
+    if name in ("FakeOpenAI", "fake_reply"):
+        from tests.fakes import openai_server
+        return getattr(openai_server, name)
+    raise AttributeError(name)
+
+
 @contextmanager
 def start_fake_openai(**kwargs):
     """A running FakeOpenAI on a free 127.0.0.1 port (kwargs as FakeOpenAI's), stopped on exit."""
+    from tests.fakes.openai_server import FakeOpenAI
+
     kwargs.setdefault("api_key", FAKE_KEY)
     with FakeOpenAI(**kwargs) as server:
         yield server

@@ -22,6 +22,7 @@ import hmac
 import json
 import random
 import re
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -88,7 +89,7 @@ class FakeOpenAI:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -145,9 +146,14 @@ def _handler_for(server: FakeOpenAI):
         def _error(self, status: int, message: str, kind: str, headers=None):
             self._send(status, json.dumps({"error": {"message": message, "type": kind}}).encode(), headers)
 
+        def _unauthorized(self):
+            # echoes the presented key, as some real servers do, so tests can check that callers scrub it
+            presented = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+            self._error(401, f"Incorrect API key provided: {presented}.", "invalid_request_error")
+
         def do_GET(self):
             if not server._authorized(self.headers.get("Authorization")):
-                return self._error(401, "Incorrect API key provided.", "invalid_request_error")
+                return self._unauthorized()
             if self.path.rstrip("/").endswith("/models"):
                 body = {"object": "list", "data": [{"id": "fake-judge", "object": "model", "created": 0,
                                                     "owned_by": "fake"}]}
@@ -164,7 +170,7 @@ def _handler_for(server: FakeOpenAI):
                 server.requests.append({"fault": fault, "authorized": authorized,
                                         "retry_count": self.headers.get("x-stainless-retry-count")})
             if not authorized:
-                return self._error(401, "Incorrect API key provided.", "invalid_request_error")
+                return self._unauthorized()
             if server.latency_ms:
                 time.sleep(server.latency_ms / 1000)
             quick_retry = {"Retry-After": "0", "retry-after-ms": str(server.retry_after_ms)}
@@ -215,13 +221,13 @@ def main(argv=None):
     server = FakeOpenAI(api_key=args.api_key, port=args.port, latency_ms=args.latency_ms, hang_s=args.hang_s,
                         fault_rates=_parse_rates(args.fault_rate), seed=args.seed).start()
     print(f"fake OpenAI server at {server.base_url}", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.2):
         pass
-    finally:
-        server.stop()
-        print(f"served {server.n_chat} chat requests", flush=True)
+    server.stop()
+    print(f"served {server.n_chat} chat requests", flush=True)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def test_model_loads_and_generates_on_a_cpu_plan(tiny, tok):
 def test_adapter_loads_on_top_and_only_it_trains(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    lora = get_peft_model(models.load_model(tiny, CPU, trainable=True), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    lora = get_peft_model(models.load_model(tiny, CPU, trainable=True), config)
     lora.save_pretrained(tmp_path / "adapter")
     audit = models.dtype_audit(models.load_model(tiny, CPU, adapter=str(tmp_path / "adapter"), trainable=True))
     assert 0 < audit["trainable"] == models.dtype_audit(lora)["trainable"] < audit["total"]
@@ -139,7 +140,8 @@ def test_adapter_loads_on_top_and_only_it_trains(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"device": "cuda", "quantization": "nf4", "attn_implementation": "flash_attention_2"}, "4-bit weights with flash-attn"),
+    ({"device": "cuda", "quantization": "nf4", "attn_implementation": "flash_attention_2"},
+     "4-bit weights with flash-attn"),
     ({"quantization": "nf4"}, "needs CUDA"),
     ({"precision": "fp64"}, "'precision' is 'fp64'"),
 ])

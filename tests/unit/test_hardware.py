@@ -1,4 +1,5 @@
 """The hardware plan on simulated machines (V100, A100, T4, CPU), the memory estimate, and the real probe here."""
+import io
 import json
 import os
 from pathlib import Path
@@ -171,3 +172,51 @@ def test_probe_parses_nvidia_smi_rows(monkeypatch, tmp_path):
     found = hw.probe()
     assert found["driver"] == "535.104.05"
     assert found["nvidia_smi"]["rows"][0]["name"] == "Tesla V100-SXM2-32GB"
+
+
+# ---------------------------------------------------------------- the two stage bodies, on a fake ctx
+def fake_ctx(tmp_path, tier="tiny"):
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from pipeline.settings import Config
+    cfg = Config(tier=tier, root=str(tmp_path))
+    cfg.runtime.hf_home = str(tmp_path / "hf")
+    return SimpleNamespace(cfg=cfg, root=tmp_path, console=Console(file=io.StringIO()))
+
+
+def test_gpu_check_on_this_machine_records_an_infeasible_gpu_tier_without_failing(tmp_path):
+    from pipeline.stages import gpu_check
+    out = gpu_check.run(fake_ctx(tmp_path, tier="7b"))
+    jsonschema.validate({"status": "ok", **out}, json.loads((SCHEMAS / "gpu_check.schema.json").read_text()))
+    if not out["probe"]["cuda_available"]:
+        assert out["plan"]["feasible"] is False and any("NOT feasible" in m for m in out["messages"])
+
+
+def test_gpu_bootstrap_fails_with_each_broken_check_named(tmp_path, monkeypatch):
+    from pipeline.engine import StageFailed
+    from pipeline.stages import gpu_bootstrap
+    monkeypatch.setattr(gpu_bootstrap, "REQUIRED_IMPORTS", ("torch", "no_such_module_xyz"))
+    monkeypatch.setattr(gpu_bootstrap, "DISK_NEED_GB", {"tiny": 10**9})
+    with pytest.raises(StageFailed) as err:
+        gpu_bootstrap.run(fake_ctx(tmp_path))
+    msg = str(err.value)
+    assert "import_no_such_module_xyz" in msg and "ModuleNotFoundError" in msg and "disk_space" in msg
+    assert "import_torch" not in msg
+
+
+def test_gpu_bootstrap_passes_and_warns_about_a_readable_env_file(tmp_path, monkeypatch):
+    from pipeline.stages import gpu_bootstrap
+    monkeypatch.setattr(gpu_bootstrap, "REQUIRED_IMPORTS", ("torch", "bitsandbytes"))
+    env = tmp_path / ".env"
+    env.write_text("OPENAI_API_KEY=sk-test\n")
+    env.chmod(0o644)
+    out = gpu_bootstrap.run(fake_ctx(tmp_path))
+    jsonschema.validate({"status": "ok", **out}, json.loads((SCHEMAS / "gpu_bootstrap.schema.json").read_text()))
+    assert out["env_file"] == {"path": str(env), "present": True, "mode": "0644", "private": False}
+    assert any("chmod 600" in w for w in out["warnings"])
+    assert all(c["writable"] for c in out["cache_dirs"]) and (tmp_path / "hf" / "hub").is_dir()
+    assert out["disk"]["shortfall_gb"] == 0 and "sk-test" not in json.dumps(out)
+    env.chmod(0o600)
+    assert not any("chmod" in w for w in gpu_bootstrap.run(fake_ctx(tmp_path))["warnings"])

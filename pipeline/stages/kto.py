@@ -1,0 +1,10 @@
+"""KTO from the SFT final (TRL KTOTrainer; pairs unpaired unless data.kto_path is set).  Run: python -m pipeline run kto
+
+Writes checkpoints/kto-real-baseline/final and reports/training/kto_metrics.json.
+"""
+from pipeline import training as T
+
+
+def run(ctx) -> dict:
+    from trl import KTOConfig, KTOTrainer
+    return T.train_preference(ctx, "kto", KTOConfig, KTOTrainer, paired=False, extra_args={})

@@ -1,0 +1,312 @@
+"""Shared trainer plumbing for sft/dpo/simpo/kto: gating, data, resume, curriculum, OOM retry, evidence.
+
+Every trainer is TRL's with PEFT LoRA; this module only decides what to load, where to resume, and what
+to record. One function per concern, no base classes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from pipeline import data as D
+from pipeline import evidence as ev
+from pipeline.engine import SkipStage, StageFailed
+
+OUTPUT_DIRS = {"sft": "checkpoints/layer_b/{slug}_sft", "dpo": "checkpoints/dpo-real-baseline",
+               "simpo": "checkpoints/simpo-real-baseline", "kto": "checkpoints/kto-real-baseline"}
+STATE_FILE = "trainer_state.json"
+_INJECTED = set()   # OOM injection fires once per process and step
+
+
+def output_dir(cfg, kind: str) -> str:
+    return OUTPUT_DIRS[kind].format(slug=cfg.slug)
+
+
+# --- gating ----------------------------------------------------------------------------------------
+def gate(ctx) -> None:
+    """Skip (with evidence) before any download: FORCE_SKIP_TRAINING, or a plan that cannot train this tier."""
+    if ctx.cfg.runtime.force_skip_training:
+        raise SkipStage("FORCE_SKIP_TRAINING=true: training was not run (unset it to train)")
+    plan = ctx.plan
+    if not plan.get("feasible", False):
+        raise SkipStage(f"hardware plan: {plan.get('feasible_reason', 'not feasible')}")
+
+
+# --- data ------------------------------------------------------------------------------------------
+def sft_splits(cfg) -> dict:
+    """Deterministic SFT split: judge held-out, eval held-out (eval_loss), train. Same cfg -> same ids."""
+    rows, report = D.load_sft(cfg.data_path(cfg.data.sft_path), cfg.data.sft_format, cfg.data.on_bad_row,
+                              source="data.sft_path")
+    rest, judge = D.split_heldout(rows, cfg.data.judge_heldout_size, cfg.data.seed)
+    train, held = D.split_heldout(rest, cfg.data.sft_eval_size, cfg.data.seed + 1)
+    if cfg.data.max_sft_rows:
+        train = train[: cfg.data.max_sft_rows]
+    return {"train": train, "eval": held, "judge": judge, "report": report.to_dict()}
+
+
+def preference_rows(cfg) -> tuple[list, dict]:
+    pairs, report = D.load_preferences(cfg.data_path(cfg.data.preference_path), cfg.data.preference_format,
+                                       cfg.data.on_bad_row, source="data.preference_path")
+    return pairs[: cfg.data.max_preference_rows or None], report.to_dict()
+
+
+def length_bias(pairs: list) -> dict:
+    """Mean chosen vs rejected length in characters: the bundled pairs are length-biased, say so."""
+    c = [len(p["chosen"]) for p in pairs]
+    r = [len(p["rejected"]) for p in pairs]
+    return {"n_pairs": len(pairs), "chosen_mean_chars": round(sum(c) / len(c), 1),
+            "rejected_mean_chars": round(sum(r) / len(r), 1),
+            "ratio": round((sum(c) / len(c)) / max(1e-9, sum(r) / len(r)), 2)}
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+def latest_checkpoint(out: Path) -> Path | None:
+    """Newest checkpoint-N whose trainer_state.json parses, says step N, and whose adapter is present."""
+    best = None
+    for d in out.glob("checkpoint-*"):
+        state = ev.read_json(d / STATE_FILE)
+        try:
+            step = int(d.name.split("-")[1])
+        except ValueError:
+            continue
+        if not state or state.get("global_step") != step or not (d / "adapter_model.safetensors").is_file():
+            continue
+        if best is None or step > best[0]:
+            best = (step, d)
+    return best[1] if best else None
+
+
+def verify_sft_final(ctx) -> dict:
+    """DPO/SimPO/KTO start from the SFT final on disk: its files must re-hash to what the SFT metrics recorded."""
+    sft = ctx.evidence("sft")
+    if not sft or sft.get("status") != "ok":
+        raise StageFailed("the SFT metrics are missing or not ok: run `python -m pipeline run sft` first")
+    folder = ctx.root / sft["checkpoint_dir"]
+    if not folder.is_dir():
+        raise StageFailed(f"the SFT final {sft['checkpoint_dir']} is missing: re-run sft (python -m pipeline run sft --force)")
+    now = ev.sha256_tree(folder)
+    if now != sft["checkpoint_files"]:
+        changed = sorted(set(now.items()) ^ set(sft["checkpoint_files"].items()))
+        raise StageFailed(f"the SFT final {sft['checkpoint_dir']} does not match the hashes recorded in its metrics "
+                          f"(first difference: {changed[0][0]}): refusing to start from it; re-run sft")
+    return {"dir": sft["checkpoint_dir"], "checkpoint_sha256": ev.sha256_json(now)}
+
+
+def claim_output_dir(ctx, out: Path) -> None:
+    """Resume only checkpoints of the same fingerprint; checkpoints of another config are moved aside."""
+    stamp = out / "FINGERPRINT"
+    if out.is_dir() and any(out.iterdir()) and (not stamp.is_file() or stamp.read_text().strip() != ctx.fingerprint):
+        aside = out.with_name(out.name + ".stale")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(out, aside)
+        ctx.log(f"checkpoints in {out.name} belong to another config: moved to {aside.name}, training from the start")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(ctx.fingerprint + "\n")
+
+
+# --- the training loop around TRL -------------------------------------------------------------------
+def precision_args(plan: dict) -> dict:
+    on_cpu = plan["device"] == "cpu"
+    return {"use_cpu": on_cpu, "bf16": plan["precision"] == "bf16", "fp16": plan["precision"] == "fp16"}
+
+
+def base_args(cfg, kind: str, plan: dict, out: Path, max_steps: int, batch: int, grad_acc: int) -> dict:
+    tc = getattr(cfg, kind)
+    optim = tc.optimizer if plan["device"] == "cuda" or "8bit" not in tc.optimizer else "adamw_torch"
+    return dict(output_dir=str(out), max_steps=max_steps, learning_rate=tc.learning_rate,
+                per_device_train_batch_size=batch, gradient_accumulation_steps=grad_acc,
+                warmup_steps=tc.warmup_ratio, logging_steps=tc.logging_steps, save_strategy="steps",
+                save_steps=tc.save_steps, save_total_limit=tc.save_total_limit, optim=optim,
+                gradient_checkpointing=tc.activation_checkpointing, activation_checkpointing=tc.activation_checkpointing,
+                seed=cfg.runtime.seed, data_seed=cfg.runtime.seed,
+                report_to=["tensorboard"], dataloader_num_workers=0,
+                include_num_input_tokens_seen="all", disable_tqdm=False, **precision_args(plan))
+
+
+def make_callbacks(cfg, save_at: int):
+    import torch
+    from transformers import TrainerCallback
+
+    class SaveAndInject(TrainerCallback):
+        """Save at every sub-stage boundary; raise an injected OOM at a chosen step (test hook)."""
+        def on_step_end(self, args, state, control, **kw):
+            step = state.global_step
+            inject = cfg.runtime.inject_oom_at_step
+            if inject and step == inject and step not in _INJECTED:
+                _INJECTED.add(step)
+                raise torch.OutOfMemoryError(f"injected CUDA out of memory at step {step} (MEDLLM_INJECT_OOM_AT_STEP)")
+            if step == save_at:
+                control.should_save = True
+            return control
+    return [SaveAndInject()]
+
+
+def fit(ctx, kind: str, build_trainer) -> dict:
+    """Run the (curriculum of) sub-stages with auto-resume and OOM retry; return what the evidence needs.
+
+    build_trainer(max_length, args_dict) -> a TRL trainer. Sub-stages are cumulative: each trains to its
+    until_step, resuming the previous one's checkpoint (optimizer, scheduler, global_step)."""
+    import torch
+    cfg, tc = ctx.cfg, getattr(ctx.cfg, kind)
+    out = ctx.root / output_dir(cfg, kind)
+    claim_output_dir(ctx, out)
+    plan = ctx.plan
+    subs = tc.curriculum or [{"max_length": tc.max_length, "until_step": tc.max_steps}]
+    batch, grad_acc, oom, reached, resumed_from = tc.batch_size, tc.grad_acc, [], [], None
+    t0, trainer = time.monotonic(), None
+    for sub in subs:
+        while True:
+            ckpt = latest_checkpoint(out)
+            resumed_from = resumed_from or (ckpt.name if ckpt else None)
+            done = ev.read_json(ckpt / STATE_FILE)["global_step"] if ckpt else 0
+            if done >= sub["until_step"]:
+                break
+            args = base_args(cfg, kind, plan, out, sub["until_step"], batch, grad_acc)
+            trainer = build_trainer(sub["max_length"], args)
+            trainer.add_callback(make_callbacks(cfg, sub["until_step"])[0])
+            try:
+                trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+                break
+            except torch.OutOfMemoryError as exc:
+                step = trainer.state.global_step
+                del trainer
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if batch == 1 or len(oom) >= tc.max_oom_retries:
+                    oom.append({"attempt": len(oom) + 1, "batch_size": batch, "grad_acc": grad_acc, "step": step,
+                                "error": str(exc)[:200], "action": "gave up"})
+                    raise StageFailed(f"CUDA out of memory at step {step} with per-device batch {batch} "
+                                      f"(after {len(oom) - 1} retries): shorten max_length, turn on QLoRA "
+                                      f"(model.qlora=true), or use a bigger GPU") from None
+                batch, grad_acc = batch // 2, grad_acc * 2
+                oom.append({"attempt": len(oom) + 1, "batch_size": batch, "grad_acc": grad_acc, "step": step,
+                            "error": str(exc)[:200], "action": "halved batch, doubled accumulation, resumed"})
+                ctx.log(f"[yellow]out of memory at step {step}: retrying with batch {batch} x accumulation {grad_acc}")
+        ckpt = latest_checkpoint(out)
+        reached.append({"max_length": sub["max_length"], "planned_step": sub["until_step"],
+                        "reached_step": ev.read_json(ckpt / STATE_FILE)["global_step"] if ckpt else 0})
+    runtime = time.monotonic() - t0
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise StageFailed(f"no valid checkpoint under {out} after training: check reports/logs/{kind}_full.log")
+    final = out / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(ckpt, final, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "rng_state*.pth",
+                                                                "scaler.pt", "training_args.bin", "ref"))
+    state = ev.read_json(final / STATE_FILE)
+    return {"state": state, "curriculum": reached if tc.curriculum else [], "oom_retries": oom,
+            "resumed_from": resumed_from, "runtime_s": runtime, "final": final, "trainer": trainer,
+            "batch_size": batch, "grad_acc": grad_acc}
+
+
+# --- evidence --------------------------------------------------------------------------------------
+def curves(state: dict) -> dict:
+    """Series from the trainer's own log_history: loss, eval_loss and every reward metric TRL logs."""
+    out: dict[str, list] = {}
+    for e in state.get("log_history", []):
+        for k, v in e.items():
+            if k in ("step", "epoch") or not isinstance(v, (int, float)) or k.startswith(("train_", "total_flos")):
+                continue
+            out.setdefault(k, []).append([e["step"], v])
+    return out
+
+
+def plot(series: dict, keys: list[str], path: Path, title: str) -> str | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in keys if series.get(k)]
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        xs, ys = zip(*series[k])
+        ax.plot(xs, ys, marker=".", label=k)
+    ax.set_xlabel("global step"), ax.set_title(title), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
+    return str(path)
+
+
+def peak_memory_gb(plan: dict) -> dict:
+    import torch
+    if plan["device"] == "cuda" and torch.cuda.is_available():
+        return {"peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3), "peak_mem_kind": "cuda_max_allocated"}
+    return {"peak_mem_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "peak_mem_kind": "cpu_peak_rss_of_process"}
+
+
+def training_evidence(ctx, kind: str, res: dict, base: str, model, extra: dict) -> dict:
+    from pipeline import models
+    cfg, plan, state = ctx.cfg, ctx.plan, res["state"]
+    final: Path = res["final"]
+    series = curves(state)
+    figs = [plot(series, ["loss", "eval_loss"], ctx.root / f"reports/figures/{kind}_loss.png", f"{kind} loss"),
+            plot(series, [k for k in series if k.startswith(("rewards/", "kl"))],
+                 ctx.root / f"reports/figures/{kind}_rewards.png", f"{kind} reward metrics")]
+    files = ev.sha256_tree(final)
+    rel = final.relative_to(ctx.root).as_posix()
+    tokens = state.get("num_input_tokens_seen") or 0
+    reward_keys = [k for k in series if k.startswith(("rewards/", "logps/", "kl"))]
+    return {
+        "model_name": models.display_name(cfg.tier, base), "base_model": base, "model_tier": cfg.tier,
+        "global_step": state["global_step"], "planned_max_steps": getattr(cfg, kind).max_steps,
+        "curriculum": res["curriculum"], "loss_curve": series.get("loss", []), "eval_loss_curve": series.get("eval_loss", []),
+        "precision": {"dtype": plan["precision"], "quantization": plan.get("quantization"),
+                      "attn_implementation": plan["attn_implementation"], "device": plan["device"]},
+        "dtype_audit": models.dtype_audit(model), **peak_memory_gb(plan),
+        "tokens_per_s": round(tokens / res["runtime_s"], 2) if tokens and res["runtime_s"] else None,
+        "train_runtime_s": round(res["runtime_s"], 2), "oom_retries": res["oom_retries"],
+        "final_batch_size": res["batch_size"], "final_grad_acc": res["grad_acc"], "resumed_from": res["resumed_from"],
+        "checkpoint_dir": rel, "checkpoint_files": files, "checkpoint_sha256": ev.sha256_json(files),
+        "trainer_state_file": f"{rel}/{STATE_FILE}", "trainer_state_sha256": files[STATE_FILE],
+        "reward_curves": {k: series[k] for k in reward_keys},
+        "final_reward_metrics": {k: series[k][-1][1] for k in reward_keys},
+        "figures": [f for f in figs if f],
+        "outputs": [rel] + [Path(f).relative_to(ctx.root).as_posix() for f in figs if f], **extra}
+
+
+# --- DPO / SimPO / KTO: one flow, three TRL trainers ------------------------------------------------
+def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extra_args: dict) -> dict:
+    """Start from the verified SFT final, train the SFT adapter further against its frozen copy (TRL adds
+    the "ref" adapter itself), save the final adapter and return its evidence."""
+    gate(ctx)
+    from datasets import Dataset
+    from pipeline import models
+    cfg, plan, tc = ctx.cfg, ctx.plan, getattr(ctx.cfg, kind)
+    start = verify_sft_final(ctx)                      # refuses a tampered or missing SFT final
+    sft_dir = ctx.root / start["dir"]
+    pairs, report = preference_rows(cfg)
+    user = lambda text: [{"role": "user", "content": text}]          # noqa: E731
+    reply = lambda text: [{"role": "assistant", "content": text}]    # noqa: E731
+    if paired:
+        rows = [{"prompt": user(p["prompt"]), "chosen": reply(p["chosen"]), "rejected": reply(p["rejected"])} for p in pairs]
+    else:
+        kto_rows = (D.load_kto(cfg.data_path(cfg.data.kto_path), cfg.data.on_bad_row, source="data.kto_path")[0]
+                    if cfg.data.kto_path else D.unpair(pairs))
+        rows = [{"prompt": user(r["prompt"]), "completion": reply(r["completion"]), "label": r["label"]} for r in kto_rows]
+    dataset = Dataset.from_list(rows)
+    base, _ = models.resolve_base_model(cfg.tier, cfg.model.name, cfg.cache_dir, seed=cfg.model.tiny_seed)
+    tok = models.load_tokenizer(sft_dir)
+    holder = {}
+
+    def build(max_length: int, args: dict):
+        model = models.load_model(base, plan, adapter=str(sft_dir), trainable=True)
+        targs = config_cls(**args, max_length=max_length, beta=tc.beta, **extra_args)
+        trainer = trainer_cls(model=model, args=targs, train_dataset=dataset, processing_class=tok)
+        holder["model"] = trainer.model
+        return trainer
+
+    res = fit(ctx, kind, build)
+    return training_evidence(ctx, kind, res, base, holder["model"], {
+        "base_model_identity": models.base_model_identity(base), "start_checkpoint": start,
+        "data": {"rows": len(rows), "paired": paired, "source": report, "length_bias": length_bias(pairs)},
+        "algorithm": {"trainer": trainer_cls.__name__, "beta": tc.beta, **{k: v for k, v in extra_args.items()
+                                                                          if isinstance(v, (int, float, str))}},
+    })

@@ -1,0 +1,1 @@
+"""Command-line scripts run as modules: python -m scripts.<name>."""

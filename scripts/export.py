@@ -1,0 +1,148 @@
+"""One archive to download before giving the rented machine back, and its check on any machine.
+
+Run: python -m scripts.export pack [--out FILE]   (make export)
+     python -m scripts.export verify FILE         (make verify-export FILE=...)
+The archive holds reports/ and every checkpoints/**/final (never the intermediate checkpoint-N folders) under
+one top folder, with MANIFEST.sha256 in `sha256sum` format: after extracting, `sha256sum -c MANIFEST.sha256`
+inside the top folder checks it too.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import io
+import os
+import re
+import sys
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+
+MANIFEST = "MANIFEST.sha256"
+INTERMEDIATE = re.compile(r"^checkpoint-\d+$")
+
+
+def _sha256_stream(f) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def collect(root: Path) -> list[str]:
+    """Relative paths (posix) of what goes in: reports/** and checkpoints/**/final/**, no temp files."""
+    files = []
+    for top in ("reports", "checkpoints"):
+        for p in sorted((root / top).rglob("*")):
+            rel = p.relative_to(root)
+            if not p.is_file() or p.is_symlink() or p.name.endswith(".tmp"):
+                continue
+            if top == "checkpoints" and ("final" not in rel.parts or any(INTERMEDIATE.match(x) for x in rel.parts)):
+                continue
+            files.append(rel.as_posix())
+    return files
+
+
+def pack(root: Path, out: Path | None = None) -> Path:
+    root = root.resolve()
+    if not (root / "reports").is_dir():
+        raise SystemExit(f"export: {root / 'reports'} does not exist: nothing to export (is PIPELINE_ROOT right?)")
+    stamp = dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    out = (out or root / "exports" / f"medllm_day1_{stamp}.tar.gz").resolve()
+    top = out.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    files = collect(root)
+    if not any(f.startswith("checkpoints/") for f in files):
+        print("export: warning: no checkpoints/**/final folder found; the archive holds reports only", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        lines = []
+        with tarfile.open(tmp, "w:gz") as tar:
+            for rel in files:
+                with open(root / rel, "rb") as f:
+                    lines.append(f"{_sha256_stream(f)}  {rel}\n")
+                tar.add(root / rel, arcname=f"{top}/{rel}", recursive=False)
+            data = "".join(lines).encode()
+            info = tarfile.TarInfo(f"{top}/{MANIFEST}")
+            info.size, info.mtime = len(data), int(dt.datetime.now().timestamp())
+            tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    size_mb = out.stat().st_size / 2**20
+    print(f"export: {len(files)} files ({size_mb:.1f} MB) -> {out}")
+    return out
+
+
+def verify(archive: Path) -> list[str]:
+    """Problems as sentences (missing, changed, extra, unreadable); empty when the archive matches its manifest."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            manifests = [m for m in members if PurePosixPath(m.name).name == MANIFEST and len(PurePosixPath(m.name).parts) == 2]
+            if len(manifests) != 1:
+                return [f"{archive}: expected one <top>/{MANIFEST}, found {len(manifests)}: not an export of this pipeline"]
+            top = PurePosixPath(manifests[0].name).parts[0]
+            recorded = {}
+            for n, line in enumerate(tar.extractfile(manifests[0]).read().decode().splitlines(), 1):
+                sha, sep, rel = line.partition("  ")
+                if not sep or not re.fullmatch(r"[0-9a-f]{64}", sha):
+                    return [f"{archive}: {MANIFEST}:{n} is not '<sha256>  <path>': the manifest is damaged"]
+                recorded[rel] = sha
+            found, problems = {}, []
+            for m in members:
+                if m.name == manifests[0].name or m.isdir():
+                    continue
+                rel = m.name[len(top) + 1:] if m.name.startswith(top + "/") else m.name
+                if not m.isfile():
+                    problems.append(f"extra: {rel} is not a plain file")
+                    continue
+                found[rel] = _sha256_stream(tar.extractfile(m))
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        return [f"{archive}: cannot be read as a .tar.gz ({type(exc).__name__}: {exc}): download it again"]
+    problems += [f"missing: {rel}" for rel in sorted(set(recorded) - set(found))]
+    problems += [f"changed: {rel}" for rel in sorted(set(recorded) & set(found)) if recorded[rel] != found[rel]]
+    problems += [f"extra: {rel}" for rel in sorted(set(found) - set(recorded))]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.export", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_pack = sub.add_parser("pack", help="archive reports/ and every checkpoints/**/final with a sha256 manifest")
+    p_pack.add_argument("--out", type=Path, help="archive path (default: <root>/exports/medllm_day1_<time>.tar.gz)")
+    p_verify = sub.add_parser("verify", help="check an archive against its manifest")
+    p_verify.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    if args.cmd == "pack":
+        from pipeline.settings import ConfigError, load_config
+        try:
+            root = Path(load_config().root)
+        except ConfigError as exc:
+            raise SystemExit(f"export: config error: {exc}") from None
+        out = pack(root, args.out)
+        problems = verify(out)   # read it back once: what is downloaded is what was checked
+        if problems:
+            print(f"export: the new archive does not verify: {'; '.join(problems[:5])}", file=sys.stderr)
+            return 1
+        print(f"export: verified. On another machine: python -m scripts.export verify {out.name}")
+        return 0
+    if not args.file or not args.file.is_file():
+        print(f"verify: {args.file} is not a file: pass the archive, e.g. make verify-export FILE=path/to/export.tar.gz",
+              file=sys.stderr)
+        return 2
+    problems = verify(args.file)
+    for p in problems:
+        print(f"verify: {p}", file=sys.stderr)
+    if problems:
+        print(f"verify: {args.file} does NOT match its manifest ({len(problems)} problem(s))", file=sys.stderr)
+        return 1
+    print(f"verify: {args.file} matches its manifest")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

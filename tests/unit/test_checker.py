@@ -1,0 +1,374 @@
+"""The strict gate on synthetic evidence: a passing run, each tamper caught by the right check, restore passes again.
+
+The checkpoint probe (load + generate) is replaced by a fake here; the real one runs in the e2e tests.
+"""
+import io
+import json
+import os
+import shutil
+
+import pytest
+from rich.console import Console
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from pipeline import checker, engine  # noqa: E402
+from pipeline import evidence as ev  # noqa: E402
+from pipeline.settings import load_config  # noqa: E402
+
+SFT = "checkpoints/layer_b/tiny_sft/final"
+FINALS = {"sft": SFT, "dpo": "checkpoints/dpo-real-baseline/final",
+          "simpo": "checkpoints/simpo-real-baseline/final", "kto": "checkpoints/kto-real-baseline/final"}
+METRICS = {"sft": "reports/training/layer_b_tiny_sft_metrics.json", "dpo": "reports/training/dpo_metrics.json",
+           "simpo": "reports/training/simpo_metrics.json", "kto": "reports/training/kto_metrics.json"}
+
+
+def common(cfg, stage, **fields):
+    engine.stages()
+    fp, inputs = engine.fingerprint(engine.STAGE_BY_NAME[stage], cfg)
+    doc = {"stage": stage, "status": "ok", "skipped": False, "reason": None, "started_at": "2025-01-01T00:00:00+00:00",
+           "finished_at": "2025-01-01T00:01:00+00:00", "duration_s": 60.0, "git_commit": None,
+           "config_hash": "0" * 64, "fingerprint": fp, "versions": {}, "inputs": inputs, "outputs": {},
+           "model_tier": cfg.tier}
+    return {**doc, **fields}
+
+
+def write(root, cfg, stage, doc):
+    ev.atomic_write_json(root / engine.STAGE_BY_NAME[stage].evidence(cfg), doc)
+
+
+def train(root, cfg, stage, seed=0):
+    """A fake final checkpoint with the trainer's own log, and metrics that describe it honestly."""
+    final = root / FINALS[stage]
+    shutil.rmtree(final, ignore_errors=True)
+    final.mkdir(parents=True)
+    (final / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": "tiny"}))
+    (final / "adapter_model.safetensors").write_bytes(bytes((i * 7 + seed) % 256 for i in range(256)))
+    plan = getattr(cfg, stage)
+    curve = [[s, round(3.0 - 0.15 * s, 4)] for s in range(1, plan.max_steps + 1)]
+    state = {"global_step": plan.max_steps, "max_steps": plan.max_steps,
+             "log_history": [{"step": s, "loss": v, "learning_rate": 1e-3} for s, v in curve] + [{"step": plan.max_steps, "eval_loss": 2.0}]}
+    (final / "trainer_state.json").write_text(json.dumps(state))
+    files = ev.sha256_tree(final)
+    doc = common(cfg, stage, outputs=ev.hash_paths(root, [FINALS[stage]]), model_name="tiny",
+                 base_model=str(root / ".cache" / "tiny-seed0"), global_step=plan.max_steps,
+                 planned_max_steps=plan.max_steps, loss_curve=curve, eval_loss_curve=[[plan.max_steps, 2.0]],
+                 curriculum=[{"max_length": c["max_length"], "planned_step": c["until_step"], "reached_step": c["until_step"]}
+                             for c in plan.curriculum],
+                 checkpoint_dir=FINALS[stage], checkpoint_files=files, checkpoint_sha256=ev.sha256_json(files),
+                 trainer_state_file=f"{FINALS[stage]}/trainer_state.json", trainer_state_sha256=files["trainer_state.json"],
+                 precision={"dtype": "fp32", "quantization": None, "attn_implementation": "sdpa"},
+                 oom_retries=[], peak_mem_gb=0.1, tokens_per_s=100.0)
+    if stage != "sft":
+        doc["start_checkpoint"] = {"dir": SFT, "checkpoint_sha256": ev.sha256_json(ev.sha256_tree(root / SFT))}
+        doc["reward_metrics"] = {"rewards/margins": 0.1}
+    write(root, cfg, stage, doc)
+    return doc
+
+
+def eval_doc(root, cfg):
+    sets = {s: {"planned_n": 8, "question_ids": [f"{s}-{i}" for i in range(8)], "full_size": 100} for s in cfg.eval.sets}
+    trained = {st: (ev.read_json(root / METRICS[st]) or {}).get("checkpoint_sha256") for st in FINALS}
+    variants = {"base": {"status": "scored"}, **{st: {"status": "scored", "checkpoint_sha256": sha} if sha else
+                                                 {"status": "skipped", "reason": f"{st} was not trained"}
+                                                 for st, sha in trained.items()}}
+    results = {v: {s: {"n": 8, "accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8} for s in sets} for v in variants}
+    return common(cfg, "eval", variants=variants, sets=sets, results=results)
+
+
+def judge_doc(cfg, risk=(10, 10)):
+    return common(cfg, "judge", min_coverage=0.9,
+                  pairwise={"enabled": False, "planned": 0, "judged": 0, "coverage": 0.0},
+                  risk={"enabled": True, "planned": risk[0], "judged": risk[1], "coverage": risk[1] / risk[0]})
+
+
+def build_run(root, cfg, force_skip=False):
+    write(root, cfg, "gpu_check", common(cfg, "gpu_check", plan={"device": "cpu"}))
+    for i, stage in enumerate(FINALS):
+        if force_skip:
+            write(root, cfg, stage, common(cfg, stage, status="skipped", skipped=True,
+                                           reason="FORCE_SKIP_TRAINING=true: training skipped on request"))
+        else:
+            train(root, cfg, stage, seed=i)
+    write(root, cfg, "eval", eval_doc(root, cfg))
+    write(root, cfg, "judge", judge_doc(cfg))
+    write(root, cfg, "reports", common(cfg, "reports"))
+
+
+@pytest.fixture
+def probes(monkeypatch):
+    calls = []
+
+    def fake(base, adapter_dir, plan):
+        calls.append((base, str(adapter_dir), plan["device"]))
+        return True, " the heart"
+    monkeypatch.setattr(checker, "probe_checkpoint", fake)
+    return calls
+
+
+@pytest.fixture
+def run(tmp_path, probes):
+    root = tmp_path / "out"
+    cfg = load_config(tier="tiny", env={"PIPELINE_ROOT": str(root)})
+    build_run(root, cfg)
+    backup = tmp_path / "backup"
+    shutil.copytree(root, backup)
+    return root, cfg, backup
+
+
+def restore(root, backup):
+    shutil.rmtree(root)
+    shutil.copytree(backup, root)
+
+
+def test_honest_run_passes_and_probes_each_final_on_its_base(run, probes):
+    root, cfg, _ = run
+    gate = checker.evaluate(cfg)
+    assert gate["strict_pass"], [c for c in gate["checks"] if not c["passed"]]
+    ids = {c["id"] for c in gate["checks"]}
+    assert {"sft.metrics", "sft.checkpoint", "sft.loads", "sft.curve", "sft.steps", "dpo.from_sft", "kto.from_sft",
+            "eval.coverage", "judge.pairwise", "judge.risk", "chain.no_incomplete", "chain.fresh"} <= ids
+    assert sorted(p[1] for p in probes) == sorted(str(root / f) for f in FINALS.values())
+    assert all(p[0] == str(root / ".cache" / "tiny-seed0") and p[2] == "cpu" for p in probes)
+    loads = next(c for c in gate["checks"] if c["id"] == "sft.loads")
+    assert "the heart" in loads["detail"]
+
+
+def _edit_json(path, fn):
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+def skipped_edited_to_not_skipped(root, cfg):
+    write(root, cfg, "simpo", common(cfg, "simpo", status="skipped", skipped=False, reason="no CUDA device"))
+
+
+def flip_adapter_byte(root, cfg):
+    f = root / FINALS["dpo"] / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[10] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def delete_final(root, cfg):
+    shutil.rmtree(root / FINALS["kto"])
+
+
+def replace_sft_after_dpo(root, cfg):
+    train(root, cfg, "sft", seed=99)   # a new SFT final with honest metrics; DPO trained on the old one
+
+
+def copy_dry_run_over_metrics(root, cfg):
+    dry = common(cfg, "dry_run", status="dry_run", reason="dry run: nothing trained")
+    (root / METRICS["kto"]).write_text(json.dumps(dry))
+
+
+def edit_loss_curve(root, cfg):
+    _edit_json(root / METRICS["sft"], lambda d: d["loss_curve"][-1].__setitem__(1, 0.001))
+
+
+def edit_trainer_log_to_match(root, cfg):
+    state = root / SFT / "trainer_state.json"
+    _edit_json(state, lambda d: d["log_history"][-2].__setitem__("loss", 0.001))
+    _edit_json(root / METRICS["sft"], lambda d: d["loss_curve"][-1].__setitem__(1, 0.001))
+
+
+def flat_curve(root, cfg):
+    state = root / SFT / "trainer_state.json"
+    _edit_json(state, lambda d: [e.__setitem__("loss", 2.0) for e in d["log_history"] if "loss" in e])
+    sha = ev.sha256_file(state)
+
+    def fix(d):
+        d["loss_curve"] = [[s, 2.0] for s, _ in d["loss_curve"]]
+        d["checkpoint_files"]["trainer_state.json"] = d["trainer_state_sha256"] = sha
+        d["checkpoint_sha256"] = ev.sha256_json(d["checkpoint_files"])
+    _edit_json(root / METRICS["sft"], fix)
+
+
+def stopped_early(root, cfg):
+    _edit_json(root / METRICS["simpo"], lambda d: d.update(global_step=3))
+
+
+def other_base_model(root, cfg):
+    _edit_json(root / METRICS["dpo"], lambda d: d.update(base_model="Qwen/Qwen2.5-7B-Instruct"))
+
+
+def leftover_marker(root, cfg):
+    ev.atomic_write_json(root / "reports/.incomplete/dpo.marker", {"stage": "dpo", "pid": 1})
+
+
+def eval_missed_a_variant(root, cfg):
+    _edit_json(root / "reports/eval/eval_default.json", lambda d: d["variants"].__setitem__("kto", {"status": "skipped", "reason": "x"}))
+
+
+def eval_fewer_questions(root, cfg):
+    _edit_json(root / "reports/eval/eval_default.json", lambda d: d["results"]["dpo"]["medqa"].update(n=5))
+
+
+def risk_judge_low_coverage(root, cfg):
+    write(root, cfg, "judge", judge_doc(cfg, risk=(10, 5)))
+
+
+def risk_judge_coverage_inflated(root, cfg):
+    _edit_json(root / "reports/judge/judge_summary.json", lambda d: d["risk"].update(judged=5))
+
+
+@pytest.mark.parametrize("tamper, failing_id", [
+    (skipped_edited_to_not_skipped, "simpo.metrics"),
+    (flip_adapter_byte, "dpo.checkpoint"),
+    (delete_final, "kto.checkpoint"),
+    (replace_sft_after_dpo, "dpo.from_sft"),
+    (copy_dry_run_over_metrics, "kto.metrics"),
+    (edit_loss_curve, "sft.curve"),
+    (edit_trainer_log_to_match, "sft.curve"),
+    (flat_curve, "sft.curve"),
+    (stopped_early, "simpo.steps"),
+    (other_base_model, "dpo.base_model"),
+    (leftover_marker, "chain.no_incomplete"),
+    (eval_missed_a_variant, "eval.coverage"),
+    (eval_fewer_questions, "eval.coverage"),
+    (risk_judge_low_coverage, "judge.risk"),
+    (risk_judge_coverage_inflated, "judge.risk"),
+])
+def test_each_tamper_fails_its_check_and_restoring_passes(run, tamper, failing_id):
+    root, cfg, backup = run
+    tamper(root, cfg)
+    gate = checker.evaluate(cfg)
+    assert not gate["strict_pass"]
+    assert failing_id in gate["failed"], gate["failed"]
+    restore(root, backup)
+    assert checker.evaluate(cfg)["strict_pass"]
+
+
+def test_replaced_sft_keeps_sft_checks_green_and_blames_the_children(run):
+    root, cfg, _ = run
+    replace_sft_after_dpo(root, cfg)
+    failed = checker.evaluate(cfg)["failed"]
+    assert {"dpo.from_sft", "simpo.from_sft", "kto.from_sft"} <= set(failed)
+    assert "sft.checkpoint" not in failed and "sft.curve" not in failed
+
+
+def test_a_probe_that_cannot_generate_fails_loads_with_its_error(run, monkeypatch):
+    root, cfg, _ = run
+    monkeypatch.setattr(checker, "probe_checkpoint", lambda base, adapter, plan: (False, "OSError: no config.json"))
+    gate = checker.evaluate(cfg)
+    loads = next(c for c in gate["checks"] if c["id"] == "kto.loads")
+    assert not loads["passed"] and "no config.json" in loads["detail"]
+
+
+def test_force_skip_fails_the_gate_with_the_skip_reason_and_advice(tmp_path, probes):
+    root = tmp_path / "out"
+    cfg = load_config(tier="tiny", env={"PIPELINE_ROOT": str(root)})
+    build_run(root, cfg, force_skip=True)
+    rc = checker.main(cfg, Console(file=io.StringIO()))
+    gate = json.loads((root / checker.GATE).read_text())
+    assert rc == 1 and gate["strict_pass"] is False
+    metrics = next(c for c in gate["checks"] if c["id"] == "sft.metrics")
+    assert "FORCE_SKIP_TRAINING=true" in metrics["detail"] and "unset" in metrics["todo"]
+    assert next(c for c in gate["checks"] if c["id"] == "sft.checkpoint")["blocked_by"] == "sft.metrics"
+    assert probes == []   # nothing to load: no checkpoint was probed
+    assert "eval.coverage" in gate["failed"]
+    md = (root / "reports/migration/gpu_completion_check.md").read_text()
+    assert md.index("sft.metrics") < md.index("## Passing")
+
+
+def test_main_writes_both_verdicts_and_never_reads_an_old_one(run):
+    root, cfg, _ = run
+    assert checker.main(cfg, Console(file=io.StringIO())) == 0
+    delete_final(root, cfg)
+    # a forged earlier verdict must not matter
+    ev.atomic_write_json(root / checker.GATE, {"strict_pass": True, "failed": [], "checks": []})
+    assert checker.main(cfg, Console(file=io.StringIO())) == 1
+    gate = json.loads((root / checker.GATE).read_text())
+    assert gate["strict_pass"] is False and "kto.checkpoint" in gate["failed"]
+    md = (root / "reports/migration/gpu_completion_check.md").read_text()
+    assert md.index("kto.checkpoint") < md.index("## Passing") and "what to do" in md
+    readiness = json.loads((root / checker.READINESS).read_text())
+    assert readiness["ready_for_writing"] is False
+    assert (root / "reports/thesis_support/thesis_readiness.md").is_file()
+
+
+def _thesis_artifacts(root):
+    for rel in checker.ARTIFACTS:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+    (root / "reports/figures").mkdir(parents=True, exist_ok=True)
+    (root / "reports/figures/sft_loss.png").write_bytes(b"\x89PNG")
+
+
+def _full_size_eval(root, cfg):
+    sets = {s: {"planned_n": 100, "question_ids": list(range(100)), "full_size": 100} for s in cfg.eval.sets}
+    ev.atomic_write_json(root / "reports/eval/eval_default.json", {"status": "ok", "sets": sets})
+
+
+@pytest.mark.parametrize("tier", ["tiny", "demo"])
+def test_smoke_tiers_are_never_ready_for_writing(tmp_path, tier):
+    cfg = load_config(tier=tier, env={"PIPELINE_ROOT": str(tmp_path)})
+    _thesis_artifacts(tmp_path)
+    _full_size_eval(tmp_path, cfg)
+    r = checker.thesis_readiness(cfg, strict_pass=True)
+    assert r["ready_for_writing"] is False
+    assert r["blockers"] == [f"tier {tier} is a smoke tier: never ready for writing (use MODEL_TIER=7b or 14b on a GPU)"]
+
+
+def test_a_complete_7b_run_is_ready_and_each_gap_is_a_blocker(tmp_path):
+    cfg = load_config(tier="7b", env={"PIPELINE_ROOT": str(tmp_path)})
+    _thesis_artifacts(tmp_path)
+    _full_size_eval(tmp_path, cfg)
+    assert checker.thesis_readiness(cfg, strict_pass=True)["ready_for_writing"] is True
+    assert not checker.thesis_readiness(cfg, strict_pass=False)["ready_for_writing"]
+    (tmp_path / "reports/figures/sft_loss.png").unlink()
+    (tmp_path / "reports/sota_compare.md").unlink()
+    _edit_json(tmp_path / "reports/eval/eval_default.json", lambda d: d["sets"]["medqa"].update(planned_n=50))
+    blockers = " ".join(checker.thesis_readiness(cfg, strict_pass=True)["blockers"])
+    assert "reports/sota_compare.md" in blockers and "reports/figures/*.png" in blockers and "medqa (50 of 100)" in blockers
+
+
+def test_keys_warns_per_enabled_flag_and_never_prints_the_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    monkeypatch.setenv("MODEL_TIER", "tiny")
+    monkeypatch.setenv("ENABLE_LLM_JUDGE", "true")
+    monkeypatch.setenv("ENABLE_V2_LLM_FALLBACK", "false")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-do-not-print")
+    assert checker.cli(["keys"]) == 0
+    assert "sk-test-do-not-print" not in capsys.readouterr().out
+    monkeypatch.setenv("OPENAI_API_KEY", "")
+    assert checker.cli(["keys"]) == 3
+    out = capsys.readouterr().out
+    assert "ENABLE_LLM_JUDGE=true will fail" in out and "ENABLE_LLM_RISK_JUDGE=true will fail" in out
+    assert "ENABLE_V2_LLM_FALLBACK" not in out
+    monkeypatch.setenv("ENABLE_LLM_JUDGE", "maybe")
+    assert checker.cli(["keys"]) == 2
+
+
+def _steps(tmp_path, rows):
+    f = tmp_path / "steps.tsv"
+    f.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    return f
+
+
+def test_dry_run_summary_says_nothing_was_trained(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
+    monkeypatch.setenv("MODEL_TIER", "tiny")
+    steps = _steps(tmp_path, [("gpu-check", "ok", 0, 3, "day1_gpu-check.log", ""),
+                              ("dry-run", "ok", 0, 9, "day1_dry-run.log", "")])
+    assert checker.cli(["summary", str(steps), "--dry-run"]) == 0
+    s = json.loads((tmp_path / checker.SUMMARY).read_text())
+    assert s["trained"] is False and "nothing was trained" in s["verdict"] and "passed" in s["verdict"]
+    assert s["steps"][1]["log"] == "reports/logs/day1_dry-run.log"
+    assert "nothing was trained" in (tmp_path / "reports/migration/day1_run_summary.md").read_text()
+
+
+def test_summary_takes_the_verdict_from_the_gate_step_and_lists_first_fixes(run, monkeypatch):
+    root, cfg, _ = run
+    delete_final(root, cfg)
+    checker.main(cfg, Console(file=io.StringIO()))
+    monkeypatch.setenv("PIPELINE_ROOT", str(root))
+    monkeypatch.setenv("MODEL_TIER", "tiny")
+    steps = _steps(root, [("gpu-run", "ok", 0, 100, "day1_gpu-run.log", ""),
+                          ("gpu-complete-check", "failed", 1, 5, "day1_gpu-complete-check.log", "")])
+    checker.cli(["summary", str(steps)])
+    s = json.loads((root / checker.SUMMARY).read_text())
+    assert s["gate"]["strict_pass"] is False and s["verdict"] == "strict_pass: false"
+    assert any(f.startswith("kto.checkpoint") for f in s["first_fixes"])
+    assert s["thesis_readiness"]["ready_for_writing"] is False
