@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run a stage (and what it needs) or 'all'; finished stages are skipped")
     p_run.add_argument("targets", nargs="*", help="stage names or 'all', then optional key=value overrides")
     p_run.add_argument("--force", action="store_true", help="re-run the named stages even when up to date")
+    p_run.add_argument("--no-deps", action="store_true", help="run only the named stages; their needs must be done")
     for name, text in (("ls", "stages in order with their status"), ("check", "the strict completion gate"),
                        ("config", "print the resolved config")):
         p = sub.add_parser(name, help=text)
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipeline import engine
     if args.cmd == "run":
-        return engine.run(args.targets, cfg, console, force=args.force)
+        return engine.run(args.targets, cfg, console, force=args.force, with_needs=not args.no_deps)
     if args.cmd == "ls":
         engine.print_table(cfg, console)
         return 0

@@ -20,7 +20,7 @@ GATE = "reports/migration/gpu_completion_check.json"
 READINESS = "reports/thesis_support/thesis_readiness.json"
 SUMMARY = "reports/migration/day1_run_summary.json"
 CPU_PLAN = {"device": "cpu", "precision": "fp32", "attn_implementation": "sdpa", "quantization": None}
-PROBE_PROMPT = "Question: Which organ pumps blood through the human body?\nAnswer:"
+PROBE_PROMPT = "Which organ pumps blood through the human body? Answer in one word."
 PROBE_TOKENS = 4
 ARTIFACTS = ("reports/eval_default.md", "reports/sota_compare.md", "reports/error_analysis.md",
              "reports/thesis_support/thesis_draft_material.md", "reports/thesis_support/experiment_record.json")
@@ -88,7 +88,9 @@ def probe_checkpoint(base: str, adapter_dir, plan: dict) -> tuple[bool, str]:
         has_tok = (adapter_dir / "tokenizer_config.json").is_file()
         tok = load_tokenizer(adapter_dir if has_tok else base)
         model = load_model(base if is_adapter else adapter_dir, plan, adapter=str(adapter_dir) if is_adapter else None)
-        enc = tok(PROBE_PROMPT, return_tensors="pt").to(model.device)
+        text = (tok.apply_chat_template([{"role": "user", "content": PROBE_PROMPT}], tokenize=False, add_generation_prompt=True)
+                if tok.chat_template else PROBE_PROMPT)
+        enc = tok(text, return_tensors="pt", add_special_tokens=not tok.chat_template).to(model.device)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=PROBE_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id,
                                  output_scores=True, return_dict_in_generate=True)
@@ -302,6 +304,7 @@ def check_eval(cfg: Config) -> dict:
 def check_judges(cfg: Config) -> list[dict]:
     rel = evidence_path(cfg, "judge")
     doc = ev.read_json(Path(cfg.root) / rel)
+    schema = [f"{rel} does not match its schema: {e}" for e in ev.validate("judge", doc)[:1]] if isinstance(doc, dict) else []
     out = []
     for key, flag, var in JUDGES:
         enabled = getattr(cfg.judge, flag)
@@ -309,12 +312,15 @@ def check_judges(cfg: Config) -> list[dict]:
         if not isinstance(doc, dict):
             out.append(_result(f"judge.{key}", [f"{rel} is missing: run `python -m pipeline run judge`"], "", rel))
         elif not enabled:
-            problems = [f"{rel} says the {key} judge ran enabled but {var}=false now: re-run the judge stage"] \
-                if entry.get("enabled") is True else []
+            problems = list(schema)
+            if doc.get("status") not in ("ok", "skipped"):
+                problems.append(f"the judge stage is {doc.get('status')!r} ({doc.get('reason')}), so nothing records the {key} judge as disabled")
+            elif entry.get("enabled") is True:
+                problems.append(f"{rel} says the {key} judge ran enabled but {var}=false now: re-run the judge stage")
             out.append(_result(f"judge.{key}", problems, f"{key} judge disabled ({var}=false), recorded as disabled", rel))
         else:
             planned, judged = entry.get("planned"), entry.get("judged")
-            problems = []
+            problems = list(schema)
             if doc.get("status") != "ok" or entry.get("enabled") is not True:
                 problems.append(f"{var}=true but the {key} judge did not run (status {doc.get('status')!r}: {doc.get('reason')})")
             elif not (isinstance(planned, int) and planned > 0 and isinstance(judged, int) and 0 <= judged <= planned):
@@ -336,9 +342,13 @@ def check_chain(cfg: Config) -> list[dict]:
     out = [_result("chain.no_incomplete", [f"a stage was interrupted and left its marker: {', '.join(markers)}"] if markers else [],
                    "no stage left an incomplete marker", "reports/.incomplete/")]
     found: dict[str, list[str]] = {"stale": [], "tampered": []}
+    unfinished = []
     for stage in (s for s in stages() if s.in_all):
         state = status_of(stage, cfg, fingerprint(stage, cfg)[0])
         found.get(state, []).append(stage.name)
+        if not stage.training and state not in ("ok", "skipped", "stale", "tampered"):
+            unfinished.append(f"{stage.name} is {state} ({stage.evidence(cfg)})")
+    out.append(_result("chain.stages", unfinished, "every other stage of `make gpu-run` finished", "reports/"))
     bad = [f"{', '.join(names)}: {why}" for names, why in (
         (found["stale"], "stale (config, data or upstream evidence changed since they ran)"),
         (found["tampered"], "tampered (their recorded outputs changed on disk)")) if names]
@@ -389,6 +399,7 @@ def advice(cfg: Config, check: dict) -> str:
         "risk": "set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env, or set ENABLE_LLM_RISK_JUDGE=false; then `python -m pipeline run judge --force`",
         "no_incomplete": "a stage was interrupted: run `make gpu-run` again (it resumes), then `make gpu-complete-check`",
         "fresh": "run `make gpu-run`: it redoes exactly the stages whose config, data or upstream changed",
+        "stages": "read reports/logs/<stage>_full.log of each stage named above, fix the cause, then run `make gpu-run` again",
     }.get(kind, redo)
 
 
@@ -493,8 +504,8 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg: Config | Non
     trained = (by_name.get("gpu-run") or {}).get("status") in ("ok", "failed")
     out = {"dry_run": dry_run, "tier": cfg.tier if cfg else None, "root": str(root), "config_error": config_error,
            "steps": steps, "trained": trained, "gate": {"ran": ran_gate}, "first_fixes": []}
-    failed_steps = [s for s in steps if s["status"] == "failed"]
-    out["first_fixes"] += [f"step {s['name']} failed (exit {s['rc']}): read {s['log']}" for s in failed_steps[:3]]
+    for s in [s for s in steps if s["status"] == "failed"][:3]:
+        out["first_fixes"].append(f"step {s['name']} failed (exit {s['rc']}): {_last_line(root / s['log'])} (log: {s['log']})")
     if ran_gate:
         strict = gate_step["status"] == "ok"
         gate_doc = ev.read_json(root / GATE) or {}
@@ -507,6 +518,8 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg: Config | Non
     if dry_run:
         dry = ev.read_json(root / "reports/migration/dry_run.json") or {}
         out["dry_run_result"] = {"status": dry.get("status", "missing"), "reason": dry.get("reason")}
+        if dry.get("status") not in ("dry_run", "ok") and dry.get("reason"):
+            out["first_fixes"].append(f"the dry run ({dry.get('status', 'missing')}): {dry['reason']} (reports/migration/dry_run.json)")
         out["verdict"] = ("DRY RUN: nothing was trained; the dry run " +
                           ("passed" if (by_name.get("dry-run") or {}).get("status") == "ok" else "did not pass"))
     elif ran_gate:
@@ -518,8 +531,22 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg: Config | Non
     return out
 
 
+def _last_line(log: Path) -> str:
+    """The last non-empty line of a step log, without terminal colour codes: usually the reason."""
+    import re
+    try:
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "no log"
+    engine_verdicts = [x for x in lines if x.startswith(("failed ", "blocked ", "✗ "))]   # pipeline.engine's lines
+    if engine_verdicts:
+        return "; ".join(engine_verdicts[-3:])
+    noise = ("make: ***", "make[", *"│┃└┘┌┐┏┓┗┛━─╇┡╭╰")   # make's own error line, rich table borders
+    return next((x for x in reversed(lines) if x and not x.startswith(noise)), "empty log")
+
+
 def summary_markdown(s: dict) -> str:
-    lines = ["# Day-1 run summary", "", f"**{s['verdict']}**", "", f"Tier `{s['tier']}`, output root `{s['root']}`.", "",
+    lines = ["# Day-1 run summary", "", f"**{s['verdict']}**", "", f"Tier `{s['tier'] or 'unknown (config error)'}`, output root `{s['root']}`.", "",
              "| step | status | seconds | log | note |", "|---|---|---|---|---|"]
     lines += [f"| {x['name']} | {x['status']} | {x['seconds']} | {x['log']} | {x['note']} |" for x in s["steps"]]
     if s["first_fixes"]:

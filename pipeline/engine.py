@@ -128,7 +128,7 @@ def stages() -> list[Stage]:
     return list(STAGE_BY_NAME.values())
 
 
-def plan_order(targets: list[str], cfg: Config) -> list[Stage]:
+def plan_order(targets: list[str], cfg: Config, with_needs: bool = True) -> list[Stage]:
     """Targets plus their needs, in registry order. 'all' = every in_all stage (dry-run: up to dry_run)."""
     all_stages = stages()
     if targets == ["all"]:
@@ -143,7 +143,7 @@ def plan_order(targets: list[str], cfg: Config) -> list[Stage]:
             raise SystemExit(f"unknown stage {name!r}: choose one of {', '.join(STAGE_BY_NAME)} or 'all'")
         if name not in wanted:
             wanted.add(name)
-            for n in STAGE_BY_NAME[name].needs:
+            for n in STAGE_BY_NAME[name].needs if with_needs else ():
                 add(n)
     for t in targets:
         add(t)
@@ -153,7 +153,7 @@ def plan_order(targets: list[str], cfg: Config) -> list[Stage]:
 # --- fingerprint and freshness -------------------------------------------------------------------
 def fingerprint(stage: Stage, cfg: Config) -> tuple[str, dict]:
     root = Path(cfg.root)
-    inputs = {str(p): ev.sha256_file(p) for p in map(Path, stage.inputs(cfg)) if p.is_file()}
+    inputs = {_rel(p): ev.sha256_file(p) for p in map(Path, stage.inputs(cfg)) if p.is_file()}
     upstream = {}
     for need in stage.needs:
         up = ev.read_json(root / STAGE_BY_NAME[need].evidence(cfg)) or {}
@@ -162,6 +162,11 @@ def fingerprint(stage: Stage, cfg: Config) -> tuple[str, dict]:
                 "config": {s: cfg.section(s) for s in stage.sections}, "inputs": inputs,
                 "upstream": upstream, "versions": versions()}
     return ev.sha256_json(material), inputs
+
+
+def _rel(p: Path) -> str:
+    """Repository files by their repo-relative path, so a moved clone keeps its fingerprints."""
+    return p.resolve().relative_to(REPO).as_posix() if p.resolve().is_relative_to(REPO) else str(p)
 
 
 def marker_path(stage: Stage, cfg: Config) -> Path:
@@ -182,7 +187,7 @@ def status_of(stage: Stage, cfg: Config, fp: str | None = None) -> str:
         return "stale"
     if ev.hash_paths(Path(cfg.root), doc.get("outputs", {}).keys()) != doc.get("outputs", {}):
         return "tampered"
-    return "ok" if stage.done_status == "ok" else status
+    return status
 
 
 # --- lock and log capture ------------------------------------------------------------------------
@@ -248,7 +253,7 @@ def run_stage(stage: Stage, cfg: Config, console, force: bool = False) -> str:
     root = Path(cfg.root)
     fp, inputs = fingerprint(stage, cfg)
     current = status_of(stage, cfg, fp)
-    if current == "ok" and not force and not stage.always_run:
+    if current == stage.done_status and not force and not stage.always_run:
         console.print(f"[green]✓ {stage.name}[/]: up to date")
         return "ok"
     if current == "incomplete":
@@ -296,7 +301,11 @@ def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0) -> s
     else:
         fields = dict(result)
         status, reason = fields.pop("status", "ok"), fields.pop("reason", None)
-    outputs = ev.hash_paths(root, fields.pop("outputs", []) or [])
+    listed = fields.pop("outputs", []) or []
+    missing = [p for p in listed if not (Path(p) if Path(p).is_absolute() else root / p).exists()]
+    if missing and status == "ok":
+        status, reason = "failed", f"the stage listed outputs it did not write: {', '.join(map(str, missing[:3]))}"
+    outputs = ev.hash_paths(root, listed)
     inputs = {**inputs, **ev.hash_paths(root, fields.pop("inputs", []) or [])}
     doc = {"stage": stage.name, "status": status, "skipped": status == "skipped", "reason": reason,
            "started_at": started, "finished_at": now(), "duration_s": round(duration, 3), "git_commit": git_commit(),
@@ -314,12 +323,13 @@ def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0) -> s
     return doc["status"]
 
 
-def run(targets: list[str], cfg: Config, console, force: bool = False) -> int:
-    order = plan_order(targets, cfg)
+def run(targets: list[str], cfg: Config, console, force: bool = False, with_needs: bool = True) -> int:
+    order = plan_order(targets, cfg, with_needs)
     results = {}
+    forced = [s.name for s in order] if targets == ["all"] else targets   # --force: the named stages, or all
     with pipeline_lock(Path(cfg.root), console):
         for stage in order:
-            results[stage.name] = run_stage(stage, cfg, console, force=force and stage.name in targets)
+            results[stage.name] = run_stage(stage, cfg, console, force=force and stage.name in forced)
     if len(order) > 1:
         print_table(cfg, console, order)
     bad = [n for n, s in results.items() if s not in ("ok", "skipped", "dry_run")]

@@ -77,7 +77,10 @@ def load_schema(stage: str) -> dict:
     if not own_file.is_file():
         return common
     own = json.loads(own_file.read_text())
-    return {"allOf": [common, own]}
+    parts = [common, own]
+    if "extends" in own:   # a shared schema for a family of stages (e.g. the four training stages)
+        parts.append(json.loads(resources.files(SCHEMA_PKG).joinpath(f"{own.pop('extends')}.schema.json").read_text()))
+    return {"allOf": parts}
 
 
 def validate(stage: str, evidence: dict) -> list[str]:

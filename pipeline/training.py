@@ -154,13 +154,15 @@ def fit(ctx, kind: str, build_trainer) -> dict:
     import torch
     cfg, tc = ctx.cfg, getattr(ctx.cfg, kind)
     out = ctx.root / output_dir(cfg, kind)
-    claim_output_dir(ctx, out)
+    from pipeline import launch   # [launch hook] multi-process (NPROC>1) sync; no-ops in one process
+    launch.on_main_then_wait(claim_output_dir, ctx, out)   # [launch hook] rank 0 claims the folder
     plan = ctx.plan
     subs = tc.curriculum or [{"max_length": tc.max_length, "until_step": tc.max_steps}]
     batch, grad_acc, oom, reached, resumed_from = tc.batch_size, tc.grad_acc, [], [], None
     t0, trainer = time.monotonic(), None
     for sub in subs:
         while True:
+            launch.wait_for_everyone()   # [launch hook] every rank sees rank 0's newest checkpoint
             ckpt = latest_checkpoint(out)
             resumed_from = resumed_from or (ckpt.name if ckpt else None)
             done = ev.read_json(ckpt / STATE_FILE)["global_step"] if ckpt else 0
@@ -191,6 +193,7 @@ def fit(ctx, kind: str, build_trainer) -> dict:
         reached.append({"max_length": sub["max_length"], "planned_step": sub["until_step"],
                         "reached_step": ev.read_json(ckpt / STATE_FILE)["global_step"] if ckpt else 0})
     runtime = time.monotonic() - t0
+    launch.stop_unless_main()   # [launch hook] ranks > 0 stop: rank 0 alone copies the final, writes evidence
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise StageFailed(f"no valid checkpoint under {out} after training: check reports/logs/{kind}_full.log")
@@ -252,7 +255,12 @@ def training_evidence(ctx, kind: str, res: dict, base: str, model, extra: dict) 
                  ctx.root / f"reports/figures/{kind}_rewards.png", f"{kind} reward metrics")]
     files = ev.sha256_tree(final)
     rel = final.relative_to(ctx.root).as_posix()
-    tokens = state.get("num_input_tokens_seen") or 0
+    tokens, token_source = state.get("num_input_tokens_seen") or 0, "trainer num_input_tokens_seen"
+    per_sample = extra.pop("tokens_per_sample_estimate", None)
+    if not tokens and per_sample:
+        tc = getattr(cfg, kind)
+        tokens = per_sample * tc.batch_size * tc.grad_acc * cfg.runtime.nproc * state["global_step"]
+        token_source = "estimate: mean tokenized sample length x effective batch x steps"
     reward_keys = [k for k in series if k.startswith(("rewards/", "logps/", "kl"))]
     return {
         "model_name": models.display_name(cfg.tier, base), "base_model": base, "model_tier": cfg.tier,
@@ -262,6 +270,7 @@ def training_evidence(ctx, kind: str, res: dict, base: str, model, extra: dict) 
                       "attn_implementation": plan["attn_implementation"], "device": plan["device"]},
         "dtype_audit": models.dtype_audit(model), **peak_memory_gb(plan),
         "tokens_per_s": round(tokens / res["runtime_s"], 2) if tokens and res["runtime_s"] else None,
+        "tokens_per_s_source": token_source,
         "train_runtime_s": round(res["runtime_s"], 2), "oom_retries": res["oom_retries"],
         "final_batch_size": res["batch_size"], "final_grad_acc": res["grad_acc"], "resumed_from": res["resumed_from"],
         "checkpoint_dir": rel, "checkpoint_files": files, "checkpoint_sha256": ev.sha256_json(files),
@@ -292,6 +301,7 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
                     if cfg.data.kto_path else D.unpair(pairs))
         rows = [{"prompt": user(r["prompt"]), "completion": reply(r["completion"]), "label": r["label"]} for r in kto_rows]
     dataset = Dataset.from_list(rows)
+    tok_len = lambda m: len(tok.apply_chat_template(m, tokenize=True)["input_ids"])   # noqa: E731
     base, _ = models.resolve_base_model(cfg.tier, cfg.model.name, cfg.cache_dir, seed=cfg.model.tiny_seed)
     tok = models.load_tokenizer(sft_dir)
     holder = {}
@@ -304,8 +314,12 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
         return trainer
 
     res = fit(ctx, kind, build)
-    return training_evidence(ctx, kind, res, base, holder["model"], {
+    model = holder.get("model") or models.load_model(base, plan, adapter=str(res["final"]), trainable=True)
+    return training_evidence(ctx, kind, res, base, model, {
         "base_model_identity": models.base_model_identity(base), "start_checkpoint": start,
+        "tokens_per_sample_estimate": sum(min(tc.max_length, tok_len(r["prompt"] + r.get("chosen", r.get("completion"))))
+                                          + (min(tc.max_length, tok_len(r["prompt"] + r["rejected"])) if paired else 0)
+                                          for r in rows[:64]) / min(len(rows), 64),
         "data": {"rows": len(rows), "paired": paired, "source": report, "length_bias": length_bias(pairs)},
         "algorithm": {"trainer": trainer_cls.__name__, "beta": tc.beta, **{k: v for k, v in extra_args.items()
                                                                           if isinstance(v, (int, float, str))}},

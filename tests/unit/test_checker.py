@@ -58,26 +58,38 @@ def train(root, cfg, stage, seed=0):
                  trainer_state_file=f"{FINALS[stage]}/trainer_state.json", trainer_state_sha256=files["trainer_state.json"],
                  precision={"dtype": "fp32", "quantization": None, "attn_implementation": "sdpa"},
                  oom_retries=[], peak_mem_gb=0.1, tokens_per_s=100.0)
-    if stage != "sft":
+    doc["data"] = {"rows": 96}
+    if stage == "sft":
+        doc.update(chat_template={"sha256": "0" * 64}, lora={"r": 8})
+    else:
         doc["start_checkpoint"] = {"dir": SFT, "checkpoint_sha256": ev.sha256_json(ev.sha256_tree(root / SFT))}
-        doc["reward_metrics"] = {"rewards/margins": 0.1}
+        doc.update(final_reward_metrics={"rewards/margins": 0.1}, reward_curves={"rewards/margins": [[1, 0.0], [2, 0.1]]})
     write(root, cfg, stage, doc)
     return doc
 
 
 def eval_doc(root, cfg):
-    sets = {s: {"planned_n": 8, "question_ids": [f"{s}-{i}" for i in range(8)], "full_size": 100} for s in cfg.eval.sets}
-    trained = {st: (ev.read_json(root / METRICS[st]) or {}).get("checkpoint_sha256") for st in FINALS}
-    variants = {"base": {"status": "scored"}, **{st: {"status": "scored", "checkpoint_sha256": sha} if sha else
-                                                 {"status": "skipped", "reason": f"{st} was not trained"}
-                                                 for st, sha in trained.items()}}
-    results = {v: {s: {"n": 8, "accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8} for s in sets} for v in variants}
-    return common(cfg, "eval", variants=variants, sets=sets, results=results)
+    sets = {s: {"planned_n": 8, "question_ids": [f"{s}-{i}" for i in range(8)], "full_size": 100, "seed": 1234}
+            for s in cfg.eval.sets}
+    variants = {"base": {"status": "scored", "reason": None, "checkpoint_dir": None, "checkpoint_sha256": None}}
+    for st, final in FINALS.items():
+        sha = (ev.read_json(root / METRICS[st]) or {}).get("checkpoint_sha256")
+        variants[st] = ({"status": "scored", "reason": None, "checkpoint_dir": final, "checkpoint_sha256": sha} if sha else
+                        {"status": "skipped", "reason": f"{st} was not trained", "checkpoint_dir": None, "checkpoint_sha256": None})
+    score = {"correct": 4, "accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8, "confidence": 0.95, "n_resamples": 500,
+             "seed": 1234, "method": "percentile bootstrap"}
+    results = {v: {s: {"n": 8, **score, "question_ids": info["question_ids"], "format_failures": 0,
+                       "format_failure_rate": 0.0, "length_chars": 20.0, "methods": {"rule": 8}, "by_subject": {}}
+                   for s, info in sets.items()}
+               for v, entry in variants.items() if entry["status"] == "scored"}
+    return common(cfg, "eval", variants=variants, sets=sets, results=results, paired=[], batch_size=8, max_new_tokens=8,
+                  fallback={"enabled": False, "available": False, "reason": "off"}, generation={"backend": "hf"})
 
 
 def judge_doc(cfg, risk=(10, 10)):
-    return common(cfg, "judge", min_coverage=0.9,
-                  pairwise={"enabled": False, "planned": 0, "judged": 0, "coverage": 0.0},
+    return common(cfg, "judge", min_coverage=0.9, question_ids=["sft-1", "sft-2"], judge_model="gpt-4o-mini",
+                  prompt_versions={"risk": "abc"},
+                  pairwise={"enabled": False, "planned": 0, "judged": 0, "coverage": None},
                   risk={"enabled": True, "planned": risk[0], "judged": risk[1], "coverage": risk[1] / risk[0]})
 
 
@@ -126,7 +138,7 @@ def test_honest_run_passes_and_probes_each_final_on_its_base(run, probes):
     assert gate["strict_pass"], [c for c in gate["checks"] if not c["passed"]]
     ids = {c["id"] for c in gate["checks"]}
     assert {"sft.metrics", "sft.checkpoint", "sft.loads", "sft.curve", "sft.steps", "dpo.from_sft", "kto.from_sft",
-            "eval.coverage", "judge.pairwise", "judge.risk", "chain.no_incomplete", "chain.fresh"} <= ids
+            "eval.coverage", "judge.pairwise", "judge.risk", "chain.no_incomplete", "chain.fresh", "chain.stages"} <= ids
     assert sorted(p[1] for p in probes) == sorted(str(root / f) for f in FINALS.values())
     assert all(p[0] == str(root / ".cache" / "tiny-seed0") and p[2] == "cpu" for p in probes)
     loads = next(c for c in gate["checks"] if c["id"] == "sft.loads")
@@ -141,6 +153,10 @@ def _edit_json(path, fn):
 
 def skipped_edited_to_not_skipped(root, cfg):
     write(root, cfg, "simpo", common(cfg, "simpo", status="skipped", skipped=False, reason="no CUDA device"))
+
+
+def drop_required_field(root, cfg):
+    _edit_json(root / METRICS["dpo"], lambda d: d.pop("start_checkpoint"))
 
 
 def flip_adapter_byte(root, cfg):
@@ -213,8 +229,17 @@ def risk_judge_coverage_inflated(root, cfg):
     _edit_json(root / "reports/judge/judge_summary.json", lambda d: d["risk"].update(judged=5))
 
 
+def judge_stage_crashed(root, cfg):
+    write(root, cfg, "judge", common(cfg, "judge", status="failed", reason="ConnectionError: endpoint unreachable"))
+
+
+def reports_stage_failed(root, cfg):
+    write(root, cfg, "reports", common(cfg, "reports", status="failed", reason="KeyError: 'results'"))
+
+
 @pytest.mark.parametrize("tamper, failing_id", [
     (skipped_edited_to_not_skipped, "simpo.metrics"),
+    (drop_required_field, "dpo.metrics"),
     (flip_adapter_byte, "dpo.checkpoint"),
     (delete_final, "kto.checkpoint"),
     (replace_sft_after_dpo, "dpo.from_sft"),
@@ -229,6 +254,8 @@ def risk_judge_coverage_inflated(root, cfg):
     (eval_fewer_questions, "eval.coverage"),
     (risk_judge_low_coverage, "judge.risk"),
     (risk_judge_coverage_inflated, "judge.risk"),
+    (judge_stage_crashed, "judge.pairwise"),   # disabled, but nothing recorded it as disabled
+    (reports_stage_failed, "chain.stages"),
 ])
 def test_each_tamper_fails_its_check_and_restoring_passes(run, tamper, failing_id):
     root, cfg, backup = run

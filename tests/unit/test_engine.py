@@ -4,6 +4,7 @@ Run: .venv/bin/python -m pytest -q tests/unit/test_engine.py
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -99,9 +100,23 @@ def test_second_run_is_up_to_date_and_does_not_call_the_stage(fake):
     assert fake.doc("fake_a") == first
 
 
-def test_force_runs_again(fake):
+def test_force_reruns_the_named_stage_only(fake):
+    fake.run("fake_b")
+    fake.run("fake_b", force=True)
+    assert dict(CALLS) == {"fake_a": 1, "fake_b": 2}
+
+
+def test_force_all_reruns_every_stage(fake):
+    fake.run("all")
+    fake.run("all", force=True)
+    assert dict(CALLS) == {"fake_a": 2, "fake_b": 2, "fake_c": 2}
+
+
+def test_an_always_run_stage_is_never_up_to_date(fake, monkeypatch):
+    monkeypatch.setitem(engine.STAGE_BY_NAME, "fake_a",
+                        dataclasses.replace(fake.by_name["fake_a"], always_run=True))
     fake.run("fake_a")
-    fake.run("fake_a", force=True)
+    fake.run("fake_a")
     assert CALLS["fake_a"] == 2
 
 
@@ -160,7 +175,8 @@ def test_stage_failed_is_failed_with_its_reason(fake):
         raise StageFailed("no hardware plan: run gpu_check first")
     BEHAVIOUR["fake_a"] = fail
     assert fake.run("fake_a") == 1
-    assert (fake.doc("fake_a")["status"], fake.doc("fake_a")["reason"]) == ("failed", "no hardware plan: run gpu_check first")
+    doc = fake.doc("fake_a")
+    assert (doc["status"], doc["reason"]) == ("failed", "no hardware plan: run gpu_check first")
 
 
 def test_a_stage_that_returns_nothing_fails_with_evidence(fake):

@@ -23,7 +23,8 @@ def common_evidence(status: str = "failed", **extra) -> dict:
     """What the engine writes for a skip or a crash: the common fields only."""
     doc = {"stage": "x", "status": status, "skipped": status == "skipped", "reason": "no GPU here",
            "started_at": "2026-01-01T00:00:00+00:00", "finished_at": "2026-01-01T00:00:01+00:00", "duration_s": 1.0,
-           "git_commit": "abc123", "config_hash": HEX, "fingerprint": HEX, "versions": {"python": "3.12.0", "trl": None},
+           "git_commit": "abc123", "config_hash": HEX, "fingerprint": HEX,
+           "versions": {"python": "3.12.0", "trl": None},
            "inputs": {"data/x.jsonl": HEX}, "outputs": {"reports/x.md": HEX}, "model_tier": "tiny"}
     return {**doc, **extra}
 
@@ -32,12 +33,22 @@ def test_the_schema_folder_is_found_and_not_empty():
     assert "_common.schema.json" in SCHEMA_FILES and len(SCHEMA_FILES) >= 2
 
 
+def _schema(name: str) -> dict:
+    return json.loads(resources.files(ev.SCHEMA_PKG).joinpath(name).read_text())
+
+
 @pytest.mark.parametrize("name", SCHEMA_FILES)
-def test_every_schema_file_is_valid_json_schema_and_names_a_registered_stage(name):
-    schema = json.loads(resources.files(ev.SCHEMA_PKG).joinpath(name).read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    stage = name.removesuffix(".schema.json")
-    assert stage == "_common" or stage in NAMES, f"{name} belongs to no stage in pipeline/stages/__init__.py"
+def test_every_schema_file_is_valid_json_schema_and_is_used(name):
+    """<stage>.schema.json names a registered stage; _<part>.schema.json is common or extended by a stage."""
+    jsonschema.Draft202012Validator.check_schema(_schema(name))
+    stem = name.removesuffix(".schema.json")
+    if stem == "_common":
+        return
+    if stem.startswith("_"):
+        users = [n for n in SCHEMA_FILES if _schema(n).get("extends") == stem]
+        assert users, f"{name} is extended by no stage schema"
+    else:
+        assert stem in NAMES, f"{name} belongs to no stage in pipeline/stages/__init__.py"
 
 
 @pytest.mark.parametrize("stage", NAMES)

@@ -143,8 +143,10 @@ MALFORMED = {
         {"base.yaml": "tier: tiny\ntrainer:\n  epochs: 1\n"}, {}, [], ["base.yaml:2", "trainer"]),
     "unknown key in a tier file": (
         {"tiers/tiny.yaml": "lora:\n  r: 4\n  rank: 4\n"}, {}, [], ["tiny.yaml:3", "lora.rank"]),
-    "invalid YAML syntax": (
-        {"base.yaml": "tier: tiny\nsft:\n  max_steps: [1, 2\n  grad_acc: 3\n"}, {}, [], ["base.yaml:", "not valid YAML"]),
+    "unclosed list": (
+        {"base.yaml": "tier: tiny\nsft:\n  max_steps: [1, 2\n  grad_acc: 3\n"}, {}, [], ["base.yaml:4", "not valid YAML"]),
+    "bad indentation": (
+        {"base.yaml": "tier: tiny\nsft:\n  max_steps: 3\n   grad_acc: 3\n"}, {}, [], ["base.yaml:4", "not valid YAML"]),
     "file is a list, not a mapping": (
         {"eval.yaml": "- medqa\n- cmmlu\n"}, {}, [], ["eval.yaml:1", "mapping"]),
     "duplicate key": (
@@ -161,7 +163,8 @@ MALFORMED = {
         {"tiers/tiny.yaml": "sft:\n  max_steps: 10\n  curriculum: [{max_length: 64, until_step: 8}]\n"}, {}, [],
         ["tiny.yaml:", "curriculum ends at step 8", "max_steps is 10"]),
     "curriculum entry with a wrong key": (
-        {"sft.yaml": "max_steps: 8\ncurriculum: [{max_len: 64, until_step: 8}]\n"}, {}, [], ["sft.yaml:2", "curriculum[0]"]),
+        {"sft.yaml": "max_steps: 8\ncurriculum: [{max_len: 64, until_step: 8}]\n"}, {}, [],
+        ["sft.yaml:2", "curriculum[0]"]),
     "optimizer not allowed": (
         {"simpo.yaml": "beta: 2.0\noptimizer: adam\n"}, {}, [], ["simpo.yaml:2", "adam", "adamw_torch"]),
     "on_bad_row=drop": (
@@ -215,3 +218,12 @@ def test_cli_prints_a_config_error_and_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(settings, "environment", lambda dotenv_path=None: env(tmp_path, BATCH_SIZE="abc"))
     assert main(["config"]) == 2
     assert "BATCH_SIZE" in capsys.readouterr().out
+
+
+def test_env_flag_parses_like_the_config_and_names_the_variable(tiny_env, monkeypatch):
+    assert settings.env_flag("DAY1_DRY_RUN", default=True) is True        # unset: the default
+    monkeypatch.setenv("DAY1_DRY_RUN", "no")
+    assert settings.env_flag("DAY1_DRY_RUN", default=True) is False
+    monkeypatch.setenv("DAY1_DRY_RUN", "maybe")
+    with pytest.raises(ConfigError, match="environment variable DAY1_DRY_RUN.*maybe.*accepted values"):
+        settings.env_flag("DAY1_DRY_RUN")

@@ -1,0 +1,121 @@
+"""Multi-process training (NPROC > 1): a training stage re-runs itself under `accelerate launch` (DDP).
+
+A training stage's run() starts with `launch.maybe_distributed(ctx, kind)`. With nproc == 1 it returns None
+and training happens in this process. Otherwise it runs, from the repository root,
+
+    python -m accelerate.commands.launch --multi_gpu --num_processes N --num_machines 1 \
+        --mixed_precision {no|fp16|bf16} --main_process_port P -m pipeline.train_worker <kind> <fp> <config> <result>
+
+(accelerate's torchrun launcher; `--cpu` would need mpirun, so a CPU run uses the same launcher and each
+rank's TrainingArguments(use_cpu=True) makes accelerate choose gloo), waits, and returns the evidence rank 0
+wrote. Every rank trains; Trainer saves checkpoints on rank 0 only (args.should_save); the hooks below,
+called from training.fit(), let rank 0 alone claim the output folder, copy the final and write evidence.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import evidence as ev
+from pipeline import training as T
+from pipeline.engine import SkipStage, StageFailed
+from pipeline.settings import REPO, SECTIONS, Config
+
+MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+
+
+class RankDone(Exception):
+    """Raised on ranks > 0 once training is over; pipeline.train_worker catches it and exits 0."""
+
+
+# --- hooks for training.fit(): no-ops in a single process ---------------------------------------------
+def _dist():
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def is_main_process() -> bool:
+    dist = _dist()
+    return dist is None or dist.get_rank() == 0
+
+
+def wait_for_everyone() -> None:
+    """Barrier: after trainer.train() every rank must see the checkpoint rank 0 just wrote before resuming."""
+    if dist := _dist():
+        dist.barrier()
+
+
+def on_main_then_wait(fn, *args) -> None:
+    """fn(*args) on rank 0 only (e.g. claiming the output folder), then a barrier."""
+    if is_main_process():
+        fn(*args)
+    wait_for_everyone()
+
+
+def stop_unless_main() -> None:
+    if not is_main_process():
+        raise RankDone
+
+
+# --- the launcher -------------------------------------------------------------------------------------
+def config_from_dict(d: dict) -> Config:
+    """The inverse of Config.to_dict(): the workers train with exactly the parent's resolved config."""
+    return Config(**{k: SECTIONS[k](**v) if k in SECTIONS else v for k, v in d.items()})
+
+
+def processes(cfg, plan: dict) -> int:
+    """One process per planned GPU (the plan already capped NPROC at the GPUs visible); on a CPU, NPROC."""
+    return min(cfg.runtime.nproc, plan["n_gpus"]) if plan["device"] == "cuda" else cfg.runtime.nproc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(n: int, plan: dict, kind: str, fingerprint: str, config_file: Path, result_file: Path) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", MIXED_PRECISION[plan["precision"]], "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()),
+            "-m", "pipeline.train_worker", kind, fingerprint, str(config_file), str(result_file)]
+
+
+def maybe_distributed(ctx, kind: str) -> dict | None:
+    """None when this process should train (nproc == 1); else launch N ranks and return rank 0's evidence."""
+    cfg = ctx.cfg
+    if cfg.runtime.nproc <= 1 or _dist() is not None:   # one process, or already a rank (train_worker)
+        return None
+    T.gate(ctx)                                   # skip here, before launching anything
+    plan = ctx.plan
+    n = processes(cfg, plan)
+    if n <= 1:
+        ctx.log(f"NPROC={cfg.runtime.nproc} but the plan has {plan['n_gpus']} GPU: training in this process")
+        return None
+    from pipeline import models
+    models.resolve_base_model(cfg.tier, cfg.model.name, cfg.cache_dir, seed=cfg.model.tiny_seed)  # build once, not per rank
+    work = Path(cfg.cache_dir) / "launch" / kind
+    work.mkdir(parents=True, exist_ok=True)
+    config_file, result_file = work / "config.json", work / "result.json"
+    result_file.unlink(missing_ok=True)
+    ev.atomic_write_json(config_file, cfg.to_dict())
+    cmd = command(n, plan, kind, ctx.fingerprint, config_file, result_file)
+    ctx.log(f"launching {n} training processes ({plan['device']}): {' '.join(cmd[1:])}")
+    rc = subprocess.run(cmd, cwd=REPO).returncode   # its output goes to this stage's log like ours
+    outcome = ev.read_json(result_file) or {}
+    if "skip" in outcome:
+        raise SkipStage(outcome["skip"])
+    if "failed" in outcome:
+        raise StageFailed(f"rank 0 of {n}: {outcome['failed']}")
+    if rc != 0 or "evidence" not in outcome:
+        raise StageFailed(f"the {n}-process launch of {kind} exited with status {rc} without a result "
+                          f"({result_file}): read reports/logs/{kind}_full.log for the failing rank")
+    return {**outcome["evidence"], "distributed": {"nproc": n, **outcome["distributed"], "command": cmd[1:]}}
+
+
+if __name__ == "__main__":   # debugging aid: print the command for a stage
+    print(json.dumps(command(2, {"precision": "fp32"}, sys.argv[1] if len(sys.argv) > 1 else "sft", "FP",
+                             Path("config.json"), Path("result.json"))))

@@ -1,0 +1,184 @@
+"""Score base, SFT, DPO, SimPO and KTO on MedQA-USMLE, PubMedQA-L and CMMLU-medical.  Run: python -m pipeline run eval
+
+Same seeded sample of question ids for every variant; greedy batched generation (HF, left padding);
+answers extracted by evalkit's rules (then, optionally, an LLM that only extracts); accuracy with a
+bootstrap CI, format failures, lengths, and paired McNemar tests against SFT and base.
+Writes reports/eval/predictions/<variant>.jsonl, reports/eval_default.md, reports/eval/eval_default.json.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections import Counter
+
+from pipeline import data as D
+from pipeline import evalkit, judgekit, models
+from pipeline import evidence as ev
+from pipeline import reporting as R
+from pipeline.engine import SkipStage, git_commit
+from pipeline.variants import ALIGNED, base_model_path, free, generate, load_variant, variant_table
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+EXTRACT_PROMPT = {   # extraction only: the LLM never answers the question itself
+    "system": "You read a model's reply to an exam question and report which of the allowed answers the reply "
+              "commits to. Do not solve the question yourself. Reply with one JSON object only: "
+              '{"answer": "<one allowed answer, or none>"}',
+    "user": "Question:\n{question}\n\nModel reply:\n{answer}\n\nWhich allowed answer does the reply commit to?"}
+
+
+def _parse_extract(reply: str) -> dict | None:
+    text = (reply or "").replace("```json", "").replace("```", "")
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+    except ValueError:
+        return None
+    return {"answer": str(obj["answer"]).strip()} if isinstance(obj, dict) and "answer" in obj else None
+
+
+judgekit.PROMPTS.setdefault("extract", EXTRACT_PROMPT)
+judgekit.PARSERS.setdefault("extract", _parse_extract)
+
+
+def load_sets(cfg) -> dict:
+    """{set: (sampled rows, full size)}: the seeded sample every variant answers."""
+    p, bad = cfg.data_path, cfg.data.on_bad_row
+    loaders = {"medqa": lambda: D.load_medqa(p(cfg.data.medqa_path), bad, source="data.medqa_path")[0],
+               "pubmedqa": lambda: D.load_pubmedqa(p(cfg.data.pubmedqa_path), p(cfg.data.pubmedqa_test_ids), bad,
+                                                   source="data.pubmedqa_path")[0],
+               "cmmlu": lambda: D.load_cmmlu(p(cfg.data.cmmlu_dir), bad, source="data.cmmlu_dir")[0]}
+    out = {}
+    for name in cfg.eval.sets:
+        rows = loaders[name]()
+        out[name] = (D.sample_rows(rows, cfg.eval.sample_sizes.get(name), cfg.eval.seed), len(rows))
+    return out
+
+
+def messages(row: dict) -> list[dict]:
+    if row["set"] == "pubmedqa":
+        question, _, context = row["question"].partition("\n\n")
+        text = f"Context: {context}\n\nQuestion: {question}\n\nAnswer yes, no or maybe."
+    else:
+        options = "\n".join(f"{k}. {v}" for k, v in row["options"].items())
+        tail = "请只回答选项字母。" if row["lang"] == "zh" else "Answer with the letter only."
+        text = f"{row['question']}\n\n{options}\n\n{tail}"
+    return [{"role": "user", "content": text}]
+
+
+def extract(row: dict, raw: str) -> tuple[str | None, str]:
+    if row["set"] == "pubmedqa":
+        return evalkit.extract_yes_no_maybe(raw)
+    return evalkit.extract_choice(raw, "ABCD", options=row["options"])
+
+
+def fallback_setup(ctx) -> dict:
+    cfg, key = ctx.cfg, ctx.secret("OPENAI_API_KEY")
+    fb = {"enabled": cfg.eval.llm_fallback, "available": False, "reason": None, "model": cfg.judge.model,
+          "endpoint": None, "n_sent": 0, "n_resolved": 0, "n_requests": 0, "n_cached": 0}
+    if not cfg.eval.llm_fallback:
+        return fb | {"reason": "ENABLE_V2_LLM_FALLBACK=false: unparsed answers count as format failures"}
+    if not key:
+        return fb | {"reason": "ENABLE_V2_LLM_FALLBACK=true but OPENAI_API_KEY is not set: rules only"}
+    url = cfg.judge.base_url or DEFAULT_BASE_URL
+    why = judgekit.check_endpoint(url, key, timeout_s=min(10.0, cfg.judge.timeout_s))
+    return fb | {"available": why is None, "reason": why, "endpoint": judgekit.endpoint_host(url), "_url": url, "_key": key}
+
+
+def apply_fallback(ctx, fb: dict, variant: str, preds: list[dict], rows: list[dict]) -> None:
+    """Answers the rules could not parse go to the LLM for extraction only; tagged method llm_fallback."""
+    todo = [(p, r) for p, r in zip(preds, rows) if p["extracted"] is None]
+    if not todo or not fb["available"]:
+        return
+    allowed = lambda r: list(r["options"]) if r["set"] == "pubmedqa" else list("ABCD")   # noqa: E731
+    items = [{"question_id": r["id"], "variant": variant, "answer": p["raw"],
+              "question": messages(r)[0]["content"] + f"\n\nAllowed answers: {', '.join(allowed(r))}, none"}
+             for p, r in todo]
+    cfg = ctx.cfg
+    out = asyncio.run(judgekit.judge_all(
+        items, kind="extract", base_url=fb["_url"], api_key=fb["_key"], model=cfg.judge.model,
+        cache=judgekit.JudgeCache(ctx.path("reports/eval/llm_fallback_cache.jsonl")), concurrency=cfg.judge.concurrency,
+        timeout_s=cfg.judge.timeout_s, max_retries=cfg.judge.max_retries, max_reasks=cfg.judge.max_reasks))
+    fb.update(n_sent=fb["n_sent"] + len(items), n_requests=fb["n_requests"] + out["n_requests"],
+              n_cached=fb["n_cached"] + out["n_cached"])
+    for (p, r), res in zip(todo, out["results"]):
+        answer = (res.get("verdict") or {}).get("answer", "")
+        answer = answer.lower() if r["set"] == "pubmedqa" else answer.upper()
+        if answer in allowed(r):
+            p.update(extracted=answer, method="llm_fallback", correct=answer == r["answer"])
+            fb["n_resolved"] += 1
+
+
+def summarize(preds: list[dict], cfg) -> dict:
+    """Per set: accuracy + CI, per-subject accuracy + CI, format failures, lengths, extraction methods."""
+    ci = lambda ps: evalkit.accuracy_ci([p["correct"] for p in ps], seed=cfg.eval.seed,  # noqa: E731
+                                        n_resamples=cfg.eval.n_bootstrap)
+    out = {}
+    for name in cfg.eval.sets:
+        ps = [p for p in preds if p["set"] == name]
+        fails = sum(p["extracted"] is None for p in ps)
+        subjects = sorted({p["subject"] for p in ps})
+        out[name] = ci(ps) | {
+            "question_ids": [p["id"] for p in ps], "format_failures": fails,
+            "format_failure_rate": fails / len(ps) if ps else None,
+            "length_chars": evalkit.length_stats([p["raw"] for p in ps]),
+            "methods": dict(Counter(p["method"] for p in ps)),
+            "by_subject": {s: ci([p for p in ps if p["subject"] == s]) for s in subjects}}
+    return out
+
+
+def paired_tests(preds: dict, sets: list[str]) -> list[dict]:
+    """McNemar exact of SFT and each aligned variant against SFT and against base, on the same ids."""
+    out = []
+    for a in ("sft", *ALIGNED):
+        for b in ("sft", "base"):
+            if a == b or a not in preds or b not in preds:
+                continue
+            for s in sets:
+                pa, pb = ([p for p in preds[v] if p["set"] == s] for v in (a, b))
+                assert [p["id"] for p in pa] == [p["id"] for p in pb], f"{a} and {b} answered other ids on {s}"
+                test = evalkit.mcnemar_exact([p["correct"] for p in pa], [p["correct"] for p in pb])
+                acc = lambda ps: sum(p["correct"] for p in ps) / len(ps) if ps else None  # noqa: E731
+                out.append({"a": a, "b": b, "set": s, "accuracy_a": acc(pa), "accuracy_b": acc(pb),
+                            "difference": (acc(pa) - acc(pb)) if pa else None, **test})
+    return out
+
+
+def run(ctx) -> dict:
+    cfg = ctx.cfg
+    if cfg.runtime.force_skip_training:
+        raise SkipStage("FORCE_SKIP_TRAINING=true: no trained variant to evaluate (unset it to train and evaluate)")
+    if not ctx.plan.get("feasible"):
+        raise SkipStage(f"hardware plan: {ctx.plan.get('feasible_reason', 'not feasible')} (no model is loaded)")
+    table, sets, fb = variant_table(ctx), load_sets(cfg), fallback_setup(ctx)
+    rows = [r for name in cfg.eval.sets for r in sets[name][0]]
+    prompts = [messages(r) for r in rows]
+    preds, results, outputs = {}, {}, []
+    for name, entry in table.items():
+        if entry["status"] != "scored":
+            ctx.log(f"{name}: skipped, not scored ({entry['reason']})")
+            continue
+        model, tok = load_variant(ctx, name)
+        raws = generate(model, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, ctx.progress, f"eval {name}")
+        free(model)
+        preds[name] = []
+        for row, prompt, raw in zip(rows, prompts, raws):
+            extracted, method = extract(row, raw)
+            preds[name].append({"id": row["id"], "set": row["set"], "subject": row["subject"],
+                                "prompt_sha256": hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest(),
+                                "raw": raw, "extracted": extracted, "gold": row["answer"],
+                                "correct": extracted == row["answer"], "method": method})
+        apply_fallback(ctx, fb, name, preds[name], rows)
+        results[name] = summarize(preds[name], cfg)
+        rel = f"reports/eval/predictions/{name}.jsonl"
+        ev.atomic_write_text(ctx.path(rel), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds[name]))
+        outputs.append(rel)
+    fb = {k: v for k, v in fb.items() if not k.startswith("_")}
+    doc = {"model_name": models.display_name(cfg.tier, base := base_model_path(ctx)), "base_model": base,
+           "variants": table, "results": results, "paired": paired_tests(preds, cfg.eval.sets),
+           "sets": {s: {"planned_n": len(r), "full_size": full, "question_ids": [x["id"] for x in r], "seed": cfg.eval.seed}
+                    for s, (r, full) in sets.items()},
+           "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens, "n_bootstrap": cfg.eval.n_bootstrap,
+           "fallback": fb, "generation": {"backend": "hf", "greedy": True, "padding_side": "left",
+                                          "batched_by_prompt_length": True}}
+    ev.atomic_write_text(ctx.path("reports/eval_default.md"), R.eval_markdown(doc, cfg, git_commit()))
+    return doc | {"outputs": outputs + ["reports/eval_default.md"]}

@@ -1,0 +1,53 @@
+"""One rank of a multi-process training stage. Started by pipeline/launch.py, not by hand:
+
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... \
+        -m pipeline.train_worker sft <fingerprint> <config.json> <result.json>
+
+Every rank runs the stage's ordinary in-process path (launch.maybe_distributed sees the process group
+and returns None) and trains; rank 0 alone copies the final checkpoint and writes <result.json>
+({"evidence": ...} or {"skip"|"failed": reason}).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    kind, fingerprint, config_file, result_file = argv if argv is not None else sys.argv[1:]
+    from accelerate import PartialState
+    from rich.console import Console
+
+    from pipeline import engine, launch
+    from pipeline import evidence as ev
+    cfg = launch.config_from_dict(json.loads(Path(config_file).read_text()))
+    engine.stages()
+    ctx = engine.Ctx(cfg, engine.STAGE_BY_NAME[kind], Console(highlight=False), fingerprint)
+    # before any Trainer: the process group the TrainingArguments will join (gloo on a CPU, nccl on GPUs);
+    # inside it launch.maybe_distributed returns None, so the stage trains in this process
+    state = PartialState(cpu=ctx.plan["device"] == "cpu")
+    rank = f"train_worker rank {state.process_index} of {state.num_processes}"
+    try:
+        outcome = {"evidence": ctx.stage.module.run(ctx)}
+    except launch.RankDone:
+        print(f"{rank}: training done; rank 0 copies the final and writes the evidence", flush=True)
+        return 0
+    except engine.SkipStage as exc:
+        outcome = {"skip": str(exc)}
+    except engine.StageFailed as exc:
+        outcome = {"failed": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as the stage's failure
+        traceback.print_exc()
+        outcome = {"failed": f"{type(exc).__name__}: {exc}"}
+    if state.is_main_process:
+        outcome["distributed"] = {"world_size": state.num_processes, "backend": state.backend,
+                                  "distributed_type": str(state.distributed_type)}
+        ev.atomic_write_json(result_file, outcome)
+        print(f"{rank}: wrote {result_file}", flush=True)
+    return 0 if "evidence" in outcome else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
