@@ -363,16 +363,17 @@ def evaluate(cfg: Config) -> dict:
     plan = probe_plan(Path(cfg.root))
     checks = [c for stage in TRAIN for c in check_training(cfg, stage, plan)]
     checks += [check_eval(cfg), *check_judges(cfg), *check_chain(cfg)]
+    training_failed = any(not c["passed"] for c in checks if c["id"].split(".")[0] in TRAIN)
     for c in checks:
         if not c["passed"]:
-            c["todo"] = advice(cfg, c)
+            c["todo"] = advice(cfg, c, training_failed)
     failed = [c["id"] for c in checks if not c["passed"]]
     from pipeline.engine import git_commit, now
     return {"strict_pass": not failed, "failed": failed, "tier": cfg.tier, "root": cfg.root, "checked_at": now(),
             "git_commit": git_commit(), "probe_plan": plan, "checks": checks}
 
 
-def advice(cfg: Config, check: dict) -> str:
+def advice(cfg: Config, check: dict, training_failed: bool = False) -> str:
     """What to do next for a failing check (the Day-1 guide's usual causes first)."""
     stage, kind = check["id"].split(".", 1)
     detail = check["detail"]
@@ -381,6 +382,10 @@ def advice(cfg: Config, check: dict) -> str:
         return "FORCE_SKIP_TRAINING is on: unset it (or set it to false in .env) and run `make gpu-run`"
     if check.get("blocked_by"):
         return f"fix {check['blocked_by']} first"
+    if stage != "sft" and "needs sft, which was skipped" in detail:
+        return "fix sft.metrics first: this stage skipped only because sft did; `make gpu-run` then trains it"
+    if stage in ("eval", "judge") and training_failed:
+        return "fix the failing training checks first; `make gpu-run` then re-runs this stage by itself"
     if kind == "metrics" and ("CUDA" in detail or "memory" in detail or "feasible" in detail):
         var = "MIN_CUDA_MEM_GB_14B" if cfg.tier == "14b" else "MIN_CUDA_MEM_GB_7B"
         return (f"training was skipped for lack of CUDA or GPU memory: run on a GPU with at least {var} GB free "
@@ -429,8 +434,8 @@ def thesis_readiness(cfg: Config, strict_pass: bool) -> dict:
     if cfg.tier not in GPU_TIERS:
         blockers.append(f"tier {cfg.tier} is a smoke tier: never ready for writing (use MODEL_TIER=7b or 14b on a GPU)")
     sets = (ev.read_json(root / evidence_path(cfg, "eval")) or {}).get("sets") or {}
-    partial = [f"{n} ({(sets.get(n) or {}).get('planned_n')} of {(sets.get(n) or {}).get('full_size')})"
-               for n in cfg.eval.sets
+    partial = [f"{n} ({sets[n].get('planned_n')} of {sets[n].get('full_size')})" if isinstance(sets.get(n), dict)
+               else f"{n} (not evaluated)" for n in cfg.eval.sets
                if not isinstance(sets.get(n), dict) or sets[n].get("planned_n") != sets[n].get("full_size")
                or not sets[n].get("full_size")]
     if partial:
@@ -504,11 +509,15 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg: Config | Non
     trained = (by_name.get("gpu-run") or {}).get("status") in ("ok", "failed")
     out = {"dry_run": dry_run, "tier": cfg.tier if cfg else None, "root": str(root), "config_error": config_error,
            "steps": steps, "trained": trained, "gate": {"ran": ran_gate}, "first_fixes": []}
-    for s in [s for s in steps if s["status"] == "failed"][:3]:
+    for s in [s for s in steps if s["status"] == "failed" and s["name"] != "gpu-complete-check"][:3]:
         out["first_fixes"].append(f"step {s['name']} failed (exit {s['rc']}): {_last_line(root / s['log'])} (log: {s['log']})")
     if ran_gate:
         strict = gate_step["status"] == "ok"
-        gate_doc = ev.read_json(root / GATE) or {}
+        before = root / ((by_name.get("gpu-run") or {}).get("log") or "-")   # finished before the gate started
+        fresh = (root / GATE).is_file() and (not before.is_file() or (root / GATE).stat().st_mtime >= before.stat().st_mtime)
+        gate_doc = ev.read_json(root / GATE) if fresh else {}
+        if not fresh:
+            out["first_fixes"].append(f"the gate wrote no new {GATE} (did it crash?): read {gate_step['log']}")
         roots = [c for c in gate_doc.get("checks", []) if isinstance(c, dict) and c.get("todo") and not c.get("blocked_by")]
         out["gate"].update(strict_pass=strict, failed=gate_doc.get("failed", []), report=GATE.replace(".json", ".md"))
         out["first_fixes"] += [f"{c['id']}: {c['detail']} -> {c['todo']}" for c in roots[:5]]
@@ -520,6 +529,10 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg: Config | Non
         out["dry_run_result"] = {"status": dry.get("status", "missing"), "reason": dry.get("reason")}
         if dry.get("status") not in ("dry_run", "ok") and dry.get("reason"):
             out["first_fixes"].append(f"the dry run ({dry.get('status', 'missing')}): {dry['reason']} (reports/migration/dry_run.json)")
+        plan = (ev.read_json(root / "reports/migration/gpu_check.json") or {}).get("plan") or {}
+        if plan and not plan.get("feasible"):
+            out["first_fixes"].append(f"a real run would skip training here: {plan.get('feasible_reason')} "
+                                      "(reports/migration/gpu_check.json)")
         out["verdict"] = ("DRY RUN: nothing was trained; the dry run " +
                           ("passed" if (by_name.get("dry-run") or {}).get("status") == "ok" else "did not pass"))
     elif ran_gate:

@@ -2,6 +2,7 @@
 published-references loader (no citation, no number) and the accuracy figure."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -128,3 +129,133 @@ def eval_markdown(doc: dict, cfg, commit: str | None) -> str:
     if skipped_lines(doc):
         lines += ["## Variants not scored", ""] + skipped_lines(doc) + [""]
     return "\n".join(lines)
+
+
+# --- reports/thesis_support/ ------------------------------------------------------------------------
+def _train_docs(ctx) -> dict:
+    from pipeline.engine import STAGE_BY_NAME, stages
+    stages()
+    return {k: (ctx.evidence(k), STAGE_BY_NAME[k].evidence(ctx.cfg)) for k in ("sft", "dpo", "simpo", "kto")}
+
+
+def thesis_draft(ctx, eval_doc: dict | None, judge_doc: dict | None) -> str:
+    """Method, setup, results and limitations for the thesis; every number names its evidence file."""
+    cfg, train = ctx.cfg, _train_docs(ctx)
+    sft, sft_rel = train["sft"]
+    ok = {k: (d, rel) for k, (d, rel) in train.items() if d and d.get("status") == "ok"}
+    lines = [f"# Thesis draft material (tier {cfg.tier})", "",
+             "Every number is followed by the evidence file it came from. Nothing here is typed by hand.", ""]
+    if cfg.tier in ("tiny", "demo"):
+        lines += [f"**Tier {cfg.tier} is a smoke test: its numbers check the pipeline and must not be reported as results.**", ""]
+    lines += ["## Method", "", "### Data", ""]
+    if sft and sft.get("status") == "ok":
+        d = sft["data"]
+        lines += [f"- SFT conversations: {d['train_rows']} trained [{sft_rel}: data.train_rows] from `{cfg.data.sft_path}`; "
+                  f"{len(d['eval_ids'])} held out for eval loss and {len(d['judge_heldout_ids'])} for the LLM judge, by id "
+                  f"[{sft_rel}: data.eval_ids, data.judge_heldout_ids]."]
+    for k in ("dpo", "kto"):
+        if k in ok:
+            d, rel = ok[k]
+            lines.append(f"- {k.upper()} rows: {d['data']['rows']} [{rel}: data.rows] from `{cfg.data.preference_path}`.")
+    for s, info in ((eval_doc or {}).get("sets") or {}).items():
+        lines.append(f"- Eval set {s}: {info['planned_n']} of {info['full_size']} questions, seed {info['seed']} [{EVAL_JSON}: sets.{s}].")
+    lines += ["", "### Model and LoRA", ""]
+    if sft and sft.get("status") == "ok":
+        p, lo = sft["precision"], sft["lora"]
+        lines += [f"- Base model: {sft['model_name']} [{sft_rel}: model_name]; {p['dtype']}, quantization {p['quantization']}, "
+                  f"attention {p['attn_implementation']} on {p['device']} [{sft_rel}: precision].",
+                  f"- LoRA r={lo['r']}, alpha={lo['alpha']}, dropout={lo['dropout']} on {', '.join(lo['target_modules'])} "
+                  f"[{sft_rel}: lora]; chat template sha256 {sft['chat_template']['sha256'][:12]} [{sft_rel}: chat_template]."]
+    else:
+        lines.append(f"- SFT did not train ({(sft or {}).get('status', 'missing')}: {(sft or {}).get('reason')}).")
+    rows = [[k, d.get("algorithm", {}).get("trainer", "SFTTrainer"), f"{d['global_step']}/{d['planned_max_steps']}",
+             f"{d['final_batch_size']} x {d['final_grad_acc']}", getattr(cfg, k).learning_rate,
+             d.get("algorithm", {}).get("beta", "-"), f"{d['loss_curve'][-1][1]:.4g}" if d.get("loss_curve") else "n/a",
+             d["train_runtime_s"], d["peak_mem_gb"], rel] for k, (d, rel) in ok.items()]
+    lines += ["", "### Training and alignment", "",
+              "DPO, SimPO (TRL CPOTrainer, loss_type simpo, cpo_alpha 0) and KTO each continue training the SFT LoRA "
+              "adapter against a frozen copy of it; each final is one LoRA adapter over the base model.", "",
+              md_table(["stage", "trainer", "steps done/planned", "batch x grad acc", "learning rate (config)", "beta",
+                        "final loss", "runtime s", "peak mem GB", "evidence"], rows) if rows else "No training stage is ok.",
+              "", "(learning rate: resolved config in `reports/thesis_support/experiment_record.json`, field config.<stage>.)", ""]
+    lines += ["## Results", ""]
+    if scored(eval_doc):
+        lines += [results_table(eval_doc), "", f"[{EVAL_JSON}: results]", "", paired_table(eval_doc), "", f"[{EVAL_JSON}: paired]", ""]
+    else:
+        lines += [f"No measured results: eval {(eval_doc or {}).get('status', 'missing')} ({(eval_doc or {}).get('reason')}).", ""]
+    lines += skipped_lines(eval_doc or {}) + [""]
+    figures = sorted(p.relative_to(ctx.root).as_posix() for p in (ctx.root / "reports/figures").glob("*.png"))
+    lines += ["## Figures", ""] + [f"- `{f}`" for f in figures + (["reports/figures/eval_accuracy.png"] if scored(eval_doc) and
+                                                                  "reports/figures/eval_accuracy.png" not in figures else [])] + [""]
+    lines += ["## Limitations", ""]
+    if "dpo" in ok:
+        lb, rel = ok["dpo"][0]["data"]["length_bias"], ok["dpo"][1]
+        lines.append(f"- Preference data length bias: chosen answers average {lb['chosen_mean_chars']} characters, rejected "
+                     f"{lb['rejected_mean_chars']} (ratio {lb['ratio']}, {lb['n_pairs']} pairs) [{rel}: data.length_bias]; "
+                     "preference training may reward length rather than quality.")
+    lines += ["- Accuracies carry 95% percentile-bootstrap intervals; paired McNemar p-values are not corrected for "
+              "multiple comparisons.",
+              "- Published figures in reports/sota_compare.md come from other models, prompts and settings.",
+              "- LLM judges are themselves models: position and length bias are reported (order inconsistency, "
+              "length-controlled win rate), not removed."]
+    judge_status = (judge_doc or {}).get("status", "missing")
+    for key, attr, var in (("pairwise", "enabled", "ENABLE_LLM_JUDGE"), ("risk", "risk_enabled", "ENABLE_LLM_RISK_JUDGE")):
+        entry = (judge_doc or {}).get(key) or {}
+        if judge_status != "ok" or not entry.get("enabled"):
+            lines.append(f"- {key} judge: not run (judge stage {judge_status}: {(judge_doc or {}).get('reason') or 'disabled'}; "
+                         f"{var}={str(getattr(cfg.judge, attr)).lower()}) [{JUDGE_JSON}].")
+    return "\n".join(lines) + "\n"
+
+
+def experiment_record(ctx, judge_doc: dict | None) -> dict:
+    """What reproduces this run: commit, command, config, non-secret env, versions, hardware, data hashes, stages."""
+    import sys
+    from importlib import metadata
+
+    from pipeline import engine, judgekit, settings
+    from pipeline.evidence import sha256_file
+    cfg = ctx.cfg
+    commit = engine.git_commit() or ""
+    env = settings.environment()
+    names = [*settings.ENV_MAP, "BRANCH", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ENDPOINT", "CUDA_VISIBLE_DEVICES"]
+    env_rec = {k: env[k] for k in names if env.get(k) not in (None, "") and k not in settings.SECRET_VARS}
+    if "OPENAI_BASE_URL" in env_rec:
+        env_rec["OPENAI_BASE_URL"] = judgekit.endpoint_host(env_rec["OPENAI_BASE_URL"])
+    extra = {}
+    for pkg in ("numpy", "scipy", "matplotlib", "rich", "pyyaml", "python-dotenv", "tensorboard", "gguf"):
+        try:
+            extra[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            extra[pkg] = None
+    paths = [cfg.data.sft_path, cfg.data.preference_path, cfg.data.kto_path, cfg.data.medqa_path,
+             cfg.data.pubmedqa_path, cfg.data.pubmedqa_test_ids]
+    files = [cfg.data_path(p) for p in paths if p] + sorted(cfg.data_path(cfg.data.cmmlu_dir).glob("*.csv"))
+    check = ctx.evidence("gpu_check") or {}
+    sft = ctx.evidence("sft") or {}
+    config = cfg.to_dict()
+    if config["judge"].get("base_url"):
+        config["judge"]["base_url"] = judgekit.endpoint_host(config["judge"]["base_url"])
+    stage_rec = {}
+    for s in engine.stages():
+        doc = ctx.evidence(s.name) or {}
+        stage_rec[s.name] = {"evidence": s.evidence(cfg), "status": doc.get("status", "missing"),
+                             "fingerprint": doc.get("fingerprint"), "duration_s": doc.get("duration_s"),
+                             "finished_at": doc.get("finished_at")}
+    record = {
+        "git": {"commit": commit.removesuffix("-dirty") or None, "dirty": commit.endswith("-dirty")},
+        "command": sys.argv, "config": config, "env": env_rec, "versions": {**engine.versions(), **extra},
+        "hardware": {k: (check.get("probe") or {}).get(k) for k in ("cuda_available", "torch_version", "torch_cuda_build",
+                                                                    "driver", "devices", "flash_attn", "bitsandbytes")},
+        "precision_plan": check.get("plan"),
+        "seeds": {"runtime": cfg.runtime.seed, "data": cfg.data.seed, "eval": cfg.eval.seed, "tiny_model": cfg.model.tiny_seed},
+        "data_files": {str(p.relative_to(settings.REPO)) if p.is_relative_to(settings.REPO) else str(p):
+                       {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files if p.is_file()},
+        "chat_template_sha256": (sft.get("chat_template") or {}).get("sha256"),
+        "stages": stage_rec,
+        "judge": {"model": cfg.judge.model, "endpoint_host": (judge_doc or {}).get("endpoint_host"),
+                  "prompt_versions": {k: judgekit.prompt_version(v) for k, v in judgekit.PROMPTS.items()},
+                  "system_fingerprints": (judge_doc or {}).get("system_fingerprints", [])},
+    }
+    key = ctx.secret("OPENAI_API_KEY")
+    text = json.dumps(record, default=str)
+    return json.loads(text.replace(key, "***")) if key and key in text else record

@@ -68,7 +68,6 @@ class TrainCfg:
     batch_size: int = 1
     grad_acc: int = 8
     max_length: int = 2048
-    max_prompt_length: int = 1024
     warmup_ratio: float = 0.03
     logging_steps: int = 1
     save_steps: int = 25
@@ -413,7 +412,14 @@ def load_config(tier: str | None = None, overrides: list[str] | None = None,
     for k, v in arg_pairs:
         put(k, v, f"argument {k}={v}")
     values["tier"] = chosen
-    return _build(values, origin)
+    cfg = _build(values, origin)
+    # Smoke tiers (tiny, demo) judge only when an API key is configured, unless a judge flag was set explicitly;
+    # decided here from the same env every time, so the gate in a fresh shell agrees with the run.
+    if chosen in ("tiny", "demo") and not secret("OPENAI_API_KEY", env):
+        for key, attr in (("judge.enabled", "enabled"), ("judge.risk_enabled", "risk_enabled")):
+            if not origin.get(key, "").startswith(("environment", "argument")):
+                setattr(cfg.judge, attr, False)
+    return cfg
 
 
 def _build(values: dict, origin: dict) -> Config:

@@ -158,13 +158,14 @@ def fit(ctx, kind: str, build_trainer) -> dict:
     launch.on_main_then_wait(claim_output_dir, ctx, out)   # [launch hook] rank 0 claims the folder
     plan = ctx.plan
     subs = tc.curriculum or [{"max_length": tc.max_length, "until_step": tc.max_steps}]
-    batch, grad_acc, oom, reached, resumed_from = tc.batch_size, tc.grad_acc, [], [], None
+    batch, grad_acc, oom, reached = tc.batch_size, tc.grad_acc, [], []
+    first = latest_checkpoint(out)   # a checkpoint before we start = a resumed (killed) run
+    resumed_from = first.name if first else None
     t0, trainer = time.monotonic(), None
     for sub in subs:
         while True:
             launch.wait_for_everyone()   # [launch hook] every rank sees rank 0's newest checkpoint
             ckpt = latest_checkpoint(out)
-            resumed_from = resumed_from or (ckpt.name if ckpt else None)
             done = ev.read_json(ckpt / STATE_FILE)["global_step"] if ckpt else 0
             if done >= sub["until_step"]:
                 break
@@ -286,6 +287,9 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
     """Start from the verified SFT final, train the SFT adapter further against its frozen copy (TRL adds
     the "ref" adapter itself), save the final adapter and return its evidence."""
     gate(ctx)
+    from pipeline import launch
+    if (done := launch.maybe_distributed(ctx, kind)) is not None:   # NPROC>1: every rank trains, rank 0 reports
+        return done
     from datasets import Dataset
     from pipeline import models
     cfg, plan, tc = ctx.cfg, ctx.plan, getattr(ctx.cfg, kind)

@@ -80,11 +80,10 @@ def load_variant(ctx, name: str, padding_side: str = "left", plan: dict | None =
     return models.load_model(base, plan, adapter=str(adapter)), tok
 
 
-def free(model) -> None:
-    """Drop a model and give its GPU memory back before the next variant loads."""
+def free() -> None:
+    """After `del model` in the caller: collect it and give its GPU memory back before the next variant loads."""
     import gc
     import torch
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

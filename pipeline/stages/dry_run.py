@@ -131,9 +131,8 @@ def check_tokenizer(tok_dir: str, loaded: dict, cfg) -> dict:
     prefs = {"prompt": stats(prompt_len), "prompt_and_longer_answer": stats(full_len)}
     for kind in PREF_STAGES:
         tc = getattr(cfg, kind)
-        prefs[kind] = {"max_length": tc.max_length, "max_prompt_length": tc.max_prompt_length,
-                       "pairs_truncated": sum(n > tc.max_length for n in full_len),
-                       "prompts_truncated": sum(n > tc.max_prompt_length for n in prompt_len)}
+        prefs[kind] = {"max_length": tc.max_length, "pairs_truncated": sum(n > tc.max_length for n in full_len),
+                       "prompts_longer_than_max_length": sum(n >= tc.max_length for n in prompt_len)}
     return {"checked": True, "folder": tok_dir, "vocab_size": len(tok), "chat_template_source": source,
             "chat_template_sha256": models.chat_template_sha256(tok), "rows_checked": len(train[:3]),
             "sft_tokens": sft, "preference_tokens": prefs}

@@ -159,7 +159,8 @@ def run(ctx) -> dict:
             continue
         model, tok = load_variant(ctx, name)
         raws = generate(model, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, ctx.progress, f"eval {name}")
-        free(model)
+        del model
+        free()
         preds[name] = []
         for row, prompt, raw in zip(rows, prompts, raws):
             extracted, method = extract(row, raw)

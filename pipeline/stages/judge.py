@@ -44,7 +44,8 @@ def answers(ctx, name: str, identity: str, questions: list[dict]) -> list[str]:
     model, tok = load_variant(ctx, name)
     texts = generate(model, tok, [prompt_of(q) for q in questions], cfg.eval.batch_size, cfg.judge.max_new_tokens,
                      ctx.progress, f"judge answers {name}")
-    free(model)
+    del model
+    free()
     ev.atomic_write_text(ctx.path(rel), "".join(json.dumps({"question_id": q["id"], "variant": name, **want, "answer": t},
                                                            ensure_ascii=False) + "\n" for q, t in zip(questions, texts)))
     return texts
@@ -154,7 +155,8 @@ def run(ctx) -> dict:
             "models_returned": sorted({m for o in outs.values() for m in o["models"]}),
             "answers": {v: f"reports/judge/answers/{v}.jsonl" for v in scored},
             "outputs": [f"reports/judge/answers/{v}.jsonl" for v in scored] + ["reports/judge/judgments.jsonl"]}
-    low = [f"{k}: {doc[k]['judged']}/{doc[k]['planned']} judged ({doc[k]['coverage'] or 0:.1%})" for k in on
+    low = [f"{k}: {doc[k]['judged']}/{doc[k]['planned']} judged ({doc[k]['coverage'] or 0:.1%})"
+           + ("" if doc[k]["planned"] else ", nothing to judge: no aligned variant was scored") for k in on
            if (doc[k]["coverage"] or 0) < jc.min_coverage]
     if low:
         return doc | {"status": "failed", "reason": f"judge coverage below judge.min_coverage {jc.min_coverage:.0%}: "

@@ -119,14 +119,13 @@ def judge_findings(doc) -> list[str]:
 
 
 def run(ctx) -> dict:
-    from pipeline import thesis_material as T
     eval_doc, judge_doc = ctx.evidence("eval"), ctx.evidence("judge")
     refs = R.load_references()
     texts = {"sota": sota_compare(ctx, eval_doc, refs), "errors": error_analysis(ctx, eval_doc, judge_doc),
-             "draft": T.draft(ctx, eval_doc, judge_doc)}
+             "draft": R.thesis_draft(ctx, eval_doc, judge_doc)}
     for key, text in texts.items():
         ev.atomic_write_text(ctx.path(FILES[key]), text)
-    ev.atomic_write_json(ctx.path(FILES["record"]), T.experiment_record(ctx, judge_doc))
+    ev.atomic_write_json(ctx.path(FILES["record"]), R.experiment_record(ctx, judge_doc))
     outputs = [FILES[k] for k in ("sota", "errors", "draft", "record")]
     figure = None
     if R.scored(eval_doc):

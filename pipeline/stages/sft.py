@@ -9,6 +9,9 @@ from pipeline import training as T
 
 def run(ctx) -> dict:
     T.gate(ctx)                                        # skip with evidence before anything is downloaded
+    from pipeline import launch
+    if (done := launch.maybe_distributed(ctx, "sft")) is not None:   # NPROC>1: every rank trains, rank 0 reports
+        return done
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer

@@ -120,7 +120,7 @@ def probes(monkeypatch):
 @pytest.fixture
 def run(tmp_path, probes):
     root = tmp_path / "out"
-    cfg = load_config(tier="tiny", env={"PIPELINE_ROOT": str(root)})
+    cfg = load_config(tier="tiny", env={"PIPELINE_ROOT": str(root), "ENABLE_LLM_RISK_JUDGE": "true"})
     build_run(root, cfg)
     backup = tmp_path / "backup"
     shutil.copytree(root, backup)
@@ -355,6 +355,7 @@ def test_keys_warns_per_enabled_flag_and_never_prints_the_key(tmp_path, monkeypa
     monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
     monkeypatch.setenv("MODEL_TIER", "tiny")
     monkeypatch.setenv("ENABLE_LLM_JUDGE", "true")
+    monkeypatch.setenv("ENABLE_LLM_RISK_JUDGE", "true")
     monkeypatch.setenv("ENABLE_V2_LLM_FALLBACK", "false")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-do-not-print")
     assert checker.cli(["keys"]) == 0
@@ -399,3 +400,20 @@ def test_summary_takes_the_verdict_from_the_gate_step_and_lists_first_fixes(run,
     assert s["gate"]["strict_pass"] is False and s["verdict"] == "strict_pass: false"
     assert any(f.startswith("kto.checkpoint") for f in s["first_fixes"])
     assert s["thesis_readiness"]["ready_for_writing"] is False
+
+
+def test_summary_ignores_a_gate_report_older_than_this_run(run, monkeypatch):
+    root, cfg, _ = run
+    checker.main(cfg, Console(file=io.StringIO()))            # an earlier verdict on disk
+    os.utime(root / checker.GATE, (1, 1))
+    (root / "reports/logs").mkdir(parents=True, exist_ok=True)
+    (root / "reports/logs/day1_gpu-run.log").write_text("failed sft: boom\n")
+    (root / "reports/logs/day1_gpu-complete-check.log").write_text("Traceback ...\nKeyError: 'x'\n")
+    monkeypatch.setenv("PIPELINE_ROOT", str(root))
+    monkeypatch.setenv("MODEL_TIER", "tiny")
+    steps = _steps(root, [("gpu-run", "failed", 2, 100, "day1_gpu-run.log", ""),
+                          ("gpu-complete-check", "failed", 2, 5, "day1_gpu-complete-check.log", "")])
+    checker.cli(["summary", str(steps)])
+    s = json.loads((root / checker.SUMMARY).read_text())
+    assert s["gate"]["failed"] == [] and s["gate"]["strict_pass"] is False
+    assert any("failed sft: boom" in f for f in s["first_fixes"]) and any("did it crash" in f for f in s["first_fixes"])

@@ -227,3 +227,14 @@ def test_env_flag_parses_like_the_config_and_names_the_variable(tiny_env, monkey
     monkeypatch.setenv("DAY1_DRY_RUN", "maybe")
     with pytest.raises(ConfigError, match="environment variable DAY1_DRY_RUN.*maybe.*accepted values"):
         settings.env_flag("DAY1_DRY_RUN")
+
+
+def test_smoke_tiers_judge_only_with_a_key_unless_a_flag_is_explicit():
+    from pipeline.settings import load_config
+    no_key = load_config(tier="demo", env={})
+    assert not no_key.judge.enabled and not no_key.judge.risk_enabled
+    with_key = load_config(tier="demo", env={"OPENAI_API_KEY": "sk-x"})
+    assert with_key.judge.risk_enabled            # the configured default (true) applies
+    explicit = load_config(tier="tiny", env={"ENABLE_LLM_RISK_JUDGE": "true"})
+    assert explicit.judge.risk_enabled            # an explicit flag wins, and then fails loudly without a key
+    assert load_config(tier="7b", env={}).judge.risk_enabled   # thesis tiers keep the CONTRACT default
