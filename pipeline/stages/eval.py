@@ -106,6 +106,8 @@ def apply_fallback(ctx, fb: dict, variant: str, preds: list[dict], rows: list[di
         if answer in allowed(r):
             p.update(extracted=answer, method="llm_fallback", correct=answer == r["answer"])
             fb["n_resolved"] += 1
+        else:   # the rules' failure stays the method; say what the LLM made of it
+            p["llm_fallback"] = f"answered {answer!r}" if res["status"] == "judged" else f"unjudged ({res.get('reason')})"
 
 
 def summarize(preds: list[dict], cfg) -> dict:

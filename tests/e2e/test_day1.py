@@ -1,0 +1,143 @@
+"""The whole Day-1 on the tiny tier in a temp PIPELINE_ROOT passes the gate; then each tamper makes the gate
+fail with the right check id, and restoring the files makes it pass again."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline import checker
+from pipeline.__main__ import main
+from pipeline.settings import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+SFT = "reports/training/layer_b_tiny_sft_metrics.json"
+SFT_FINAL = "checkpoints/layer_b/tiny_sft/final"
+
+
+def gate(root: Path) -> dict:
+    return checker.evaluate(load_config(tier="tiny", env={"PIPELINE_ROOT": str(root)}))
+
+
+@pytest.fixture(scope="module")
+def day1(tmp_path_factory):
+    """One real tiny Day-1 (training, eval, judges off, reports) + a dry run, kept pristine in a backup."""
+    root = tmp_path_factory.mktemp("day1")
+    mp = pytest.MonkeyPatch()
+    for k, v in {"PIPELINE_ROOT": str(root), "MODEL_TIER": "tiny", "HF_HUB_OFFLINE": "1"}.items():
+        mp.setenv(k, v)
+    for k in ("MEDLLM_INJECT_OOM_AT_STEP", "FORCE_SKIP_TRAINING", "OPENAI_API_KEY", "ENABLE_LLM_RISK_JUDGE"):
+        mp.delenv(k, raising=False)
+    assert main(["run", "all"]) == 0
+    assert main(["run", "dry_run"]) == 0
+    backup = tmp_path_factory.mktemp("backup") / "root"
+    shutil.copytree(root, backup)
+    yield root, backup
+    mp.undo()
+
+
+@pytest.fixture
+def fresh(day1):
+    root, backup = day1
+    yield root
+    shutil.rmtree(root)
+    shutil.copytree(backup, root)
+    assert gate(root)["strict_pass"], "restoring the files must make the gate pass again"
+
+
+def test_honest_day1_passes_the_gate_and_is_not_ready_for_writing(day1):
+    root, _ = day1
+    assert main(["check"]) == 0
+    verdict = json.loads((root / "reports/migration/gpu_completion_check.json").read_text())
+    assert verdict["strict_pass"] is True and verdict["failed"] == []
+    ids = {c["id"] for c in verdict["checks"]}
+    assert {"sft.checkpoint", "sft.curve", "dpo.from_sft", "eval.coverage", "judge.risk"} <= ids
+    ready = json.loads((root / "reports/thesis_support/thesis_readiness.json").read_text())
+    assert ready["ready_for_writing"] is False and any("tiny" in b for b in ready["blockers"])
+    for rel in ("reports/eval_default.md", "reports/sota_compare.md", "reports/error_analysis.md",
+                "reports/thesis_support/thesis_draft_material.md", "reports/thesis_support/experiment_record.json"):
+        assert (root / rel).is_file(), rel
+
+
+def _edit_json(path: Path, fn) -> None:
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _replace_sft_after_dpo(root: Path) -> None:
+    """A different SFT final on disk, with metrics that describe it consistently: DPO trained on the old one."""
+    _flip_byte(root / SFT_FINAL / "adapter_model.safetensors")
+    from pipeline.evidence import sha256_json, sha256_tree
+    files = sha256_tree(root / SFT_FINAL)
+    _edit_json(root / SFT, lambda d: d.update(checkpoint_files=files, checkpoint_sha256=sha256_json(files)))
+
+
+TAMPERS = {
+    "one byte changed in a final adapter": (lambda r: _flip_byte(r / "checkpoints/kto-real-baseline/final/adapter_model.safetensors"), "kto.checkpoint"),
+    "a final checkpoint deleted": (lambda r: shutil.rmtree(r / "checkpoints/simpo-real-baseline/final"), "simpo.checkpoint"),
+    "SFT final replaced after DPO trained on the old one": (_replace_sft_after_dpo, "dpo.from_sft"),
+    "dry-run evidence copied over a real one": (lambda r: shutil.copy(r / "reports/migration/dry_run.json", r / "reports/training/dpo_metrics.json"), "dpo.metrics"),
+    "loss curve edited away from the trainer's log": (lambda r: _edit_json(r / SFT, lambda d: d["loss_curve"][-1].__setitem__(1, 0.001)), "sft.curve"),
+    "global_step edited to the plan of a longer run": (lambda r: _edit_json(r / "reports/training/simpo_metrics.json", lambda d: d.update(planned_max_steps=d["planned_max_steps"] + 5)), "simpo.steps"),
+    "a stage marked incomplete (killed)": (lambda r: (r / "reports/.incomplete").mkdir(exist_ok=True) or (r / "reports/.incomplete/kto.marker").write_text("{}"), "chain.no_incomplete"),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERS))
+def test_tamper_is_caught_with_the_right_check(fresh, name):
+    tamper, check_id = TAMPERS[name]
+    tamper(fresh)
+    verdict = gate(fresh)
+    assert verdict["strict_pass"] is False
+    assert check_id in verdict["failed"], (name, verdict["failed"])
+
+
+def test_skipped_stage_edited_to_look_trained_is_caught(tmp_path, monkeypatch):
+    for k, v in {"PIPELINE_ROOT": str(tmp_path), "MODEL_TIER": "tiny", "HF_HUB_OFFLINE": "1",
+                 "FORCE_SKIP_TRAINING": "true"}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["run", "all"]) == 0            # skips are allowed, and recorded as skips
+    verdict = gate(tmp_path)
+    assert verdict["strict_pass"] is False and "sft.metrics" in verdict["failed"]
+    detail = next(c["detail"] for c in verdict["checks"] if c["id"] == "sft.metrics")
+    assert "FORCE_SKIP_TRAINING" in detail
+    _edit_json(tmp_path / SFT, lambda d: d.update(status="ok", skipped=False, reason=None))
+    verdict = gate(tmp_path)
+    assert verdict["strict_pass"] is False and "sft.metrics" in verdict["failed"]
+    assert main(["check"]) == 1
+
+
+def _day1(env_extra: dict, root: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "MEDLLM_INJECT_OOM_AT_STEP")}
+    env.update({"PIPELINE_ROOT": str(root), "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), **env_extra})
+    return subprocess.run(["bash", "day1_run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_day1_dry_run_trains_nothing(tmp_path):
+    proc = _day1({"DAY1_DRY_RUN": "true", "MODEL_TIER": "tiny"}, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert not (tmp_path / "checkpoints").exists()
+    summary = (tmp_path / "reports/migration/day1_run_summary.md").read_text()
+    assert "nothing was trained" in summary.lower()
+
+
+def test_day1_7b_on_cpu_skips_honestly_and_exits_nonzero(tmp_path):
+    proc = _day1({"MODEL_TIER": "7b"}, tmp_path)
+    assert proc.returncode != 0
+    summary = json.loads((tmp_path / "reports/migration/day1_run_summary.json").read_text())
+    text = json.dumps(summary)
+    assert "CUDA" in text
+    sft = json.loads((tmp_path / "reports/training/layer_b_qwen25_7b_sft_metrics.json").read_text())
+    assert sft["status"] == "skipped" and "CUDA" in sft["reason"]
+    assert not any((tmp_path / "hf").rglob("*.safetensors")), "nothing may be downloaded for a tier that is not trained"
