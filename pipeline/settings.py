@@ -175,6 +175,8 @@ class RuntimeCfg:
     hf_home: str | None = None
     seed: int = 42
     inject_oom_at_step: int | None = None   # test hook: raise torch.OutOfMemoryError at this global step
+    deepspeed_config: str | None = None     # e.g. configs/deepspeed/zero3.json (needs `pip install deepspeed`)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])   # add "wandb" when configured
 
     def __post_init__(self):
         _check(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
@@ -233,6 +235,7 @@ ENV_MAP: dict[str, tuple[str, ...]] = {
     "NPROC": ("runtime.nproc",), "DAY1_DRY_RUN": ("runtime.dry_run",), "DRY_RUN": ("runtime.dry_run",),
     "HF_HOME": ("runtime.hf_home",), "SEED": ("runtime.seed", "data.seed", "eval.seed"),
     "MEDLLM_CACHE": ("cache_dir",), "MEDLLM_INJECT_OOM_AT_STEP": ("runtime.inject_oom_at_step",),
+    "DEEPSPEED_CONFIG": ("runtime.deepspeed_config",), "REPORT_TO": ("runtime.report_to",),
 }
 
 

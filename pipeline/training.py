@@ -124,7 +124,9 @@ def base_args(cfg, kind: str, plan: dict, out: Path, max_steps: int, batch: int,
                 save_steps=tc.save_steps, save_total_limit=tc.save_total_limit, optim=optim,
                 gradient_checkpointing=tc.activation_checkpointing, activation_checkpointing=tc.activation_checkpointing,
                 seed=cfg.runtime.seed, data_seed=cfg.runtime.seed,
-                report_to=["tensorboard"], dataloader_num_workers=0,
+                report_to=cfg.runtime.report_to,
+                deepspeed=str(cfg.data_path(cfg.runtime.deepspeed_config)) if cfg.runtime.deepspeed_config else None,
+                dataloader_num_workers=0,
                 include_num_input_tokens_seen="all", disable_tqdm=False, **precision_args(plan))
 
 

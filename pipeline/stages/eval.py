@@ -20,24 +20,6 @@ from pipeline.engine import SkipStage, git_commit
 from pipeline.variants import ALIGNED, base_model_path, free, generate, load_variant, variant_table
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-EXTRACT_PROMPT = {   # extraction only: the LLM never answers the question itself
-    "system": "You read a model's reply to an exam question and report which of the allowed answers the reply "
-              "commits to. Do not solve the question yourself. Reply with one JSON object only: "
-              '{"answer": "<one allowed answer, or none>"}',
-    "user": "Question:\n{question}\n\nModel reply:\n{answer}\n\nWhich allowed answer does the reply commit to?"}
-
-
-def _parse_extract(reply: str) -> dict | None:
-    text = (reply or "").replace("```json", "").replace("```", "")
-    try:
-        obj, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
-    except ValueError:
-        return None
-    return {"answer": str(obj["answer"]).strip()} if isinstance(obj, dict) and "answer" in obj else None
-
-
-judgekit.PROMPTS.setdefault("extract", EXTRACT_PROMPT)
-judgekit.PARSERS.setdefault("extract", _parse_extract)
 
 
 def load_sets(cfg) -> dict:

@@ -161,7 +161,7 @@ def test_interrupted_run_resumes_with_only_the_rest(tmp_path):
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    with start_fake_openai(latency_ms=50) as server:
+    with start_fake_openai(latency_ms=300) as server:
         asyncio.run(interrupt(server))
         done_before = len(path.read_text().splitlines())
         assert 3 <= done_before < 12
