@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help venv test test-fast day1-smoke gpu-bootstrap gpu-check dry-run gpu-run gpu-complete-check \
+.PHONY: help venv test test-slow test-fast day1-smoke gpu-bootstrap gpu-check dry-run gpu-run gpu-complete-check \
         day1-v100-dual bench soak export verify-export ls
 
 help:                ## list the targets
@@ -14,6 +14,9 @@ venv:                ## create .venv and install the pinned requirements (no-op 
 
 test: venv           ## the whole test suite on the tiny tier (CPU, no hub access)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+test-slow: venv      ## the bench and soak smoke runs (a few minutes; CI runs them after make test)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests
 
 test-fast: venv      ## unit tests only
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit

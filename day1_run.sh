@@ -96,9 +96,8 @@ main() {
   DRY=$($PY -m pipeline.checker flag DAY1_DRY_RUN) || finish 2
   SMOKE=$($PY -m pipeline.checker flag DAY1_SMOKE) || finish 2
   step keys key_check || finish 2 "not run: config error (see day1_keys.log)"
-  if [ -f "$RUN_DIR/no_key" ] && [ "$SMOKE" = true ]; then
-    echo "day1: smoke run without OPENAI_API_KEY: LLM judges and the LLM answer fallback are turned off"
-    export ENABLE_LLM_JUDGE=false ENABLE_LLM_RISK_JUDGE=false ENABLE_V2_LLM_FALLBACK=false
+  if [ -f "$RUN_DIR/no_key" ] && [ "$SMOKE" = true ]; then   # pipeline.settings decides this in every shell alike
+    echo "day1: smoke run without OPENAI_API_KEY: the LLM judges are off and the LLM answer fallback is unavailable"
   fi
 
   # 3. GPU probe

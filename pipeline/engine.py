@@ -159,9 +159,15 @@ def fingerprint(stage: Stage, cfg: Config) -> tuple[str, dict]:
         up = ev.read_json(root / STAGE_BY_NAME[need].evidence(cfg)) or {}
         upstream[need] = {"status": up.get("status"), "fingerprint": up.get("fingerprint"), "outputs": up.get("outputs")}
     material = {"stage": stage.name, "tier": cfg.tier, "model": cfg.section("model"),
-                "config": {s: cfg.section(s) for s in stage.sections}, "inputs": inputs,
+                "config": {s: _config_part(cfg, s) for s in stage.sections}, "inputs": inputs,
                 "upstream": upstream, "versions": versions()}
     return ev.sha256_json(material), inputs
+
+
+def _config_part(cfg: Config, name: str):
+    """A whole section ("sft") or one field of it ("runtime.nproc")."""
+    section, _, key = name.partition(".")
+    return getattr(getattr(cfg, section), key) if key else cfg.section(section)
 
 
 def _rel(p: Path) -> str:
@@ -309,7 +315,7 @@ def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0) -> s
     inputs = {**inputs, **ev.hash_paths(root, fields.pop("inputs", []) or [])}
     doc = {"stage": stage.name, "status": status, "skipped": status == "skipped", "reason": reason,
            "started_at": started, "finished_at": now(), "duration_s": round(duration, 3), "git_commit": git_commit(),
-           "config_hash": ev.sha256_json({s: cfg.section(s) for s in stage.sections}), "fingerprint": fp,
+           "config_hash": ev.sha256_json({s: _config_part(cfg, s) for s in stage.sections}), "fingerprint": fp,
            "versions": versions(), "inputs": inputs, "outputs": outputs, "model_tier": cfg.tier, **fields}
     errors = ev.validate(stage.name, doc)
     if errors:

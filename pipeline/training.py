@@ -253,6 +253,10 @@ def training_evidence(ctx, kind: str, res: dict, base: str, model, extra: dict) 
     cfg, plan, state = ctx.cfg, ctx.plan, res["state"]
     final: Path = res["final"]
     series = curves(state)
+    bad = [(k, step) for k, pts in series.items() for step, v in pts if not math.isfinite(v)]
+    if bad:
+        raise StageFailed(f"training diverged: {bad[0][0]} is not finite at step {bad[0][1]} (trainer_state.json): "
+                          f"lower {kind}.learning_rate or check the data; the checkpoint is not usable")
     figs = [plot(series, ["loss", "eval_loss"], ctx.root / f"reports/figures/{kind}_loss.png", f"{kind} loss"),
             plot(series, [k for k in series if k.startswith(("rewards/", "kl"))],
                  ctx.root / f"reports/figures/{kind}_rewards.png", f"{kind} reward metrics")]
@@ -306,10 +310,18 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
         kto_rows = (D.load_kto(cfg.data_path(cfg.data.kto_path), cfg.data.on_bad_row, source="data.kto_path")[0]
                     if cfg.data.kto_path else D.unpair(pairs))
         rows = [{"prompt": user(r["prompt"]), "completion": reply(r["completion"]), "label": r["label"]} for r in kto_rows]
-    dataset = Dataset.from_list(rows)
-    tok_len = lambda m: len(tok.apply_chat_template(m, tokenize=True)["input_ids"])   # noqa: E731
     base, _ = models.resolve_base_model(cfg.tier, cfg.model.name, cfg.cache_dir, seed=cfg.model.tiny_seed)
     tok = models.load_tokenizer(sft_dir)
+    tok_len = lambda m: len(tok.apply_chat_template(m, tokenize=True)["input_ids"])   # noqa: E731
+    # A prompt that fills max_length leaves no answer token: SimPO's length-normalised log-prob is then 0/0.
+    room = min([tc.max_length] + [c["max_length"] for c in tc.curriculum]) - 16
+    kept = [r for r in rows if tok_len(r["prompt"]) <= room]
+    if not kept:
+        raise StageFailed(f"every {kind} prompt is longer than max_length - 16 = {room} tokens: raise {kind}.max_length")
+    dropped, rows = len(rows) - len(kept), kept
+    if dropped:
+        ctx.log(f"dropped {dropped} rows whose prompt leaves no room for an answer within max_length")
+    dataset = Dataset.from_list(rows)
     holder = {}
 
     def build(max_length: int, args: dict):
@@ -326,7 +338,8 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
         "tokens_per_sample_estimate": sum(min(tc.max_length, tok_len(r["prompt"] + r.get("chosen", r.get("completion"))))
                                           + (min(tc.max_length, tok_len(r["prompt"] + r["rejected"])) if paired else 0)
                                           for r in rows[:64]) / min(len(rows), 64),
-        "data": {"rows": len(rows), "paired": paired, "source": report, "length_bias": length_bias(pairs)},
+        "data": {"rows": len(rows), "dropped_long_prompts": dropped, "paired": paired, "source": report,
+                 "length_bias": length_bias(pairs)},
         "algorithm": {"trainer": trainer_cls.__name__, "beta": tc.beta, **{k: v for k, v in extra_args.items()
                                                                           if isinstance(v, (int, float, str))}},
     })

@@ -224,8 +224,8 @@ def bench_sft(work: Path, reps: int, quick: bool) -> dict:
     }
     results: dict[str, list] = {k: [] for k in variants}
     for rep in range(reps):
-        for name, (kind, extra) in variants.items():
-            out = work / f"sft-{rep}-{len(results[name])}-{kind}-{abs(hash(name)) % 10**6}"
+        for k, (name, (kind, extra)) in enumerate(variants.items()):
+            out = work / f"sft-{rep}-{k}-{kind}"
             if kind == "ours":
                 env = {**base_env, "PIPELINE_ROOT": str(out)}
                 r = run_pipeline(["run", "sft", *extra], env, work / "logs" / f"{out.name}.log")
@@ -357,9 +357,13 @@ def bench_cuda(work: Path, reps: int, steps: int = 6, seq: int = 2048) -> dict:
                          tie_word_embeddings=shape["tied"], max_position_embeddings=32768, rope_theta=1e6)
     probe = hardware.probe()
     folder = work / "qwen7b-random"
-    with torch.device("cuda"):   # random init on the GPU (fast), saved once so both runs load it like a hub model
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):   # random init on the GPU (fast), saved once so both runs load it like a hub model
+            Qwen2ForCausalLM(config).save_pretrained(folder)
+    finally:
+        torch.set_default_dtype(torch.float32)
     torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(0)
     out = {"gpu": name, "peak_tflops_dense_16bit": peak_tflops(name), "seq_len": seq, "steps_timed": steps, "runs": {}}
@@ -368,7 +372,12 @@ def bench_cuda(work: Path, reps: int, steps: int = 6, seq: int = 2048) -> dict:
                   "seq_len": seq, "batch": cfg.sft.batch_size, "activation_checkpointing": cfg.sft.activation_checkpointing}
         plan = hardware.make_plan(probe, tier="7b", want_qlora=qlora, want_flash_attn=cfg.model.flash_attn,
                                   min_mem_gb={}, estimate_inputs=est_in)
-        out["runs"][label] = _cuda_lora_run(folder, plan, cfg, seq, steps, reps, out["peak_tflops_dense_16bit"], shape)
+        try:
+            out["runs"][label] = _cuda_lora_run(folder, plan, cfg, seq, steps, reps, out["peak_tflops_dense_16bit"], shape)
+        except Exception as exc:  # noqa: BLE001 - an OOM or a kernel error is a result to report, not a crash
+            out["runs"][label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                                  "planner_estimate_gb": plan["memory_estimate"]["total_gb"]}
+            torch.cuda.empty_cache()
     shutil.rmtree(folder, ignore_errors=True)
     return out
 
@@ -447,7 +456,7 @@ def rows_for_table(res: dict) -> list[tuple[str, str, str]]:
             rows.append(("cuda", "7B-shaped LoRA / QLoRA", "skipped: " + c["reason"]))
         else:
             for label, r in c["runs"].items():
-                rows.append(("cuda", f"{label}: tokens/s, MFU, peak GB (estimate)",
+                rows.append(("cuda", f"{label}: tokens/s, MFU, peak GB (estimate)", r.get("error") or
                              f"{r['tokens_per_s']['median']:.0f}, {r['mfu']}, {r['peak_mem_gb']} ({r['planner_estimate_gb']})"))
     return rows
 
@@ -507,8 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     reps = int(os.environ.get("BENCH_REPS") or 1)
     out = Path(args.out)
     t0 = time.perf_counter()
-    res: dict = {"machine": machine(), "reps": {"expensive (day1, sft, cuda)": reps, "cheap (no-op, eval, judge)": max(3, reps)},
-                 "quick": args.quick}
+    res: dict = {"machine": machine(), "quick": args.quick,
+                 "reps": {"day1 full run, sft, cuda": reps, "no-op re-run": max(3, reps), "eval": 1 if args.quick else max(2, reps),
+                          "judge": 1 if args.quick else max(3, reps)}}
     with tempfile.TemporaryDirectory(prefix="medllm-bench-") as tmp:
         work = Path(tmp)
         (work / "logs").mkdir()

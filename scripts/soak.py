@@ -25,6 +25,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 from scripts.bench import QUICK_OVERRIDES, REPO, child_env, fake_server, machine
@@ -38,9 +39,10 @@ def pipeline_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", *args]
 
 
-def load_cfg(env: dict):
+def load_cfg(base: dict):
+    """The config the base run resolved (its env and key=value overrides): the gate compares against its plan."""
     from pipeline.settings import load_config
-    return load_config(env=env)
+    return load_config(env=base["env"], overrides=base["overrides"])
 
 
 # --- the base run: a full tiny Day-1, judges on, with a marked key -------------------------------------
@@ -54,7 +56,7 @@ def base_run(work: Path, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     with open(root / "soak_stdout.log", "wb") as log:   # inside the root, so the secrets scan reads it too
         rc = subprocess.run(pipeline_cmd("run", "all", *overrides), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    return {"root": root, "env": env, "key": key, "server": server, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
+    return {"root": root, "env": env, "overrides": overrides, "key": key, "server": server, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def scan_secrets(base: dict) -> dict:
@@ -71,31 +73,37 @@ def scan_secrets(base: dict) -> dict:
 
 
 # --- (7) the gate's tamper cases, on the real run ------------------------------------------------------
-def tamper_cases() -> list:
-    """The (tamper function, failing check id) table of tests/unit/test_checker.py, read from its parametrize mark."""
+def tamper_cases() -> list[tuple[str, str, object, str]]:
+    """(source, name, tamper(root, cfg), failing check id): tests/e2e/test_day1.py's TAMPERS (written for a real run)
+    and the table of tests/unit/test_checker.py, read from its parametrize mark."""
+    from tests.e2e import test_day1 as e2e
     from tests.unit import test_checker as tc
     mark = next(m for m in tc.test_each_tamper_fails_its_check_and_restoring_passes.pytestmark if m.name == "parametrize")
-    return list(mark.args[1])
+    return ([("e2e", name, (lambda fn: lambda root, cfg: fn(root))(fn), check) for name, (fn, check) in e2e.TAMPERS.items()]
+            + [("unit", fn.__name__, fn, check) for fn, check in mark.args[1]])
 
 
 def tamper(base: dict) -> dict:
     from pipeline import checker
-    root, cfg = base["root"], load_cfg(base["env"])
-    backup = base["root"].parent / "day1-backup"
+    root, cfg = base["root"], load_cfg(base)
+    subprocess.run(pipeline_cmd("run", "dry_run", *base["overrides"]), cwd=REPO, env=base["env"], capture_output=True)
+    backup = base["root"].parent / "day1-backup"   # dry_run.json: one e2e case copies it over real metrics
     for part in ("reports", "checkpoints"):
         shutil.copytree(root / part, backup / part)
     baseline = checker.evaluate(cfg)
     cases = []
-    for fn, failing_id in tamper_cases():
+    for source, name, fn, failing_id in tamper_cases():
         fn(root, cfg)
         gate = checker.evaluate(cfg)
-        cases.append({"case": fn.__name__, "expected_failing": failing_id, "strict_pass": gate["strict_pass"],
+        cases.append({"source": source, "case": name, "expected_failing": failing_id, "strict_pass": gate["strict_pass"],
                       "detected": not gate["strict_pass"] and failing_id in gate["failed"], "failed": gate["failed"]})
         for part in ("reports", "checkpoints"):
             shutil.rmtree(root / part)
             shutil.copytree(backup / part, root / part)
     return {"baseline_strict_pass": baseline["strict_pass"], "baseline_failed": baseline["failed"],
             "detected": sum(c["detected"] for c in cases), "total": len(cases),
+            "by_source": {s: f"{sum(c['detected'] for c in cases if c['source'] == s)}/{sum(c['source'] == s for c in cases)}"
+                          for s in ("e2e", "unit")},
             "missed": [c for c in cases if not c["detected"]],
             "restored_strict_pass": checker.evaluate(cfg)["strict_pass"]}
 
@@ -131,8 +139,7 @@ def two_pipelines(base: dict, trials: int, overrides: list[str]) -> dict:
 def kill_trials(base: dict, stages: list[str], n: int, rng: random.Random, overrides: list[str]) -> dict:
     from pipeline import checker, engine, training
     from pipeline import evidence as ev
-    root, env = base["root"], base["env"]
-    cfg = load_cfg(env)
+    root, env, cfg = base["root"], base["env"], load_cfg(base)
     engine.stages()
     out = {}
     for stage in stages:
@@ -141,21 +148,30 @@ def kill_trials(base: dict, stages: list[str], n: int, rng: random.Random, overr
         expected = (ev.read_json(evid) or {}).get("duration_s") or 30.0
         folder = root / training.output_dir(cfg, stage)
         rows = []
-        for _ in range(n):
+        log_path = root / "reports" / "logs" / f"{stage}_full.log"
+        for i in range(n):
             shutil.rmtree(folder, ignore_errors=True)            # each trial trains the stage from scratch
             for p in (evid, evid.with_suffix(".previous.json")):
                 p.unlink(missing_ok=True)
-            delay = rng.uniform(0.02, 1.0) * expected
+            # even trials: at a random optimizer step (mid-training, around checkpoints); odd: at a random time
+            # after the stage started (model load, tokenization, saving, evidence)
+            at_step = rng.randint(1, getattr(cfg, stage).max_steps - 1) if i % 2 == 0 else None
+            delay = rng.uniform(0.0, 0.3) if at_step else rng.uniform(0.02, 1.0) * expected
+            offset = log_path.stat().st_size if log_path.is_file() else 0
             with open(root / "reports" / "logs" / f"soak_kill_{stage}.log", "ab") as log:
                 proc = subprocess.Popen(pipeline_cmd("run", stage, "--no-deps", *overrides), cwd=REPO, env=env,
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-                deadline = time.time() + 120
+                deadline = time.time() + 300
                 while time.time() < deadline and proc.poll() is None and not marker.exists():
                     time.sleep(0.01)
+                while at_step and time.time() < deadline and proc.poll() is None and _steps_logged(log_path, offset) < at_step:
+                    time.sleep(0.02)
                 time.sleep(delay)
                 ended_first = proc.poll() is not None
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):   # it may have finished (and been reaped) first
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            marker_after_kill, logged = marker.exists(), _steps_logged(log_path, offset)
             doc = ev.read_json(evid)
             ok_after = isinstance(doc, dict) and doc.get("status") == "ok"
             complete = ok_after and (root / doc["checkpoint_dir"]).is_dir() and \
@@ -168,9 +184,10 @@ def kill_trials(base: dict, stages: list[str], n: int, rng: random.Random, overr
             steps = [s for s, _ in doc2.get("loss_curve", [])]
             planned = doc2.get("planned_max_steps")
             gate = checker.check_training(cfg, stage, checker.probe_plan(root))
-            rows.append({"delay_s": round(delay, 2), "process_ended_before_kill": ended_first,
-                         "ok_evidence_after_kill": ok_after, "ok_too_early": ok_after and not complete and not ended_first,
-                         "marker_left": marker.exists() if not doc2 else None, "checkpoints_at_kill": ckpts,
+            rows.append({"kill_at": f"step {at_step} + {delay:.2f} s" if at_step else f"{delay:.2f} s after the marker",
+                         "steps_logged_at_kill": logged, "process_ended_before_kill": ended_first,
+                         "ok_evidence_after_kill": ok_after, "ok_too_early": ok_after and not ended_first, "ok_evidence_complete": complete,
+                         "marker_after_kill": marker_after_kill, "checkpoints_at_kill": ckpts,
                          "rerun_rc": rerun.returncode, "rerun_status": doc2.get("status"), "resumed_from": doc2.get("resumed_from"),
                          "reached_plan": doc2.get("global_step") == planned and planned is not None,
                          "continuous_curve": bool(steps) and steps == list(range(every, planned + 1, every)),
@@ -180,8 +197,18 @@ def kill_trials(base: dict, stages: list[str], n: int, rng: random.Random, overr
                       "resumed_from_checkpoint": sum(bool(r["resumed_from"]) for r in rows),
                       "reruns_ok": sum(r["rerun_status"] == "ok" and r["reached_plan"] and r["continuous_curve"] and r["gate_passed"]
                                        for r in rows),
+                      "ok_evidence_after_kill": sum(r["ok_evidence_after_kill"] for r in rows),
                       "ok_evidence_too_early": sum(r["ok_too_early"] for r in rows), "rows": rows}
     return out
+
+
+def _steps_logged(log: Path, offset: int) -> int:
+    """Training log lines ({'loss': ...}, one per optimizer step) written to the stage's tee'd log since offset."""
+    if not log.is_file():
+        return 0
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return f.read().count(b"{'loss':")
 
 
 # --- (2) kill during evidence writes -------------------------------------------------------------------
@@ -282,7 +309,8 @@ def malformed_worker(work: Path, out_json: Path) -> None:
             (case_dir / "configs" / rel).write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
         settings.CONFIG_DIR = case_dir / "configs"
         rc, text = _cli(["run", "gpu_check", *args], {**base, "PIPELINE_ROOT": str(case_dir / "out"), **extra})
-        rows.append({"kind": "config", "case": case, "rc": rc, "clear": rc != 0 and all(n in text for n in needles),
+        named = all(n in text for n in needles) or (args and all(repr(a) in text for a in args))   # argv: quoted back
+        rows.append({"kind": "config", "case": case, "rc": rc, "clear": rc != 0 and bool(named),
                      "ok_evidence": _evidence_any(case_dir / "out"), "message": text.strip().splitlines()[-1][:300] if text.strip() else ""})
     for case, loader, files, where, field in td.BAD:
         case_dir = work / f"data-{case}"
@@ -374,7 +402,8 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
         for stage, v in k.items():
             rows.append(("kill -9", f"{stage}: reruns at plan, continuous, gate ok / trials (killed inside)",
                          f"{v['reruns_ok']}/{v['trials']} ({v['killed_inside']}, resumed {v['resumed_from_checkpoint']})"))
-        rows.append(("kill -9", "ok evidence too early (must be 0)", str(sum(v["ok_evidence_too_early"] for v in k.values()))))
+        rows.append(("kill -9", "ok evidence after a kill inside the stage (must be 0)",
+                     str(sum(v["ok_evidence_too_early"] for v in k.values()))))
     if e := res.get("evidence_writes"):
         rows.append(("evidence writes", "corrupt or partial JSON / kills (must be 0)", f"{e['corrupt_files']} / {e['kills']}"))
         rows.append(("evidence writes", "control (plain write): corrupt / kills", f"{e['control_plain_write']['corrupt_files']} / "
@@ -438,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.malformed_worker:
         malformed_worker(Path(args.malformed_worker[0]), Path(args.malformed_worker[1]))
         return 0
+    warnings.filterwarnings("ignore", category=FutureWarning)   # transformers' deprecations, once per probe
     n = 1 if args.quick else int(os.environ.get("SOAK_N") or 3)
     seed = int(os.environ.get("SOAK_SEED") or 0)
     rng = random.Random(seed)

@@ -30,3 +30,37 @@ def tiny_env(tmp_path, monkeypatch):
     monkeypatch.setattr(settings, "environment",
                         functools.partial(settings.environment, dotenv_path=tmp_path / ".env"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_day1(tmp_path_factory):
+    """One real tiny-tier Day-1 (`run all` with the judges off, then the dry run), shared by the training and
+    e2e modules: (root, pristine backup, env). Tests that change files restore them from the backup."""
+    import shutil
+    from pipeline.__main__ import main
+    root = tmp_path_factory.mktemp("tiny_day1")
+    env = {"PIPELINE_ROOT": str(root), "MODEL_TIER": "tiny", "HF_HUB_OFFLINE": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for var in _CLEARED:
+            mp.delenv(var, raising=False)
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert main(["run", "all"]) == 0
+        assert main(["run", "dry_run"]) == 0
+    backup = tmp_path_factory.mktemp("tiny_day1_backup") / "root"
+    shutil.copytree(root, backup)
+    return root, backup, env
+
+
+@pytest.fixture
+def day1_env(tiny_day1, monkeypatch):
+    """The shared Day-1's environment for one test; its files are restored afterwards."""
+    import shutil
+    root, backup, env = tiny_day1
+    for var in _CLEARED:
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    yield root
+    shutil.rmtree(root)
+    shutil.copytree(backup, root)

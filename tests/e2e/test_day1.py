@@ -23,30 +23,17 @@ def gate(root: Path) -> dict:
     return checker.evaluate(load_config(tier="tiny", env={"PIPELINE_ROOT": str(root)}))
 
 
-@pytest.fixture(scope="module")
-def day1(tmp_path_factory):
-    """One real tiny Day-1 (training, eval, judges off, reports) + a dry run, kept pristine in a backup."""
-    root = tmp_path_factory.mktemp("day1")
-    mp = pytest.MonkeyPatch()
-    for k, v in {"PIPELINE_ROOT": str(root), "MODEL_TIER": "tiny", "HF_HUB_OFFLINE": "1"}.items():
-        mp.setenv(k, v)
-    for k in ("MEDLLM_INJECT_OOM_AT_STEP", "FORCE_SKIP_TRAINING", "OPENAI_API_KEY", "ENABLE_LLM_RISK_JUDGE"):
-        mp.delenv(k, raising=False)
-    assert main(["run", "all"]) == 0
-    assert main(["run", "dry_run"]) == 0
-    backup = tmp_path_factory.mktemp("backup") / "root"
-    shutil.copytree(root, backup)
-    yield root, backup
-    mp.undo()
+@pytest.fixture
+def day1(tiny_day1, day1_env):
+    """The session's real tiny Day-1 (training, eval, judges off, reports, dry run): tests/conftest.py."""
+    return day1_env, tiny_day1[1]
 
 
 @pytest.fixture
 def fresh(day1):
-    root, backup = day1
-    yield root
-    shutil.rmtree(root)
-    shutil.copytree(backup, root)
-    assert gate(root)["strict_pass"], "restoring the files must make the gate pass again"
+    root, _ = day1
+    assert gate(root)["strict_pass"], "the honest Day-1 must pass before it is tampered with"
+    return root
 
 
 def test_honest_day1_passes_the_gate_and_is_not_ready_for_writing(day1):

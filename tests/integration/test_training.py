@@ -30,16 +30,10 @@ def went_down(curve) -> bool:
     return sum(losses[-n:]) / n < sum(losses[:n]) / n
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    mp = pytest.MonkeyPatch()
-    for k, v in {"PIPELINE_ROOT": str(root), "MODEL_TIER": "tiny", "HF_HUB_OFFLINE": "1"}.items():
-        mp.setenv(k, v)
-    mp.delenv("MEDLLM_INJECT_OOM_AT_STEP", raising=False)
-    assert main(["run", "sft", "dpo", "simpo", "kto"]) == 0
-    yield root, mp
-    mp.undo()
+@pytest.fixture
+def trained(day1_env):
+    """The session's real tiny Day-1 (tests/conftest.py), restored after each test."""
+    return day1_env, None
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "simpo", "kto"])
@@ -87,14 +81,11 @@ def test_tampered_sft_final_is_refused(trained, tmp_path):
     root, _ = trained
     adapter = root / metrics(root, "sft")["checkpoint_dir"] / "adapter_model.safetensors"
     original = adapter.read_bytes()
-    try:
-        adapter.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-        assert main(["run", "dpo", "--force", "--no-deps"]) == 1
-        m = metrics(root, "dpo")
-        assert m["status"] == "failed" and "does not match the hashes" in m["reason"]
-        assert (root / "reports/training/dpo_metrics.previous.json").is_file()
-    finally:
-        adapter.write_bytes(original)
+    adapter.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    assert main(["run", "dpo", "--force", "--no-deps"]) == 1
+    m = metrics(root, "dpo")
+    assert m["status"] == "failed" and "does not match the hashes" in m["reason"]
+    assert (root / "reports/training/dpo_metrics.previous.json").is_file()
 
 
 def test_injected_oom_halves_batch_and_doubles_accumulation(tmp_path, monkeypatch):
@@ -145,7 +136,7 @@ def test_force_skip_training_is_evidence(tmp_path, monkeypatch):
 def test_kill_minus_9_then_resume_gives_one_continuous_curve(tmp_path):
     env = {**os.environ, "PIPELINE_ROOT": str(tmp_path), "MODEL_TIER": "tiny", "HF_HUB_OFFLINE": "1"}
     env.pop("MEDLLM_INJECT_OOM_AT_STEP", None)
-    args = ["sft.max_steps=150", "sft.curriculum=[]", "sft.save_steps=10", "sft.eval_steps=50"]
+    args = ["sft.max_steps=80", "sft.curriculum=[]", "sft.save_steps=10", "sft.eval_steps=40"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "sft", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tmp_path / "checkpoints/layer_b/tiny_sft"
@@ -162,5 +153,5 @@ def test_kill_minus_9_then_resume_gives_one_continuous_curve(tmp_path):
                              capture_output=True, text=True)
     assert env_run.returncode == 0, env_run.stdout[-2000:]
     m = metrics(tmp_path, "sft")
-    assert m["global_step"] == 150 and m["resumed_from"].startswith("checkpoint-")
-    assert [s for s, _ in m["loss_curve"]] == list(range(1, 151))   # one continuous series, no gap, no repeat
+    assert m["global_step"] == 80 and m["resumed_from"].startswith("checkpoint-")
+    assert [s for s, _ in m["loss_curve"]] == list(range(1, 81))   # one continuous series, no gap, no repeat
