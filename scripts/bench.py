@@ -193,11 +193,11 @@ def _count(items: list[str]) -> dict:
 
 
 # --- 3: our SFT stage vs the plain TRL script ----------------------------------------------------------
-def _our_train_runtime(log: Path) -> tuple[float | None, int | None]:
-    """The trainer's own summary line in reports/logs/sft_full.log: train_runtime and tokens seen."""
-    hits = re.findall(r"'train_runtime': '?([\d.]+)'?, 'train_samples_per_second'.*?'num_input_tokens_seen': (\d+)",
-                      log.read_text(errors="replace")) if log.is_file() else []
-    return (float(hits[-1][0]), int(hits[-1][1])) if hits else (None, None)
+def _our_train_runtime(log: Path) -> float | None:
+    """The trainer's own train_runtime from its summary line in reports/logs/sft_full.log (the last one)."""
+    hits = re.findall(r"'train_runtime': '?([\d.]+)'?, 'train_samples_per_second'", log.read_text(errors="replace")) \
+        if log.is_file() else []
+    return float(hits[-1]) if hits else None
 
 
 def bench_sft(work: Path, reps: int, quick: bool) -> dict:
@@ -230,8 +230,8 @@ def bench_sft(work: Path, reps: int, quick: bool) -> dict:
                 env = {**base_env, "PIPELINE_ROOT": str(out)}
                 r = run_pipeline(["run", "sft", *extra], env, work / "logs" / f"{out.name}.log")
                 doc = json.loads(next((out / "reports/training").glob("*_sft_metrics.json")).read_text())
-                runtime, tokens = _our_train_runtime(out / "reports/logs/sft_full.log")
-                tokens = tokens or round(doc["tokens_per_s"] * doc["train_runtime_s"])
+                runtime = _our_train_runtime(out / "reports/logs/sft_full.log")
+                tokens = round(doc["tokens_per_s"] * doc["train_runtime_s"])   # = the trainer's num_input_tokens_seen
                 results[name].append({"rc": r["rc"], "tokens": tokens, "train_runtime_s": runtime,
                                       "tokens_per_s": tokens / runtime if runtime else None,
                                       "load_and_train_s": doc["train_runtime_s"], "final_loss": doc["loss_curve"][-1][1],
@@ -517,14 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     res: dict = {"machine": machine(), "quick": args.quick,
-                 "reps": {"day1 full run, sft, cuda": reps, "no-op re-run": max(3, reps), "eval": 1 if args.quick else max(2, reps),
+                 "reps": {"day1 full run, cuda": reps, "sft": 1 if args.quick else max(3, reps), "no-op re-run": max(3, reps), "eval": reps,
                           "judge": 1 if args.quick else max(3, reps)}}
     with tempfile.TemporaryDirectory(prefix="medllm-bench-") as tmp:
         work = Path(tmp)
         (work / "logs").mkdir()
         runs = {"day1": lambda: bench_day1(work, reps, args.quick),
-                "sft": lambda: bench_sft(work, reps, args.quick),
-                "eval": lambda: bench_eval(work, max(2, reps) if not args.quick else 1, args.quick, 8 if args.quick else 16),
+                "sft": lambda: bench_sft(work, 1 if args.quick else max(3, reps), args.quick),
+                "eval": lambda: bench_eval(work, reps, args.quick, 8 if args.quick else 16),
                 "judge": lambda: bench_judge(work, max(3, reps) if not args.quick else 1, args.quick, 16 if args.quick else 48,
                                              50 if args.quick else 200, 8),
                 "cuda": lambda: bench_cuda(work, reps)}

@@ -423,7 +423,8 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
         rows.append(("secrets", f"key occurrences in {s['files_scanned']} files (must be 0)", str(s["occurrences"])))
         rows.append(("secrets", "judge requests that used the key", str(s["judge_requests_with_the_key"])))
     if t := res.get("tamper"):
-        rows.append(("tamper", "detected / total (baseline strict_pass)", f"{t['detected']}/{t['total']} ({t['baseline_strict_pass']})"))
+        rows.append(("tamper", "detected / total (e2e, unit tables; baseline strict_pass)",
+                     f"{t['detected']}/{t['total']} ({t['by_source']['e2e']}, {t['by_source']['unit']}; {t['baseline_strict_pass']})"))
     return rows
 
 
