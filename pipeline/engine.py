@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import faulthandler
+import functools
 import fcntl
 import importlib
 import os
@@ -67,6 +68,7 @@ def versions() -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=1)   # one lookup per process: a run does not change its own commit
 def git_commit() -> str | None:
     try:
         sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,

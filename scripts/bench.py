@@ -517,13 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     res: dict = {"machine": machine(), "quick": args.quick,
-                 "reps": {"day1 full run, cuda": reps, "sft": 1 if args.quick else max(3, reps), "no-op re-run": max(3, reps), "eval": reps,
+                 "reps": {"day1 full run, sft, eval, cuda": reps, "no-op re-run": max(3, reps),
                           "judge": 1 if args.quick else max(3, reps)}}
     with tempfile.TemporaryDirectory(prefix="medllm-bench-") as tmp:
         work = Path(tmp)
         (work / "logs").mkdir()
         runs = {"day1": lambda: bench_day1(work, reps, args.quick),
-                "sft": lambda: bench_sft(work, 1 if args.quick else max(3, reps), args.quick),
+                "sft": lambda: bench_sft(work, reps, args.quick),
                 "eval": lambda: bench_eval(work, reps, args.quick, 8 if args.quick else 16),
                 "judge": lambda: bench_judge(work, max(3, reps) if not args.quick else 1, args.quick, 16 if args.quick else 48,
                                              50 if args.quick else 200, 8),
