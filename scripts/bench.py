@@ -503,6 +503,18 @@ def figures(out: Path, res: dict) -> list[str]:
     return made
 
 
+def print_table(title: str, columns, rows) -> None:
+    """The closing rich table of make bench / make soak."""
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smallest settings (tests): few steps, tiny tier everywhere")
@@ -540,14 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         res["figures"] = figures(out, res)
         write_reports(out, res)
 
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(title=f"make bench ({res['total_s']:.0f} s, {res['machine']['cpu_count']} CPUs, GPU: {res['machine']['gpu'] or 'none'})")
-    for col in ("benchmark", "metric", "value"):
-        table.add_column(col)
-    for row in rows_for_table(res):
-        table.add_row(*row)
-    Console().print(table)
+    print_table(f"make bench ({res['total_s']:.0f} s, {res['machine']['cpu_count']} CPUs, "
+                f"GPU: {res['machine']['gpu'] or 'none'})", ("benchmark", "metric", "value"), rows_for_table(res))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
 

@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-from scripts.bench import QUICK_OVERRIDES, REPO, child_env, fake_server, machine
+from scripts.bench import QUICK_OVERRIDES, REPO, child_env, fake_server, machine, print_table
 
 sys.path.insert(0, str(REPO))   # tests.* (the fake server, the malformed-input tables, the tamper cases)
 DONE = ("ok", "dry_run")
@@ -502,14 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     write_reports(out, res)
 
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(title=f"make soak ({res['total_s']:.0f} s, {res['machine']['cpu_count']} CPUs)")
-    for col in ("area", "count", "value"):
-        table.add_column(col)
-    for row in summary_rows(res):
-        table.add_row(*row)
-    Console().print(table)
+    print_table(f"make soak ({res['total_s']:.0f} s, {res['machine']['cpu_count']} CPUs)", ("area", "count", "value"),
+                summary_rows(res))
     print(f"wrote {out / 'soak.json'} and {out / 'soak.md'}")
     return 1 if any(res["must_be_zero"].values()) else 0
 
