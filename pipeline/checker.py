@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline import evidence as ev
-from pipeline.settings import GPU_TIERS, HUB_MODELS, Config
+from pipeline.settings import GPU_TIERS, Config
 
 TRAIN = ("sft", "dpo", "simpo", "kto")
 GATE = "reports/migration/gpu_completion_check.json"
@@ -52,15 +52,11 @@ def checkpoint_path(cfg: Config, stage: str) -> str:
 
 def expected_base(cfg: Config) -> str:
     """The base model the config names, computed without building or downloading anything."""
-    if cfg.model.name:
-        folder = Path(cfg.model.name).expanduser()
-        return str(folder.resolve()) if folder.is_dir() else cfg.model.name
-    if cfg.tier in HUB_MODELS:
-        return HUB_MODELS[cfg.tier]
-    if cfg.tier == "tiny":
-        return str(Path(cfg.cache_dir) / f"tiny-seed{cfg.model.tiny_seed}")
-    from pipeline.models import DEMO_WHEEL_SHA256
-    return str(Path(cfg.cache_dir) / f"smollm2-135m-{DEMO_WHEEL_SHA256[:12]}")
+    from pipeline.models import base_model_name
+    try:
+        return base_model_name(cfg.tier, cfg.model.name, cfg.cache_dir, cfg.model.tiny_seed)[0]
+    except ValueError as exc:   # a MODEL_NAME that names nothing: the base_model check reports it
+        return str(exc)
 
 
 def _same_model(a, b) -> bool:

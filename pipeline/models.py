@@ -228,7 +228,7 @@ def ensure_demo(cache_dir) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"smollm2-135m-{DEMO_WHEEL_SHA256[:12]}"
+    final = cached_model_dir("demo", cache_dir)
     if (final / "demo_build.json").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -343,8 +343,14 @@ def dtype_audit(model) -> dict:
             "by_dtype": by_dtype, "trainable_by_dtype": trainable_by_dtype}
 
 
-def resolve_base_model(tier: str, model_name: str | None, cache_dir, seed: int = 0) -> tuple[str, str]:
-    """(local path or hub name, slug) for a tier; builds tiny/demo locally, never downloads a hub model."""
+def cached_model_dir(tier: str, cache_dir, seed: int = 0) -> Path:
+    """Where the locally built tiny/demo base model lives in the cache (the one place that knows the layout)."""
+    cache_dir = Path(cache_dir)
+    return cache_dir / (f"tiny-seed{seed}" if tier == "tiny" else f"smollm2-135m-{DEMO_WHEEL_SHA256[:12]}")
+
+
+def base_model_name(tier: str, model_name: str | None, cache_dir, seed: int = 0) -> tuple[str, str]:
+    """(local path or hub name, slug) the config names, computed without building or downloading anything."""
     if tier not in TIER_SLUGS:
         raise ValueError(f"MODEL_TIER={tier!r} is not a tier; use one of {sorted(TIER_SLUGS)}")
     slug = TIER_SLUGS[tier]
@@ -358,12 +364,19 @@ def resolve_base_model(tier: str, model_name: str | None, cache_dir, seed: int =
                 "model folder (or leave MODEL_NAME unset)"
             )
         return model_name, slug
-    cache_dir = Path(cache_dir)
-    if tier == "tiny":
-        return str(build_tiny(cache_dir / f"tiny-seed{seed}", seed=seed)), slug
-    if tier == "demo":
-        return str(ensure_demo(cache_dir)), slug
-    return HUB_MODELS[tier], slug
+    if tier in HUB_MODELS:
+        return HUB_MODELS[tier], slug
+    return str(cached_model_dir(tier, cache_dir, seed)), slug
+
+
+def resolve_base_model(tier: str, model_name: str | None, cache_dir, seed: int = 0) -> tuple[str, str]:
+    """base_model_name, and the tiny/demo model built locally when it is the one named; never downloads a hub model."""
+    name, slug = base_model_name(tier, model_name, cache_dir, seed)
+    if not model_name and tier == "tiny":
+        build_tiny(name, seed=seed)
+    elif not model_name and tier == "demo":
+        ensure_demo(cache_dir)
+    return name, slug
 
 
 def display_name(tier: str, base: str) -> str:

@@ -5,7 +5,6 @@ to record. One function per concern, no base classes.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
@@ -252,6 +251,8 @@ def training_evidence(ctx, kind: str, res: dict, base: str, model, extra: dict) 
     from pipeline import models
     cfg, plan, state = ctx.cfg, ctx.plan, res["state"]
     final: Path = res["final"]
+    if model is None:   # nothing left to train (a resumed run past its plan): audit the final as trained
+        model = models.load_model(base, plan, adapter=str(final), trainable=True)
     series = curves(state)
     bad = [(k, step) for k, pts in series.items() for step, v in pts if not math.isfinite(v)]
     if bad:
@@ -332,8 +333,7 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
         return trainer
 
     res = fit(ctx, kind, build)
-    model = holder.get("model") or models.load_model(base, plan, adapter=str(res["final"]), trainable=True)
-    return training_evidence(ctx, kind, res, base, model, {
+    return training_evidence(ctx, kind, res, base, holder.get("model"), {
         "base_model_identity": models.base_model_identity(base), "start_checkpoint": start,
         "tokens_per_sample_estimate": sum(min(tc.max_length, tok_len(r["prompt"] + r.get("chosen", r.get("completion"))))
                                           + (min(tc.max_length, tok_len(r["prompt"] + r["rejected"])) if paired else 0)

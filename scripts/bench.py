@@ -348,7 +348,7 @@ def bench_cuda(work: Path, reps: int, steps: int = 6, seq: int = 2048) -> dict:
         return {"skipped": True, "reason": "no CUDA device on this machine: the 7B-shaped LoRA/QLoRA benchmark runs only on a GPU"}
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from pipeline import hardware, models
+    from pipeline import hardware
     from pipeline.settings import load_config
     cfg = load_config(tier="7b", env=child_env(work / "cuda-root", MODEL_TIER="7b"))
     shape = hardware.MODEL_SHAPES["7b"]

@@ -110,7 +110,7 @@ def tamper(base: dict) -> dict:
 
 # --- (3) two pipelines on one root ---------------------------------------------------------------------
 def two_pipelines(base: dict, trials: int, overrides: list[str]) -> dict:
-    root, env, lock = base["root"], base["env"], base["root"] / ".pipeline.lock"
+    env, lock = base["env"], base["root"] / ".pipeline.lock"
     rows = []
     for _ in range(trials):
         a = subprocess.Popen(pipeline_cmd("run", "all", *overrides), cwd=REPO, env=env, stdout=subprocess.DEVNULL,

@@ -133,7 +133,7 @@ def run(ctx) -> dict:
     ans = {v: answers(ctx, v, table[v]["checkpoint_sha256"] or base_id, questions) for v in scored}
     ans["_ids"] = [q["id"] for q in questions]
     text = {q["id"]: "\n\n".join(m["content"] for m in prompt_of(q) if m["role"] == "user") for q in questions}
-    outs, judged = {}, []
+    outs = {}
     if "pairwise" in on:
         items = [{"question_id": q, "variant": v, "question": text[q], "order": o,
                   "answer_a": a if o == "ab" else s, "answer_b": s if o == "ab" else a}

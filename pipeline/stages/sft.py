@@ -52,8 +52,7 @@ def run(ctx) -> dict:
     # --- train: curriculum sub-stages, resume, OOM retry ---------------------------------------------
     res = T.fit(ctx, "sft", build)
     tok.save_pretrained(res["final"])                   # the template the adapter was trained with
-    model = model_holder.get("model") or models.load_model(base, plan, adapter=str(res["final"]), trainable=True)
-    return T.training_evidence(ctx, "sft", res, base, model, {
+    return T.training_evidence(ctx, "sft", res, base, model_holder.get("model"), {
         "base_model_identity": models.base_model_identity(base),
         "chat_template": {"sha256": models.chat_template_sha256(tok), "source": template_note},
         "data": {"train_rows": len(split["train"]), "eval_ids": [r["id"] for r in split["eval"]],
