@@ -177,9 +177,14 @@ class RuntimeCfg:
     inject_oom_at_step: int | None = None   # test hook: raise torch.OutOfMemoryError at this global step
     deepspeed_config: str | None = None     # e.g. configs/deepspeed/zero3.json (needs `pip install deepspeed`)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])   # add "wandb" when configured
+    gpu_probe_file: str | None = None       # GPU_PROBE_FILE: a recorded probe (configs/probes/*.json) replaces the live one
+    rehearsal: bool = False                 # REHEARSAL: a GPU tier's exact configuration on the CPU, stand-in model
+    rehearsal_steps: int = 6                # REHEARSAL_STEPS: optimizer steps of the longest training stage
+    rehearsal_eval_samples: int = 8         # eval questions per set in a rehearsal
 
     def __post_init__(self):
         _check(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
+        _check(self.rehearsal_steps >= 2, f"rehearsal_steps must be >= 2, got {self.rehearsal_steps}")
 
 
 SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "sft": TrainCfg, "dpo": TrainCfg,
@@ -236,6 +241,8 @@ ENV_MAP: dict[str, tuple[str, ...]] = {
     "HF_HOME": ("runtime.hf_home",), "SEED": ("runtime.seed", "data.seed", "eval.seed"),
     "MEDLLM_CACHE": ("cache_dir",), "MEDLLM_INJECT_OOM_AT_STEP": ("runtime.inject_oom_at_step",),
     "DEEPSPEED_CONFIG": ("runtime.deepspeed_config",), "REPORT_TO": ("runtime.report_to",),
+    "GPU_PROBE_FILE": ("runtime.gpu_probe_file",), "REHEARSAL": ("runtime.rehearsal",),
+    "REHEARSAL_STEPS": ("runtime.rehearsal_steps",), "QLORA": ("model.qlora",),
 }
 
 
@@ -416,13 +423,51 @@ def load_config(tier: str | None = None, overrides: list[str] | None = None,
         put(k, v, f"argument {k}={v}")
     values["tier"] = chosen
     cfg = _build(values, origin)
-    # Smoke tiers (tiny, demo) judge only when an API key is configured, unless a judge flag was set explicitly;
-    # decided here from the same env every time, so the gate in a fresh shell agrees with the run.
-    if chosen in ("tiny", "demo") and not secret("OPENAI_API_KEY", env):
+    if cfg.runtime.rehearsal:
+        _rehearse(cfg, origin)
+    # Smoke tiers (tiny, demo) and rehearsals judge only when an API key is configured, unless a judge flag was set
+    # explicitly; decided here from the same env every time, so the gate in a fresh shell agrees with the run.
+    if (chosen in ("tiny", "demo") or cfg.runtime.rehearsal) and not secret("OPENAI_API_KEY", env):
         for key, attr in (("judge.enabled", "enabled"), ("judge.risk_enabled", "risk_enabled")):
             if not origin.get(key, "").startswith(("environment", "argument")):
                 setattr(cfg.judge, attr, False)
     return cfg
+
+
+def scaled_steps(tc: TrainCfg, steps: int) -> dict:
+    """A training section's step counts scaled to `steps` (never more than it had), keeping every curriculum
+    boundary (each sub-stage keeps >= 1 step) and a save/eval point inside every sub-stage."""
+    subs = tc.curriculum or [{"max_length": tc.max_length, "until_step": tc.max_steps}]
+    total = max(min(steps, tc.max_steps), len(subs))
+    bounds, last = [], 0
+    for i, sub in enumerate(subs):
+        left = len(subs) - i - 1
+        b = max(last + 1, min(total - left, round(sub["until_step"] * total / tc.max_steps)))
+        bounds.append(b)
+        last = b
+    first = bounds[0]
+    every = max(1, min(first, round(tc.save_steps * total / tc.max_steps)))
+    return {"max_steps": total, "save_steps": every, "eval_steps": every,
+            "curriculum": [{"max_length": s["max_length"], "until_step": b} for s, b in zip(subs, bounds)]
+            if tc.curriculum else []}
+
+
+def _rehearse(cfg: Config, origin: dict) -> None:
+    """REHEARSAL=true: the GPU tier's configuration as it is, with only step counts and eval samples scaled down."""
+    where = origin.get("runtime.rehearsal", "REHEARSAL")
+    _check(cfg.tier in GPU_TIERS, f"{where}: REHEARSAL=true rehearses a GPU tier, but MODEL_TIER={cfg.tier}: "
+                                  f"set MODEL_TIER=7b or 14b")
+    _check(bool(cfg.runtime.gpu_probe_file), f"{where}: REHEARSAL=true needs GPU_PROBE_FILE=<probe.json> "
+                                             "(configs/probes/*.json): the plan is made from the GPU it rehearses")
+    _check(not cfg.model.name, f"{where}: REHEARSAL=true trains a stand-in model; unset MODEL_NAME={cfg.model.name}")
+    sft_steps = cfg.sft.max_steps
+    for stage in TRAIN_STAGES:
+        tc = getattr(cfg, stage)
+        share = tc.max_steps / sft_steps   # the stages keep their proportions; sft gets rehearsal_steps
+        for k, v in scaled_steps(tc, max(2, round(cfg.runtime.rehearsal_steps * min(1.0, share)))).items():
+            setattr(tc, k, v)
+    cfg.eval.sample_sizes = {s: min(n or cfg.runtime.rehearsal_eval_samples, cfg.runtime.rehearsal_eval_samples)
+                             for s, n in {**{s: None for s in cfg.eval.sets}, **cfg.eval.sample_sizes}.items()}
 
 
 def _build(values: dict, origin: dict) -> Config:
