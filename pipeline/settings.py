@@ -175,6 +175,7 @@ class RuntimeCfg:
     hf_home: str | None = None
     seed: int = 42
     inject_oom_at_step: int | None = None   # test hook: raise torch.OutOfMemoryError at this global step
+    inject_oom_rank: int | None = None      # test hook: only this rank raises it (None: every rank)
     deepspeed_config: str | None = None     # e.g. configs/deepspeed/zero3.json (needs `pip install deepspeed`)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])   # add "wandb" when configured
     gpu_probe_file: str | None = None       # GPU_PROBE_FILE: a recorded probe (configs/probes/*.json) replaces the live one
@@ -240,6 +241,7 @@ ENV_MAP: dict[str, tuple[str, ...]] = {
     "NPROC": ("runtime.nproc",), "DAY1_DRY_RUN": ("runtime.dry_run",), "DRY_RUN": ("runtime.dry_run",),
     "HF_HOME": ("runtime.hf_home",), "SEED": ("runtime.seed", "data.seed", "eval.seed"),
     "MEDLLM_CACHE": ("cache_dir",), "MEDLLM_INJECT_OOM_AT_STEP": ("runtime.inject_oom_at_step",),
+    "MEDLLM_INJECT_OOM_RANK": ("runtime.inject_oom_rank",),
     "DEEPSPEED_CONFIG": ("runtime.deepspeed_config",), "REPORT_TO": ("runtime.report_to",),
     "GPU_PROBE_FILE": ("runtime.gpu_probe_file",), "REHEARSAL": ("runtime.rehearsal",),
     "REHEARSAL_STEPS": ("runtime.rehearsal_steps",), "QLORA": ("model.qlora",),
