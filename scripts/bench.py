@@ -7,7 +7,9 @@ Writes reports/bench/bench.json, bench.md and PNG figures. Absolute times are on
 the ratios are what to quote. Nothing here asserts: a benchmark reports.
 Benchmarks: day1 (whole tiny Day-1, then the no-op re-run, instrumented), sft (our stage vs plain TRL),
 eval (batched left-padded generation vs one prompt at a time, demo tier), judge (concurrency vs sequential,
-then the cached re-run), cuda (a Qwen2.5-7B-shaped model, LoRA and QLoRA at seq 2048; skipped without CUDA).
+then the cached re-run), cuda (the pipeline's SFT on a Qwen2.5-7B-shaped random-init model built in memory, LoRA and
+QLoRA at seq 2048: tokens/s, MFU against the dense fp32-accumulate peak, memory against the planner; skipped without
+CUDA).
 """
 from __future__ import annotations
 
@@ -75,10 +77,13 @@ sys.argv = ["pipeline", *sys.argv[2:]]
 runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
 '''
 
-PEAK_TFLOPS = {   # dense bf16/fp16 tensor-core peak (no sparsity), from the vendors' data sheets
-    "H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100 NVL": 835, "H100": 756,
-    "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10G": 70, "A10": 125, "A6000": 155,
-    "RTX 4090": 165, "RTX 3090": 71, "V100": 125, "T4": 65,
+# Dense (no sparsity) fp16/bf16 tensor-core peak with fp32 accumulate, the mode training runs in, from the vendors'
+# data sheets: the MFU denominator. GeForce cards run fp16-accumulate at twice this (RTX 4090: 330); that is not
+# what a bf16/fp16 training step gets. A name matches whole (never inside another: "A100" is not "RTX A1000").
+PEAK_TFLOPS = {
+    "H200 NVL": 835, "H200": 989, "GH200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756,
+    "H100 NVL": 835, "H100": 756, "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10G": 70,
+    "A10": 125, "RTX A6000": 155, "RTX 4090": 165, "RTX 3090": 71, "V100 PCIE": 112, "V100": 125, "T4": 65,
 }
 
 
@@ -334,97 +339,68 @@ def bench_judge(work: Path, reps: int, quick: bool, n: int, latency_ms: float, c
                       "cached": again["n_cached"], "judged": again["n_judged"]}}
 
 
-# --- 6: CUDA only: a Qwen2.5-7B-shaped model, LoRA and QLoRA at seq 2048 ----------------------------------
+# --- 6: CUDA only: the pipeline's SFT on a Qwen2.5-7B-shaped random-init model, LoRA and QLoRA at seq 2048 --------
 def peak_tflops(gpu_name: str) -> float | None:
-    for key, value in PEAK_TFLOPS.items():   # the more specific names come first
-        if key.lower() in gpu_name.lower():
-            return value
+    """PEAK_TFLOPS of the longest key found whole in the device name (None: unknown, so no MFU)."""
+    name = re.sub(r"[-_]", " ", gpu_name.upper())
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if re.search(rf"(?<![A-Z0-9]){re.escape(key.upper())}(?![0-9])", name):
+            return PEAK_TFLOPS[key]
     return None
 
 
-def bench_cuda(work: Path, reps: int, steps: int = 6, seq: int = 2048) -> dict:
+def bench_cuda(work: Path, reps: int, seq: int = 2048) -> dict:
     import torch
     if not torch.cuda.is_available():
         return {"skipped": True, "reason": "no CUDA device on this machine: the 7B-shaped LoRA/QLoRA benchmark runs only on a GPU"}
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from pipeline import hardware
+    return lora_benchmark(work, "7b", hardware.probe(), reps, seq, torch.cuda.get_device_name(0))
+
+
+def lora_benchmark(work: Path, tier: str, probe: dict, reps: int, seq: int, device_name: str) -> dict:
+    """What the pipeline runs: the gpu_selftest stage's SFT trial (models.load_model as the plan says, fp32 LoRA and
+    GradScaler under fp16, TRL's SFTTrainer with its own loss head) on a random-init model of the tier's shape whose
+    weights are made in memory on the device (nothing on disk), rows filling `seq`, non-padding tokens counted."""
+    from pipeline import hardware, models
     from pipeline.settings import load_config
-    cfg = load_config(tier="7b", env=child_env(work / "cuda-root", MODEL_TIER="7b"))
-    shape = hardware.MODEL_SHAPES["7b"]
-    config = Qwen2Config(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"],
-                         tie_word_embeddings=shape["tied"], max_position_embeddings=32768, rope_theta=1e6)
-    probe = hardware.probe()
-    folder = work / "qwen7b-random"
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):   # random init on the GPU (fast), saved once so both runs load it like a hub model
-            Qwen2ForCausalLM(config).save_pretrained(folder)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name(0)
-    out = {"gpu": name, "peak_tflops_dense_16bit": peak_tflops(name), "seq_len": seq, "steps_timed": steps, "runs": {}}
-    for label, qlora in (("lora", False), ("qlora_nf4", True)):
-        est_in = {"lora_r": cfg.lora.r, "target_modules": cfg.lora.target_modules, "optimizer": cfg.sft.optimizer,
-                  "seq_len": seq, "batch": cfg.sft.batch_size, "activation_checkpointing": cfg.sft.activation_checkpointing}
-        plan = hardware.make_plan(probe, tier="7b", want_qlora=qlora, want_flash_attn=cfg.model.flash_attn,
-                                  min_mem_gb={}, estimate_inputs=est_in)
-        try:
-            out["runs"][label] = _cuda_lora_run(folder, plan, cfg, seq, steps, reps, out["peak_tflops_dense_16bit"], shape)
-        except Exception as exc:  # noqa: BLE001 - an OOM or a kernel error is a result to report, not a crash
-            out["runs"][label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}",
-                                  "planner_estimate_gb": plan["memory_estimate"]["total_gb"]}
-            torch.cuda.empty_cache()
-    shutil.rmtree(folder, ignore_errors=True)
+    from pipeline.stages import gpu_selftest as S
+    cfg = load_config(tier=tier, env=child_env(work / "cuda-root", MODEL_TIER=tier),
+                      overrides=[f"sft.max_length={seq}", "sft.curriculum=[]"])
+    tok = models.load_tokenizer(models.build_tiny(work / "tiny-tokenizer", seed=cfg.model.tiny_seed))
+    ids, config = S.text_ids(cfg, tok), S.random_config(hardware.MODEL_SHAPES[tier], tok)
+    shape, peak = S.shape_of(config), peak_tflops(device_name)
+    out = {"gpu": device_name, "peak_tflops_dense_fp32_accumulate": peak, "seq_len": seq, "optimizer_steps": S.STEPS,
+           "setup": f"{tier}-shaped Qwen2 with random weights made on the device (no file), the pipeline's SFT "
+                    f"(gpu_selftest.trial) for {S.STEPS} optimizer steps at seq {seq}, batch and accumulation as the "
+                    f"{tier} tier plans; tokens/s over the steps after the first; {S.TOKENS_COUNTED}", "runs": {}}
+    est_in = {"lora_r": cfg.lora.r, "target_modules": cfg.lora.target_modules, "optimizer": cfg.sft.optimizer,
+              "seq_len": seq, "batch": cfg.sft.batch_size, "activation_checkpointing": cfg.sft.activation_checkpointing}
+    with S.random_weights(config):
+        for label, qlora in (("lora", False), ("qlora_nf4", True)):
+            plan = hardware.make_plan(probe, tier=tier, want_qlora=qlora, want_flash_attn=cfg.model.flash_attn,
+                                      min_mem_gb={}, estimate_inputs=est_in)
+            if qlora and plan["quantization"] != "nf4":
+                out["runs"][label] = {"skipped": plan["quant_reason"]}
+                continue
+            recs = [S.trial("sft", cfg, plan, S.RANDOM_INIT, tok, ids, work / f"cuda-{label}-{i}") for i in range(reps)]
+            out["runs"][label] = _lora_summary(recs, plan, shape, seq, peak)
     return out
 
 
-def _cuda_lora_run(folder, plan, cfg, seq, steps, reps, peak, shape) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from pipeline import models
-    torch.cuda.reset_peak_memory_stats()
-    model = models.load_model(folder, plan, trainable=True)
-    if cfg.sft.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                             target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = cfg.sft.batch_size
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan["precision"], torch.float32)
-    ids = torch.randint(0, shape["vocab"], (batch, seq), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=dtype):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step(), opt.zero_grad(set_to_none=True)
-    step()   # warm-up (kernels, allocator)
-    rates = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        rates.append(batch * seq * steps / (time.perf_counter() - t0))
-    n = shape["params"]
-    flops_per_token = 4 * n + 12 * shape["layers"] * seq * shape["hidden"]   # LoRA: no weight gradients of the base
-    tps = statistics.median(rates)
-    peak_mem = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt
-    torch.cuda.empty_cache()
-    return {"plan": {k: plan[k] for k in ("precision", "attn_implementation", "quantization")},
-            "batch": batch, "activation_checkpointing": cfg.sft.activation_checkpointing, "tokens_per_s": spread(rates),
-            "mfu": round(tps * flops_per_token / (peak * 1e12), 4) if peak else None,
-            "mfu_formula": "tokens/s x (4 x params + 12 x layers x seq x hidden) / dense 16-bit peak (recompute not counted)",
-            "peak_mem_gb": round(peak_mem, 2), "planner_estimate_gb": plan["memory_estimate"]["total_gb"],
-            "estimate_over_measured": round(plan["memory_estimate"]["total_gb"] / peak_mem, 3)}
+def _lora_summary(recs: list[dict], plan: dict, shape: dict, seq: int, peak: float | None) -> dict:
+    ok = [r for r in recs if "error" not in r and (r.get("speed") or {}).get("tokens_per_s")]
+    flops_per_token = 4 * shape["params"] + 12 * shape["layers"] * seq * shape["hidden"]   # LoRA: frozen base
+    tps = statistics.median(r["speed"]["tokens_per_s"] for r in ok) if ok else None
+    last = (ok or recs)[-1]
+    return {"source": "random-init", "plan": {k: plan[k] for k in ("precision", "attn_implementation", "quantization")},
+            "seq_len": seq, "batch": last["per_device_batch"], "grad_acc": last["grad_acc"],
+            "trainable_dtype": last.get("trainable_dtype"), "grad_scaler": last.get("grad_scaler"),
+            "errors": [r["error"] for r in recs if "error" in r], "invariants": last["invariants"],
+            "tokens_per_s": spread([r["speed"]["tokens_per_s"] for r in ok]) if ok else None,
+            "mfu": round(tps * flops_per_token / (peak * 1e12), 4) if peak and tps else None,
+            "mfu_formula": "tokens/s x (4 x params + 12 x layers x seq x hidden) / dense fp32-accumulate 16-bit peak "
+                           "(LoRA: no weight gradients of the frozen base; recompute not counted)",
+            "memory": last.get("memory"), "memory_vs_estimate": last.get("memory_vs_estimate")}
 
 
 # --- report ------------------------------------------------------------------------------------------------
@@ -456,8 +432,11 @@ def rows_for_table(res: dict) -> list[tuple[str, str, str]]:
             rows.append(("cuda", "7B-shaped LoRA / QLoRA", "skipped: " + c["reason"]))
         else:
             for label, r in c["runs"].items():
-                rows.append(("cuda", f"{label}: tokens/s, MFU, peak GB (estimate)", r.get("error") or
-                             f"{r['tokens_per_s']['median']:.0f}, {r['mfu']}, {r['peak_mem_gb']} ({r['planner_estimate_gb']})"))
+                m = r.get("memory_vs_estimate") or {}
+                rows.append(("cuda", f"{label}: tokens/s, MFU, peak reserved + context GB (estimate)",
+                             r.get("skipped") or "; ".join(r.get("errors") or []) or
+                             f"{r['tokens_per_s']['median']:.0f}, {r['mfu']}, "
+                             f"{m.get('measured_reserved_plus_context_gb')} ({m.get('estimate_total_gb')})"))
     return rows
 
 

@@ -24,6 +24,8 @@ STAGES = [
           inputs=lambda c: _data("sft_path", "preference_path", "kto_path")(c) + _eval_inputs(c),
           sections=("model", "lora", "data", "sft", "dpo", "simpo", "kto", "eval", "judge"),
           in_all=False, done_status="dry_run"),
+    Stage("gpu_selftest", ("gpu_check",), lambda c: "reports/migration/gpu_selftest.json", inputs=_data("sft_path"),
+          sections=TRAIN_SECTIONS + ("sft", "dpo", "simpo", "kto", "runtime.rehearsal"), in_all=False),
     Stage("sft", ("gpu_check",), lambda c: f"reports/training/layer_b_{c.slug}_sft_metrics.json",
           inputs=_data("sft_path"), sections=TRAIN_SECTIONS + ("sft",), training=True),
     Stage("dpo", ("sft",), lambda c: "reports/training/dpo_metrics.json",
