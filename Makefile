@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: help venv test test-slow test-fast day1-smoke gpu-bootstrap gpu-check dry-run gpu-run gpu-complete-check \
-        day1-v100-dual bench soak export verify-export ls
+        gpu-selftest day1-v100-dual bench soak export verify-export ls
 
 help:                ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -29,6 +29,9 @@ gpu-bootstrap: venv  ## environment, imports, cache folders, disk -> reports/mig
 
 gpu-check: venv      ## hardware probe and the one plan -> reports/migration/gpu_check.json
 	$(PY) -m pipeline run gpu_check --force
+
+gpu-selftest: venv   ## each trainer, a few steps at the longest length/batch -> reports/migration/gpu_selftest.json
+	$(PY) -m pipeline run gpu_selftest --force
 
 dry-run: venv        ## configs, data, tokenizer, chat template, memory plan; trains nothing
 	DRY_RUN=true $(PY) -m pipeline run all

@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 PY=.venv/bin/python
 RUN_DIR=${DAY1_RUN_DIR:-$(mktemp -d)}   # step records (and the first logs, until the output root is known)
 STEPS=$RUN_DIR/steps.tsv
-ALL_STEPS="sync venv keys gpu-probe gpu-bootstrap gpu-check dry-run gpu-run gpu-complete-check"
+ALL_STEPS="sync venv keys gpu-probe gpu-bootstrap gpu-check dry-run gpu-selftest gpu-run gpu-complete-check"
 LOGS=$RUN_DIR
 
 step() {  # step NAME CMD...: run CMD, tee its output to the step log, record status/exit/seconds; returns CMD's exit
@@ -110,6 +110,8 @@ main() {
   dry_rc=$?
   [ "$DRY" = true ] && finish "$dry_rc" "not run: DAY1_DRY_RUN=true, nothing is trained"
   [ "$dry_rc" = 0 ] || finish "$dry_rc" "not run: the dry run failed (see reports/migration/dry_run.json)"
+  # a few steps of each trainer on the real model first: a crash or a broken invariant costs minutes here, not hours
+  step gpu-selftest make -s gpu-selftest || finish 1 "not run: the GPU self-test failed (reports/migration/gpu_selftest.json)"
 
   # 6. the experiment; the gate runs even after a failure, to say which stage failed and why
   step gpu-run make -s gpu-run

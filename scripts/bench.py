@@ -7,9 +7,9 @@ Writes reports/bench/bench.json, bench.md and PNG figures. Absolute times are on
 the ratios are what to quote. Nothing here asserts: a benchmark reports.
 Benchmarks: day1 (whole tiny Day-1, then the no-op re-run, instrumented), sft (our stage vs plain TRL),
 eval (batched left-padded generation vs one prompt at a time, demo tier), judge (concurrency vs sequential,
-then the cached re-run), cuda (the pipeline's SFT on a Qwen2.5-7B-shaped random-init model built in memory, LoRA and
-QLoRA at seq 2048: tokens/s, MFU against the dense fp32-accumulate peak, memory against the planner; skipped without
-CUDA).
+then the cached re-run), cuda (the pipeline's SFT on a Qwen2.5-7B-shaped random-init model built in memory,
+LoRA and QLoRA at seq 2048: tokens/s, MFU against the dense fp32-accumulate peak, memory against the planner;
+skipped without CUDA).
 """
 from __future__ import annotations
 
@@ -77,9 +77,9 @@ sys.argv = ["pipeline", *sys.argv[2:]]
 runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
 '''
 
-# Dense (no sparsity) fp16/bf16 tensor-core peak with fp32 accumulate, the mode training runs in, from the vendors'
-# data sheets: the MFU denominator. GeForce cards run fp16-accumulate at twice this (RTX 4090: 330); that is not
-# what a bf16/fp16 training step gets. A name matches whole (never inside another: "A100" is not "RTX A1000").
+# Dense (no sparsity) fp16/bf16 tensor-core peak with fp32 accumulate, the mode training runs in, from the
+# vendors' data sheets: the MFU denominator. GeForce cards run fp16-accumulate at twice this (RTX 4090: 330),
+# which no bf16/fp16 training step gets. A name matches whole: "A100" is not found in "RTX A1000".
 PEAK_TFLOPS = {
     "H200 NVL": 835, "H200": 989, "GH200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756,
     "H100 NVL": 835, "H100": 756, "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10G": 70,
@@ -339,7 +339,7 @@ def bench_judge(work: Path, reps: int, quick: bool, n: int, latency_ms: float, c
                       "cached": again["n_cached"], "judged": again["n_judged"]}}
 
 
-# --- 6: CUDA only: the pipeline's SFT on a Qwen2.5-7B-shaped random-init model, LoRA and QLoRA at seq 2048 --------
+# --- 6: CUDA only: the pipeline's SFT on a Qwen2.5-7B-shaped random-init model, LoRA and QLoRA, seq 2048 ----
 def peak_tflops(gpu_name: str) -> float | None:
     """PEAK_TFLOPS of the longest key found whole in the device name (None: unknown, so no MFU)."""
     name = re.sub(r"[-_]", " ", gpu_name.upper())
@@ -352,15 +352,16 @@ def peak_tflops(gpu_name: str) -> float | None:
 def bench_cuda(work: Path, reps: int, seq: int = 2048) -> dict:
     import torch
     if not torch.cuda.is_available():
-        return {"skipped": True, "reason": "no CUDA device on this machine: the 7B-shaped LoRA/QLoRA benchmark runs only on a GPU"}
+        return {"skipped": True, "reason": "no CUDA device on this machine: the 7B-shaped LoRA/QLoRA "
+                                           "benchmark runs only on a GPU"}
     from pipeline import hardware
     return lora_benchmark(work, "7b", hardware.probe(), reps, seq, torch.cuda.get_device_name(0))
 
 
 def lora_benchmark(work: Path, tier: str, probe: dict, reps: int, seq: int, device_name: str) -> dict:
-    """What the pipeline runs: the gpu_selftest stage's SFT trial (models.load_model as the plan says, fp32 LoRA and
-    GradScaler under fp16, TRL's SFTTrainer with its own loss head) on a random-init model of the tier's shape whose
-    weights are made in memory on the device (nothing on disk), rows filling `seq`, non-padding tokens counted."""
+    """What the pipeline runs: the gpu_selftest stage's SFT trial (models.load_model as the plan says, fp32
+    LoRA and GradScaler under fp16, TRL's SFTTrainer with its own loss head) on a random-init model of the
+    tier's shape whose weights are made on the device (nothing on disk), rows filling `seq`, real tokens."""
     from pipeline import hardware, models
     from pipeline.settings import load_config
     from pipeline.stages import gpu_selftest as S
@@ -369,12 +370,15 @@ def lora_benchmark(work: Path, tier: str, probe: dict, reps: int, seq: int, devi
     tok = models.load_tokenizer(models.build_tiny(work / "tiny-tokenizer", seed=cfg.model.tiny_seed))
     ids, config = S.text_ids(cfg, tok), S.random_config(hardware.MODEL_SHAPES[tier], tok)
     shape, peak = S.shape_of(config), peak_tflops(device_name)
-    out = {"gpu": device_name, "peak_tflops_dense_fp32_accumulate": peak, "seq_len": seq, "optimizer_steps": S.STEPS,
+    out = {"gpu": device_name, "peak_tflops_dense_fp32_accumulate": peak, "seq_len": seq,
+           "optimizer_steps": S.STEPS, "runs": {},
            "setup": f"{tier}-shaped Qwen2 with random weights made on the device (no file), the pipeline's SFT "
-                    f"(gpu_selftest.trial) for {S.STEPS} optimizer steps at seq {seq}, batch and accumulation as the "
-                    f"{tier} tier plans; tokens/s over the steps after the first; {S.TOKENS_COUNTED}", "runs": {}}
+                    f"(gpu_selftest.trial) for {S.STEPS} optimizer steps of one micro-batch at seq {seq}, the "
+                    f"{tier} tier's per-device batch; tokens/s over the steps after the first; "
+                    f"{S.TOKENS_COUNTED}"}
     est_in = {"lora_r": cfg.lora.r, "target_modules": cfg.lora.target_modules, "optimizer": cfg.sft.optimizer,
-              "seq_len": seq, "batch": cfg.sft.batch_size, "activation_checkpointing": cfg.sft.activation_checkpointing}
+              "seq_len": seq, "batch": cfg.sft.batch_size,
+              "activation_checkpointing": cfg.sft.activation_checkpointing}
     with S.random_weights(config):
         for label, qlora in (("lora", False), ("qlora_nf4", True)):
             plan = hardware.make_plan(probe, tier=tier, want_qlora=qlora, want_flash_attn=cfg.model.flash_attn,
@@ -382,7 +386,8 @@ def lora_benchmark(work: Path, tier: str, probe: dict, reps: int, seq: int, devi
             if qlora and plan["quantization"] != "nf4":
                 out["runs"][label] = {"skipped": plan["quant_reason"]}
                 continue
-            recs = [S.trial("sft", cfg, plan, S.RANDOM_INIT, tok, ids, work / f"cuda-{label}-{i}") for i in range(reps)]
+            recs = [S.trial("sft", cfg, plan, S.RANDOM_INIT, tok, ids, work / f"cuda-{label}-{i}")
+                    for i in range(reps)]
             out["runs"][label] = _lora_summary(recs, plan, shape, seq, peak)
     return out
 
@@ -392,14 +397,14 @@ def _lora_summary(recs: list[dict], plan: dict, shape: dict, seq: int, peak: flo
     flops_per_token = 4 * shape["params"] + 12 * shape["layers"] * seq * shape["hidden"]   # LoRA: frozen base
     tps = statistics.median(r["speed"]["tokens_per_s"] for r in ok) if ok else None
     last = (ok or recs)[-1]
-    return {"source": "random-init", "plan": {k: plan[k] for k in ("precision", "attn_implementation", "quantization")},
-            "seq_len": seq, "batch": last["per_device_batch"], "grad_acc": last["grad_acc"],
+    return {"source": "random-init", "seq_len": seq, "batch": last["per_device_batch"],
+            "plan": {k: plan[k] for k in ("precision", "attn_implementation", "quantization")},
             "trainable_dtype": last.get("trainable_dtype"), "grad_scaler": last.get("grad_scaler"),
             "errors": [r["error"] for r in recs if "error" in r], "invariants": last["invariants"],
             "tokens_per_s": spread([r["speed"]["tokens_per_s"] for r in ok]) if ok else None,
             "mfu": round(tps * flops_per_token / (peak * 1e12), 4) if peak and tps else None,
-            "mfu_formula": "tokens/s x (4 x params + 12 x layers x seq x hidden) / dense fp32-accumulate 16-bit peak "
-                           "(LoRA: no weight gradients of the frozen base; recompute not counted)",
+            "mfu_formula": "tokens/s x (4 x params + 12 x layers x seq x hidden) / dense fp32-accumulate "
+                           "16-bit peak (LoRA: no weight gradients of the frozen base; recompute not counted)",
             "memory": last.get("memory"), "memory_vs_estimate": last.get("memory_vs_estimate")}
 
 

@@ -3,9 +3,10 @@
 Run: python -m pipeline run gpu_selftest --force      (make gpu-selftest; needs gpu_check)
      MODEL_NAME=random-init python -m pipeline run gpu_selftest --force
          the tier's shape (hardware.MODEL_SHAPES) with random weights made on the device: no hub, no file
-Writes reports/migration/gpu_selftest.json: per trainer (sft, dpo, simpo, kto) the invariants, peak memory beside
-hardware.estimate_memory for that configuration, and tokens/s; ok only if every invariant holds and nothing crashed.
-Without CUDA a GPU tier runs the same on the tiny tier's model and says so (stand_in: true, device: cpu).
+Writes reports/migration/gpu_selftest.json: per trainer (sft, dpo, simpo, kto) the invariants, the peak
+memory beside hardware.estimate_memory for that configuration, and tokens/s; ok only if every invariant
+holds and nothing crashed. Without CUDA a GPU tier runs the same on the tiny tier's model and says so
+(stand_in: true, device: cpu).
 Docs: docs/GPU_SELFTEST.md.
 """
 from __future__ import annotations
@@ -24,15 +25,16 @@ from pipeline.engine import SkipStage
 from pipeline.settings import GPU_TIERS, HUB_MODELS
 
 RANDOM_INIT = "random-init"   # MODEL_NAME value: the tier's shape with random weights
-STEPS = 3                     # optimizer steps per trainer; the first is the warm-up, tokens/s is over the others
+STEPS = 3                     # optimizer steps per trainer; the first is the warm-up, tokens/s is the rest's
 KINDS = ("sft", "dpo", "simpo", "kto")
-SEQUENCES = {"sft": 1, "dpo": 2, "simpo": 2, "kto": 1}   # sequences with gradients per example (chosen + rejected)
+SEQUENCES = {"sft": 1, "dpo": 2, "simpo": 2, "kto": 1}   # sequences with gradients per example
 GIB = 2**30
-TOKENS_COUNTED = ("attention-mask sum (no padding) of every forward that builds a graph; the reference and KTO's KL "
-                  "forwards run without grad and are not counted; per optimizer step, between the ends of steps")
-MEMORY_COMPARED = ("like with like: the estimate's total (parts + CUDA context + fragmentation) against peak reserved "
-                   "+ the CUDA context measured outside the allocator; its parts without overhead against peak "
-                   "allocated; peaks from the end of the model load through the steps")
+TOKENS_COUNTED = ("attention-mask sum (no padding) of every forward that builds a graph; the reference and "
+                  "KTO's KL forwards run without grad and are not counted; per optimizer step, between the "
+                  "ends of steps")
+MEMORY_COMPARED = ("like with like: the estimate's total (parts + CUDA context + fragmentation) against peak "
+                   "reserved + the CUDA context measured outside the allocator; its parts without overhead "
+                   "against peak allocated; peaks from the end of the model load through the steps")
 
 
 # --- which model -----------------------------------------------------------------------------------
@@ -55,7 +57,8 @@ def pick_model(cfg, plan: dict) -> dict:
                 "name": f"random-init Qwen2 of {HUB_MODELS[cfg.tier]}'s shape (no pretrained weights)"}
     if cfg.tier in GPU_TIERS:
         return {"source": "stand-in", "base": tiny, "tokenizer": tiny, "stand_in": True,
-                "name": f"tiny-qwen2 (random init, {Path(tiny).name}) stands in for {HUB_MODELS[cfg.tier]}: no CUDA"}
+                "name": f"tiny-qwen2 (random init, {Path(tiny).name}) stands in for {HUB_MODELS[cfg.tier]}: "
+                        "no CUDA"}
     base = models.base_for(cfg)
     return {"source": "tier", "base": base, "tokenizer": base, "stand_in": False,
             "name": models.display_name(cfg.tier, base)}
@@ -71,7 +74,7 @@ def random_config(shape: dict, tok):
 
 
 def random_state_dict(config, dtype, device) -> dict:
-    """Every weight of `config`'s Qwen2, made on `device` (norms 1, biases 0, the rest N(0, initializer_range))."""
+    """Every weight of `config`'s Qwen2, made on `device`: norms 1, biases 0, others N(0, init range)."""
     import torch
     from transformers import Qwen2ForCausalLM
     with torch.device("meta"):
@@ -95,9 +98,9 @@ def random_state_dict(config, dtype, device) -> dict:
 
 @contextlib.contextmanager
 def random_weights(config):
-    """While open, models.load_model(RANDOM_INIT, plan) builds `config` with random weights on the plan's device:
-    transformers' loader takes them as a state dict (from_pretrained(None, state_dict=...)), so the dtype, device map,
-    attention and nf4 quantization apply as to real weights; nothing is written to disk or downloaded."""
+    """While open, models.load_model(RANDOM_INIT, plan) builds `config` with random weights made on the plan's
+    device: transformers' loader takes them as a state dict (from_pretrained(None, state_dict=...)), so dtype,
+    device map, attention and nf4 quantization apply as to real weights; nothing is written or downloaded."""
     from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
     own = AutoModelForCausalLM.__dict__.get("from_pretrained")
     real = AutoModelForCausalLM.from_pretrained
@@ -106,7 +109,8 @@ def random_weights(config):
         if str(path) != RANDOM_INIT:
             return real(path, *args, **kwargs)
         where = next(iter((kwargs.get("device_map") or {"": "cpu"}).values()))
-        weights = random_state_dict(config, kwargs["dtype"], f"cuda:{where}" if isinstance(where, int) else where)
+        device = f"cuda:{where}" if isinstance(where, int) else where
+        weights = random_state_dict(config, kwargs["dtype"], device)
         model = Qwen2ForCausalLM.from_pretrained(None, *args, config=config, state_dict=weights, **kwargs)
         weights.clear()
         model.config.name_or_path = RANDOM_INIT
@@ -131,7 +135,7 @@ def text_ids(cfg, tok) -> list[int]:
 def rows(kind: str, n: int, tok, ids: list[int], length: int) -> list[dict]:
     """n rows whose prompt is a quarter of `length` tokens and whose replies overrun it: every sequence is
     truncated to exactly `length`, so no batch has padding and the memory is the longest planned."""
-    ids = ids * math.ceil(2 * length / max(1, len(ids)))
+    ids = ids * math.ceil((2 * length + 128) / max(1, len(ids)))
 
     def piece(k: int, size: int) -> str:
         start = (k * 7919) % (len(ids) - size)
@@ -164,17 +168,19 @@ def for_installed_transformers(args: dict) -> dict:
 
 
 def build(kind: str, cfg, plan: dict, base: str, tok, dataset, args: dict, length: int):
-    """The trainer the stage builds; DPO/SimPO/KTO get a fresh trainable LoRA where the stage loads the SFT one."""
+    """The trainer the stage builds; DPO/SimPO/KTO get a fresh trainable LoRA where the stages load SFT's."""
     from peft import LoraConfig, get_peft_model
     tc = getattr(cfg, kind)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    model = models.load_model(base, plan, trainable=True, activation_checkpointing=tc.activation_checkpointing)
+    model = models.load_model(base, plan, trainable=True,
+                              activation_checkpointing=tc.activation_checkpointing)
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
         sargs = SFTConfig(**args, max_length=length, assistant_only_loss=True, packing=cfg.sft.packing,
                           dataset_num_proc=None)
-        return SFTTrainer(model=model, args=sargs, train_dataset=dataset, processing_class=tok, peft_config=lora)
+        return SFTTrainer(model=model, args=sargs, train_dataset=dataset, processing_class=tok,
+                          peft_config=lora)
     extra = {}
     if kind == "dpo":
         from trl import DPOConfig as Config, DPOTrainer as Trainer
@@ -185,11 +191,12 @@ def build(kind: str, cfg, plan: dict, base: str, tok, dataset, args: dict, lengt
         extra = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": cfg.simpo.simpo_gamma,
                  "remove_unused_columns": False}
     targs = Config(**args, max_length=length, beta=tc.beta, **extra)
-    return Trainer(model=get_peft_model(model, lora), args=targs, train_dataset=dataset, processing_class=tok)
+    return Trainer(model=get_peft_model(model, lora), args=targs, train_dataset=dataset,
+                   processing_class=tok)
 
 
 class TokenCounter:
-    """Real tokens (attention-mask sum) of every forward of `module` that builds a graph; no_grad ones are skipped."""
+    """Real tokens (attention-mask sums) of the forwards of `module` that build a graph (no_grad: skipped)."""
 
     def __init__(self, module):
         self.parts = []
@@ -236,7 +243,8 @@ def meter(model, cuda: bool):
 
 
 def speed(marks: list) -> dict:
-    steps = [{"seconds": round(t1 - t0, 4), "tokens": n1 - n0} for (t0, n0), (t1, n1) in zip(marks, marks[1:])]
+    steps = [{"seconds": round(t1 - t0, 4), "tokens": n1 - n0}
+             for (t0, n0), (t1, n1) in zip(marks, marks[1:])]
     timed = steps[1:] or steps   # the first step is the warm-up (kernels, allocator)
     secs = sum(s["seconds"] for s in timed)
     return {"per_step": steps, "tokens": sum(s["tokens"] for s in steps),
@@ -259,7 +267,8 @@ def compare_memory(estimate: dict, reserved_gb, allocated_gb, context_gb) -> dic
     return {"estimate_total_gb": estimate["total_gb"], "measured_reserved_plus_context_gb": seen,
             "total_ratio": round(estimate["total_gb"] / seen, 3) if seen else None,
             "estimate_parts_gb": parts, "measured_allocated_gb": allocated_gb,
-            "parts_ratio": round(parts / allocated_gb, 3) if allocated_gb else None, "compared": MEMORY_COMPARED}
+            "parts_ratio": round(parts / allocated_gb, 3) if allocated_gb else None,
+            "compared": MEMORY_COMPARED}
 
 
 def shape_of(config) -> dict:
@@ -271,7 +280,8 @@ def shape_of(config) -> dict:
 
 def invariants(rec: dict, plan: dict) -> dict:
     fp16, losses = plan["precision"] == "fp16", rec.get("losses") or []
-    return {"one_live_model_at_load": rec["live_models_before_load"] == 0 and rec.get("max_live_models", 9) <= 1,
+    return {"one_live_model_at_load": rec["live_models_before_load"] == 0
+            and rec.get("max_live_models", 9) <= 1,
             "trainable_float32_under_fp16": not fp16 or rec.get("trainable_dtype") == "float32",
             "grad_scaler_under_fp16": not fp16 or bool(rec.get("grad_scaler")),
             "kto_batch_at_least_2": rec["kind"] != "kto" or rec.get("trainer_batch", 0) >= 2,
@@ -281,12 +291,14 @@ def invariants(rec: dict, plan: dict) -> dict:
 
 
 def configuration(kind: str, cfg) -> dict:
-    """The longest length the stage plans (its curriculum's too) and the per-device batch fit() starts with (KTO's
-    floor of 2 included); one micro-batch per optimizer step: accumulation changes neither peak memory nor tokens/s."""
+    """The longest length the stage plans (its curriculum's too) and the per-device batch fit() starts with
+    (KTO's floor of 2 included); one micro-batch per optimizer step: accumulation changes neither peak memory
+    nor tokens/s."""
     tc = getattr(cfg, kind)
     batch, grad_acc, raised = T.first_batch(kind, tc.batch_size, tc.grad_acc)
-    return {"max_length": max([tc.max_length] + [c["max_length"] for c in tc.curriculum]), "per_device_batch": batch,
-            "grad_acc": 1, "grad_acc_planned": grad_acc, "batch_note": raised, "sequences_per_example": SEQUENCES[kind]}
+    return {"max_length": max([tc.max_length] + [c["max_length"] for c in tc.curriculum]),
+            "per_device_batch": batch, "grad_acc": 1, "grad_acc_planned": grad_acc, "batch_note": raised,
+            "sequences_per_example": SEQUENCES[kind]}
 
 
 def trial(kind: str, cfg, plan: dict, base: str, tok, ids: list[int], out, log=print) -> dict:
@@ -313,7 +325,7 @@ def trial(kind: str, cfg, plan: dict, base: str, tok, ids: list[int], out, log=p
         rec["trainer_batch"] = trainer.args.per_device_train_batch_size
         scaler = getattr(trainer.accelerator, "scaler", None)
         rec["grad_scaler"] = type(scaler).__name__ if scaler is not None else None
-        if cuda:   # the load's own peak (for random-init it holds the random state dict) is not the training's
+        if cuda:   # the load's own peak (random-init: the random state dict too) is not the training's
             rec["load_peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -335,14 +347,14 @@ def trial(kind: str, cfg, plan: dict, base: str, tok, ids: list[int], out, log=p
         rec["max_live_models"] = models.live_high_water()
         models.release()
     if config is not None:
-        est = hardware.estimate_memory(shape_of(config), lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules,
-                                       precision=plan["precision"], quantization=plan.get("quantization"),
-                                       optimizer=rec["optimizer"], seq_len=length, batch=batch * SEQUENCES[kind],
-                                       activation_checkpointing=tc.activation_checkpointing)
+        est = hardware.estimate_memory(
+            shape_of(config), lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules,
+            precision=plan["precision"], quantization=plan.get("quantization"), optimizer=rec["optimizer"],
+            seq_len=length, batch=batch * SEQUENCES[kind], activation_checkpointing=tc.activation_checkpointing)
         mem = rec.get("memory") or {}
         rec["estimate"] = {k: v for k, v in est.items() if k != "assumptions"}
-        rec["memory_vs_estimate"] = compare_memory(est, mem.get("peak_reserved_gb"), mem.get("peak_allocated_gb"),
-                                                   mem.get("context_gb"))
+        rec["memory_vs_estimate"] = compare_memory(est, mem.get("peak_reserved_gb"),
+                                                   mem.get("peak_allocated_gb"), mem.get("context_gb"))
     rec["invariants"] = invariants(rec, plan)
     rec["ok"] = "error" not in rec and all(rec["invariants"].values())
     log(f"{kind}: {'ok' if rec['ok'] else 'FAILED'} {rec.get('error') or ''} "
@@ -375,5 +387,6 @@ def run(ctx) -> dict:
     status, reason = verdict(records)
     return {"status": status, "reason": reason, "device": plan["device"], "stand_in": src["stand_in"],
             "model": {k: src.get(k) for k in ("source", "name", "shape")},
-            "plan": {k: plan.get(k) for k in ("precision", "quantization", "attn_implementation", "feasible")},
+            "plan": {k: plan.get(k) for k in ("precision", "quantization", "attn_implementation",
+                                              "feasible")},
             "steps": STEPS, "trainers": records, "tokens_counted": TOKENS_COUNTED}

@@ -1,5 +1,6 @@
-"""make gpu-selftest on the CPU: a few steps of each trainer on the tiny tier's model and as a GPU tier's stand-in;
-the invariants, real-token counts and one record per trainer; the random-init build (in memory, nf4 too).
+"""make gpu-selftest on the CPU: a few steps of each trainer on the tiny tier's model; the invariants,
+real-token counts and one record per trainer; which model and configuration a GPU tier gets (the stand-in
+without CUDA); the random-init build (in memory, nf4 too); scripts/device_selftest.sh end to end.
 
 Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/integration/test_gpu_selftest.py   (~40 s on 2 CPUs)
 """
@@ -8,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +22,7 @@ from pipeline.settings import load_config
 from pipeline.stages import gpu_selftest as S
 
 EVIDENCE = "reports/migration/gpu_selftest.json"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def selftest(root, expect_rc: int = 0) -> dict:
@@ -35,43 +40,37 @@ def test_each_trainer_takes_a_few_steps_at_its_longest_length_and_every_invarian
         tc = getattr(cfg, kind)
         assert rec["max_length"] == max([tc.max_length] + [c["max_length"] for c in tc.curriculum])
         assert rec["ok"] and all(rec["invariants"].values()) and rec["global_step"] == S.STEPS, rec
-        # every row fills max_length, so the real tokens of a step are exactly the sequences times the length
-        per_step = rec["per_device_batch"] * rec["grad_acc"] * rec["sequences_per_example"] * rec["max_length"]
+        # every row fills max_length, so a step's real tokens are exactly its sequences times the length
+        per_step = rec["per_device_batch"] * rec["sequences_per_example"] * rec["max_length"]
         assert [s["tokens"] for s in rec["speed"]["per_step"]] == [per_step] * S.STEPS, rec["speed"]
         assert rec["speed"]["tokens_per_s"] > 0 and rec["speed"]["timed_steps"] == S.STEPS - 1
         assert rec["max_live_models"] == 1 and rec["trainable_dtype"] == "float32"
         assert rec["memory"]["measured"] is False and rec["memory_vs_estimate"]["total_ratio"] is None
         assert rec["estimate"]["total_gb"] > rec["estimate"]["overhead_gb"] > 0
     assert doc["trainers"]["kto"]["trainer_batch"] >= 2
-    assert not (tiny_env / "checkpoints" / ".gpu_selftest").exists(), "the trainers' scratch folders are removed"
+    assert not (tiny_env / "checkpoints" / ".gpu_selftest").exists(), "the scratch folders are removed"
 
 
-def test_a_gpu_tier_without_cuda_runs_on_the_stand_in_and_says_so(tiny_env, monkeypatch):
-    monkeypatch.setenv("MODEL_TIER", "7b")
-    short = [f"{k}.max_length=160" for k in ("dpo", "simpo", "kto")] + ["sft.curriculum=[]", "sft.max_length=160"]
-    assert main(["run", "gpu_selftest", *short]) == 0   # the 7b tier's batches, shorter rows to keep the test quick
-    doc = json.loads((tiny_env / EVIDENCE).read_text())
-    assert doc["status"] == "ok" and doc["stand_in"] is True and doc["device"] == "cpu"
-    assert doc["model"]["source"] == "stand-in" and "stands in for Qwen/Qwen2.5-7B-Instruct" in doc["model"]["name"]
-    kto = doc["trainers"]["kto"]
-    assert kto["per_device_batch"] == 2 and "raised to 2" in kto["batch_note"] and kto["invariants"]["kto_batch_at_least_2"]
-    assert [s["tokens"] for s in kto["speed"]["per_step"]] == [2 * 160] * S.STEPS
-
-
-def test_the_configuration_is_the_longest_planned_length_and_the_batch_training_starts_with(tiny_env, monkeypatch):
+def test_a_gpu_tier_plans_its_longest_length_and_first_batch_and_has_a_stand_in_without_cuda(tiny_env,
+                                                                                            monkeypatch):
     monkeypatch.setenv("MODEL_TIER", "7b")
     cfg = load_config()
     sft, dpo, kto = (S.configuration(k, cfg) for k in ("sft", "dpo", "kto"))
     assert sft["max_length"] == 2048 and [c["max_length"] for c in cfg.sft.curriculum] == [512, 2048]
     assert dpo["max_length"] == 1024 and dpo["sequences_per_example"] == 2 and dpo["per_device_batch"] == 1
     assert kto["per_device_batch"] == 2 and kto["grad_acc_planned"] == 4 and kto["grad_acc"] == 1
-    monkeypatch.setenv("MODEL_TIER", "tiny")
-    plan = {"device": "cpu"}
-    assert S.pick_model(load_config(tier="7b"), plan)["stand_in"] is True
-    assert S.pick_model(load_config(tier="tiny"), plan)["stand_in"] is False
+    stand_in = S.pick_model(cfg, {"device": "cpu"})   # a GPU tier without CUDA (day1_run.sh runs it so)
+    assert stand_in["stand_in"] is True and stand_in["source"] == "stand-in"
+    assert "stands in for Qwen/Qwen2.5-7B-Instruct" in stand_in["name"] and Path(stand_in["base"]).is_dir()
+    assert S.pick_model(load_config(tier="tiny"), {"device": "cpu"})["stand_in"] is False
+    monkeypatch.setenv("MODEL_NAME", S.RANDOM_INIT)
+    random = S.pick_model(load_config(), {"device": "cuda"})   # no download: the tiny tokenizer, 7b's shape
+    assert random["source"] == S.RANDOM_INIT and random["shape"] == hardware.MODEL_SHAPES["7b"]
+    assert random["stand_in"] is False and "Qwen2.5-7B" in random["name"]
+    assert S.pick_model(load_config(), {"device": "cpu"})["stand_in"] is True   # never a 7B on a CPU
 
 
-def test_a_leaked_model_and_a_crash_each_fail_the_self_test_and_the_other_trainers_still_run(tiny_env, monkeypatch):
+def test_a_leaked_model_and_a_crash_each_fail_the_self_test_and_the_others_still_run(tiny_env, monkeypatch):
     real, leaked = S.build, []
 
     def build(kind, *args, **kwargs):
@@ -86,10 +85,12 @@ def test_a_leaked_model_and_a_crash_each_fail_the_self_test_and_the_other_traine
     assert doc["status"] == "failed" and ev.validate("gpu_selftest", doc) == []
     t = doc["trainers"]
     assert t["sft"]["ok"] and not t["dpo"]["ok"] and not t["simpo"]["ok"]
-    assert t["dpo"]["live_models_before_load"] == 1 and t["dpo"]["invariants"]["one_live_model_at_load"] is False
+    assert t["dpo"]["live_models_before_load"] == 1
+    assert t["dpo"]["invariants"]["one_live_model_at_load"] is False
     assert t["dpo"]["global_step"] == S.STEPS, "a broken invariant is reported after the trainer still ran"
     assert t["kto"]["error"] == "RuntimeError: boom"
-    assert "dpo: invariant(s) failed: one_live_model_at_load" in doc["reason"] and "kto: RuntimeError: boom" in doc["reason"]
+    assert "dpo: invariant(s) failed: one_live_model_at_load" in doc["reason"]
+    assert "kto: RuntimeError: boom" in doc["reason"]
 
 
 def test_fp16_invariants_need_float32_adapters_and_a_grad_scaler_and_kto_a_batch_of_two():
@@ -98,9 +99,11 @@ def test_fp16_invariants_need_float32_adapters_and_a_grad_scaler_and_kto_a_batch
             "grad_scaler": "GradScaler", "trainer_batch": 2, "global_step": S.STEPS, "losses": [11.9, 11.8],
             "speed": {"tokens": 4096}}
     assert all(S.invariants(good, fp16).values())
-    broken = {**good, "trainable_dtype": "bfloat16", "grad_scaler": None, "trainer_batch": 1, "losses": [float("nan")]}
+    broken = {**good, "trainable_dtype": "bfloat16", "grad_scaler": None, "trainer_batch": 1,
+              "losses": [float("nan")]}
     failed = {k for k, ok in S.invariants(broken, fp16).items() if not ok}
-    assert failed == {"trainable_float32_under_fp16", "grad_scaler_under_fp16", "kto_batch_at_least_2", "loss_finite"}
+    assert failed == {"trainable_float32_under_fp16", "grad_scaler_under_fp16", "kto_batch_at_least_2",
+                      "loss_finite"}
     bf16 = {k for k, ok in S.invariants({**broken, "losses": [1.0]}, {"precision": "bf16"}).items() if not ok}
     assert bf16 == {"kto_batch_at_least_2"}   # the fp16 rules apply to fp16 plans only
 
@@ -122,10 +125,11 @@ def test_tokens_are_counted_from_the_attention_mask_and_only_in_forwards_that_bu
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_the_random_init_model_is_built_in_memory_through_the_pipelines_loader(tmp_path, monkeypatch, quantized):
+def test_the_random_init_model_is_built_in_memory_by_the_pipelines_loader(tmp_path, monkeypatch, quantized):
     import tempfile
 
     import torch
+    from transformers import AutoModelForCausalLM
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
@@ -135,9 +139,7 @@ def test_the_random_init_model_is_built_in_memory_through_the_pipelines_loader(t
     assert config.vocab_size == len(tok), "the vocabulary grows to the tokenizer's"
     plan = {"device": "cpu", "precision": "bf16" if quantized else "fp32", "attn_implementation": "sdpa",
             "quantization": "nf4" if quantized else None, "rehearsal": quantized}   # bitsandbytes' CPU nf4
-    from transformers import AutoModelForCausalLM
-    before = AutoModelForCausalLM.__dict__.get("from_pretrained")
-    listing = sorted(os.listdir(tmp_path))
+    before, listing = AutoModelForCausalLM.__dict__.get("from_pretrained"), sorted(os.listdir(tmp_path))
     with S.random_weights(config):
         model = models.load_model(S.RANDOM_INIT, plan, trainable=True)
         assert models.live_models() >= 1
@@ -147,19 +149,44 @@ def test_the_random_init_model_is_built_in_memory_through_the_pipelines_loader(t
         loss = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss
         assert torch.isfinite(loss)
     assert AutoModelForCausalLM.__dict__.get("from_pretrained") is before, "the loader is restored"
-    assert sorted(os.listdir(tmp_path)) == listing and list(tmpdir.iterdir()) == []
+    assert sorted(os.listdir(tmp_path)) == listing
+    assert [p for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")] == []   # torch's cache
 
 
 def test_older_transformers_get_the_gradient_checkpointing_names(monkeypatch):
     import transformers
 
     @dataclasses.dataclass
-    class TrainingArguments:   # transformers 5.17: no activation_checkpointing field yet
+    class Before:   # transformers 5.17: gradient_checkpointing only
         gradient_checkpointing: bool = False
         gradient_checkpointing_kwargs: dict | None = None
-    monkeypatch.setattr(transformers, "TrainingArguments", TrainingArguments)
-    args = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}, "seed": 1}
+
+    @dataclasses.dataclass
+    class After(Before):   # the rename, the old names kept as aliases
+        activation_checkpointing: bool = False
+        activation_checkpointing_kwargs: dict | None = None
+    args = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False},
+            "seed": 1}
+    monkeypatch.setattr(transformers, "TrainingArguments", Before)
     assert S.for_installed_transformers(args) == {"gradient_checkpointing": True, "seed": 1,
                                                    "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    monkeypatch.undo()
-    assert S.for_installed_transformers(args) == args   # the installed one knows the new names
+    monkeypatch.setattr(transformers, "TrainingArguments", After)
+    assert S.for_installed_transformers(args) == args
+
+
+def test_the_device_script_runs_the_stage_and_writes_its_figures_flat_into_out(tiny_env):
+    """scripts/device_selftest.sh as a lent GPU runs it, here on the tiny tier and the CPU (no wheels)."""
+    out = tiny_env / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "SELFTEST_TIER": "tiny",
+           "SELFTEST_MODEL": "", "SELFTEST_PLANS": "bf16 fp16", "SELFTEST_SITE": str(tiny_env / "site")}
+    done = subprocess.run(["bash", "scripts/device_selftest.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["environment.txt", "gpu_selftest_bf16.json",
+                                                      "selftest.log", "summary.txt"]
+    doc = json.loads((out / "gpu_selftest_bf16.json").read_text())
+    assert doc["status"] == "ok" and doc["model_tier"] == "tiny"
+    summary = (out / "summary.txt").read_text()
+    assert "bf16: status ok" in summary and all(f"  {k}" in summary for k in ("sft", "dpo", "simpo", "kto"))
+    assert "fp16: not run, the fp16 plan needs a CUDA device" in (out / "selftest.log").read_text()
+    assert "trl 1.16" in (out / "environment.txt").read_text()

@@ -1,8 +1,8 @@
-"""`make bench` and `make soak` at their smallest settings: the files are written and every must-be-zero counter is 0;
-the CUDA benchmark's pure parts (peak table, memory comparison) and its model build (in memory, nothing in TMPDIR).
+"""`make bench` and `make soak` at their smallest settings: the files are written and every must-be-zero counter
+is 0; the CUDA benchmark's pure parts (peak table, memory comparison) and its model build (in memory).
 
-Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -m slow tests/unit/test_bench_soak.py   (a few minutes on 2 CPUs)
-     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/unit/test_bench_soak.py           (the fast ones, ~20 s)
+Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -m slow tests/unit/test_bench_soak.py   (minutes on 2 CPUs)
+     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/unit/test_bench_soak.py           (the fast ones)
 No timing is asserted: the benchmarks report speed, these tests check what the reports say about waste and loss.
 """
 from __future__ import annotations
@@ -82,7 +82,8 @@ def test_memory_comparison_sets_like_against_like():
     from pipeline.stages.gpu_selftest import compare_memory
     estimate = {"total_gb": 21.0, "overhead_gb": 1.8}   # parts 19.2 + context and fragmentation 1.8
     c = compare_memory(estimate, reserved_gb=20.0, allocated_gb=16.0, context_gb=0.8)
-    assert c["measured_reserved_plus_context_gb"] == 20.8 and c["total_ratio"] == pytest.approx(21.0 / 20.8, abs=1e-3)
+    assert c["measured_reserved_plus_context_gb"] == 20.8
+    assert c["total_ratio"] == pytest.approx(21.0 / 20.8, abs=1e-3)
     assert c["estimate_parts_gb"] == 19.2 and c["parts_ratio"] == pytest.approx(19.2 / 16.0, abs=1e-3)
     assert "reserved" in c["compared"] and "allocated" in c["compared"]
     none = compare_memory(estimate, reserved_gb=None, allocated_gb=None, context_gb=None)   # a CPU run
@@ -100,11 +101,16 @@ def test_cuda_benchmark_builds_its_model_in_memory_and_writes_nothing_to_tmpdir(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     no_gpu = {"cuda_available": False, "devices": [], "bitsandbytes": False}
     res = bench.lora_benchmark(tmp_path / "work", "tiny", no_gpu, reps=1, seq=64, device_name="cpu")
-    assert sorted(p.name for p in tmpdir.rglob("*")) == []
-    big = [p for p in (tmp_path / "work").rglob("*") if p.is_file() and p.stat().st_size > 8 * 2**20]
-    assert big == [], f"model-sized files written: {big}"
+    files = [p for p in [*tmpdir.rglob("*"), *(tmp_path / "work").rglob("*")] if p.is_file()]
+    in_tmp = [p for p in files if tmpdir in p.parents]
+    big = [p for p in files if p.stat().st_size > 8 * 2**20]
+    big += [p for p in in_tmp if p.suffix in (".safetensors", ".bin")]
+    assert big == [], f"model files written: {big}"
+    # the only thing TMPDIR may get is torch's own kernel cache (torchinductor_<user>), as in every training run
+    assert [p for p in in_tmp if not p.relative_to(tmpdir).parts[0].startswith("torchinductor_")] == []
     lora = res["runs"]["lora"]
     assert lora.get("errors") == [] and lora["tokens_per_s"]["median"] > 0
-    assert lora["source"] == "random-init" and lora["seq_len"] == 64 and lora["mfu"] is None   # no peak for a CPU
+    assert lora["source"] == "random-init" and lora["seq_len"] == 64
+    assert lora["mfu"] is None   # no peak figure for a CPU
     assert "reserved" in lora["memory_vs_estimate"]["compared"]
     assert "skipped" in res["runs"]["qlora_nf4"]   # 4-bit needs CUDA and bitsandbytes
