@@ -219,14 +219,14 @@ class TokenCounter:
 
 
 def meter(model, cuda: bool):
-    """A callback that marks (wall time, tokens so far) at the first step's start and at every step's end."""
+    """A callback that marks (wall time, tokens so far) at the first step's start and at every step's end.
+    It holds the counter only, never the model: the model goes with the trainer."""
     import torch
     from transformers import TrainerCallback
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
 
     class Meter(TrainerCallback):
-        def __init__(self):
-            self.counter, self.marks = TokenCounter(inner.get_decoder()), []
+        def __init__(self, counter):
+            self.counter, self.marks = counter, []
 
         def mark(self):
             if cuda:
@@ -239,7 +239,8 @@ def meter(model, cuda: bool):
 
         def on_step_end(self, args, state, control, **kw):
             self.mark()
-    return Meter()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return Meter(TokenCounter(inner.get_decoder()))
 
 
 def speed(marks: list) -> dict:
@@ -284,6 +285,7 @@ def invariants(rec: dict, plan: dict) -> dict:
             and rec.get("max_live_models", 9) <= 1,
             "trainable_float32_under_fp16": not fp16 or rec.get("trainable_dtype") == "float32",
             "grad_scaler_under_fp16": not fp16 or bool(rec.get("grad_scaler")),
+            "released_after": rec.get("live_models_after_release") == 0,
             "kto_batch_at_least_2": rec["kind"] != "kto" or rec.get("trainer_batch", 0) >= 2,
             "steps_reached": rec.get("global_step") == STEPS,
             "loss_finite": bool(losses) and all(math.isfinite(v) for v in losses),
@@ -316,7 +318,7 @@ def trial(kind: str, cfg, plan: dict, base: str, tok, ids: list[int], out, log=p
     models.live_high_water(reset=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer, config, t0 = None, None, time.monotonic()
+    trainer, m, config, t0 = None, None, None, time.monotonic()
     try:
         trainer = build(kind, cfg, plan, base, tok, data, for_installed_transformers(args), length)
         rec["build_s"] = round(time.monotonic() - t0, 2)   # model load + the trainer's own data preparation
@@ -343,9 +345,10 @@ def trial(kind: str, cfg, plan: dict, base: str, tok, ids: list[int], out, log=p
         traceback.print_exc()
         rec["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
     finally:
-        trainer = None
+        trainer = m = None
         rec["max_live_models"] = models.live_high_water()
         models.release()
+        rec["live_models_after_release"] = models.live_models()
     if config is not None:
         est = hardware.estimate_memory(
             shape_of(config), lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules,

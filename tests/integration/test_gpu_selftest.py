@@ -44,7 +44,8 @@ def test_each_trainer_takes_a_few_steps_at_its_longest_length_and_every_invarian
         per_step = rec["per_device_batch"] * rec["sequences_per_example"] * rec["max_length"]
         assert [s["tokens"] for s in rec["speed"]["per_step"]] == [per_step] * S.STEPS, rec["speed"]
         assert rec["speed"]["tokens_per_s"] > 0 and rec["speed"]["timed_steps"] == S.STEPS - 1
-        assert rec["max_live_models"] == 1 and rec["trainable_dtype"] == "float32"
+        assert rec["max_live_models"] == 1 and rec["live_models_after_release"] == 0
+        assert rec["trainable_dtype"] == "float32"
         assert rec["memory"]["measured"] is False and rec["memory_vs_estimate"]["total_ratio"] is None
         assert rec["estimate"]["total_gb"] > rec["estimate"]["overhead_gb"] > 0
     assert doc["trainers"]["kto"]["trainer_batch"] >= 2
@@ -84,20 +85,22 @@ def test_a_leaked_model_and_a_crash_each_fail_the_self_test_and_the_others_still
     doc = selftest(tiny_env, expect_rc=1)
     assert doc["status"] == "failed" and ev.validate("gpu_selftest", doc) == []
     t = doc["trainers"]
-    assert t["sft"]["ok"] and not t["dpo"]["ok"] and not t["simpo"]["ok"]
+    assert not t["sft"]["ok"] and not t["dpo"]["ok"] and not t["simpo"]["ok"]
+    assert t["sft"]["invariants"]["released_after"] is False, "sft's model outlived its trainer"
     assert t["dpo"]["live_models_before_load"] == 1
     assert t["dpo"]["invariants"]["one_live_model_at_load"] is False
     assert t["dpo"]["global_step"] == S.STEPS, "a broken invariant is reported after the trainer still ran"
     assert t["kto"]["error"] == "RuntimeError: boom"
-    assert "dpo: invariant(s) failed: one_live_model_at_load" in doc["reason"]
+    assert "sft: invariant(s) failed: released_after" in doc["reason"]
+    assert "dpo: invariant(s) failed: one_live_model_at_load, released_after" in doc["reason"]
     assert "kto: RuntimeError: boom" in doc["reason"]
 
 
 def test_fp16_invariants_need_float32_adapters_and_a_grad_scaler_and_kto_a_batch_of_two():
     fp16 = {"precision": "fp16"}
-    good = {"kind": "kto", "live_models_before_load": 0, "max_live_models": 1, "trainable_dtype": "float32",
-            "grad_scaler": "GradScaler", "trainer_batch": 2, "global_step": S.STEPS, "losses": [11.9, 11.8],
-            "speed": {"tokens": 4096}}
+    good = {"kind": "kto", "live_models_before_load": 0, "max_live_models": 1, "live_models_after_release": 0,
+            "trainable_dtype": "float32", "grad_scaler": "GradScaler", "trainer_batch": 2,
+            "global_step": S.STEPS, "losses": [11.9, 11.8], "speed": {"tokens": 4096}}
     assert all(S.invariants(good, fp16).values())
     broken = {**good, "trainable_dtype": "bfloat16", "grad_scaler": None, "trainer_batch": 1,
               "losses": [float("nan")]}
