@@ -262,6 +262,14 @@ def secret(name: str, env: dict | None = None) -> str | None:
     return value or None
 
 
+def pin_visible_devices(cfg: "Config") -> str | None:
+    """NPROC=1 on a machine with several GPUs: the Trainer would wrap the model in nn.DataParallel over all of them
+    (transformers counts the visible GPUs as n_gpu). Pin GPU 0 before CUDA starts unless the user chose devices."""
+    if cfg.runtime.nproc == 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
 def env_flag(name: str, default: bool = False) -> bool:
     """For scripts that need one boolean from the environment (parsed like every other flag)."""
     raw = environment().get(name)
