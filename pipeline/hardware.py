@@ -522,7 +522,7 @@ def rehearsal_plan(plan: dict, probe: dict, *, optimizers: dict | None = None) -
                      "fp16 directly, and trainable dtypes are asserted instead")
     elif plan["precision"] == "bf16":
         diffs.append("bf16 mixed precision: accelerate runs CPU autocast "
-                     "(accelerate/accelerator.py:589-590), not CUDA autocast; bf16 CPU matmuls are not "
+                     "(accelerate/accelerator.py:590-591), not CUDA autocast; bf16 CPU matmuls are not "
                      "bit-identical to cuBLAS")
     if plan["attn_implementation"] == "flash_attention_2":
         run.update(attn_implementation="sdpa", attn_reason="rehearsal on the CPU: flash_attention_2 -> sdpa")
