@@ -42,6 +42,9 @@ SEQUENCES_PER_EXAMPLE = {"sft": 1, "dpo": 2, "simpo": 2, "kto": 1}
 # trl/trainer/utils.py:1506)
 LOGPROB_TILE = (4096, 32768)
 FULL_LOGITS_STAGES = ("simpo",)   # CPOTrainer takes outputs.logits (trl/experimental/cpo/cpo_trainer.py:824)
+# QLoRA: these trainers cast the trainable params to bf16 (trl/trainer/sft_trainer.py:908-911,
+# dpo_trainer.py:726-729, kto_trainer.py:777-780); CPOTrainer keeps a PeftModel's fp32 adapters
+BF16_ADAPTER_STAGES = ("sft", "dpo", "kto")
 ARCH_INDEXES = {  # which PyTorch wheel index still (or already) has kernels for a GPU generation
     "old": ("https://download.pytorch.org/whl/cu126", "cu126 builds still carry sm_50-sm_90; "
             "CUDA 12.8+/13 builds dropped Maxwell, Pascal and Volta"),
@@ -324,13 +327,17 @@ def estimate_memory(shape: dict, *, lora_r: int, target_modules: list[str], prec
         raise ValueError(f"lora.target_modules names {unknown}, which are not linears of a Qwen2/Llama block "
                          f"({', '.join(dims)}): fix lora.target_modules in the config")
     trainable = lora_r * sum(sum(dims[m]) for m in names) * n_layers
-    adapters = trainable * 4
+    bf16_lora = quantization is not None and stage in BF16_ADAPTER_STAGES
+    lora_bytes = 2 if bf16_lora else 4
+    adapters = trainable * lora_bytes
+    dtype = "bf16 (TRL's trainer casts QLoRA's trainable params to bf16)" if bf16_lora else "fp32"
     assumptions.append(f"adapters: {trainable / 1e6:.1f}M LoRA params (r={lora_r} x (in+out) on "
-                       f"{', '.join(names)}, {n_layers} layers) in fp32.")
-    optimizer_b = trainable * OPTIMIZER_BYTES.get(optimizer, 8)
-    gradients = trainable * 4
-    assumptions.append(f"optimizer {optimizer}: {OPTIMIZER_BYTES.get(optimizer, 8)} bytes per trainable "
-                       "param; gradients: fp32, trainable params only.")
+                       f"{', '.join(names)}, {n_layers} layers) in {dtype}.")
+    per_param = 2 * lora_bytes if optimizer == "adamw_torch" else OPTIMIZER_BYTES.get(optimizer, 8)
+    optimizer_b = trainable * per_param   # AdamW keeps its two states in the param's dtype
+    gradients = trainable * lora_bytes
+    assumptions.append(f"optimizer {optimizer}: {per_param} bytes per trainable param; gradients: "
+                       f"{lora_bytes} bytes, trainable params only.")
 
     # activations, elements per token per layer saved for backward (sdpa/flash: no s x s score matrix):
     # 6h (norm in/out, attention in/out, residual) + 2*kv (k, v) + 4*intermediate (gate, up, act, product)
@@ -382,6 +389,16 @@ FP16_RISK = ("fp16 mixed precision: Qwen2.5 was trained in bf16 and some of its 
              "fp16's range (65504) and turn inf/NaN; the loss scaler only guards the gradients. The training "
              "stages stop at the first non-finite loss and name the step; the remedy is a bf16 GPU (Ampere, "
              "sm_80, or newer).")
+
+
+def _risks(precision: str, quantization) -> list[str]:
+    risks = [FP16_RISK] if precision == "fp16" else []
+    if precision == "fp16" and quantization:
+        risks.append("fp16 with QLoRA: TRL's SFT, DPO and KTO trainers cast the LoRA weights to bf16 "
+                     "(trl/trainer/sft_trainer.py:908-911), which this GPU has no units for: fp16 autocast "
+                     "computes with them in fp16, but they are stored and updated in bf16 (8-bit mantissa), "
+                     "an untested combination on pre-Ampere GPUs; watch the first steps (make gpu-selftest).")
+    return risks
 
 
 def _feasibility(probe: dict, tier: str, need, used: list, free_dev, free, worst: dict, precision: str,
@@ -497,8 +514,7 @@ def make_plan(probe: dict, *, tier: str, want_qlora: bool, want_flash_attn: bool
             "quantization": quantization, "quant_reason": quant_reason, "feasible": feasible,
             "feasible_reason": feasible_reason, "min_mem_gb": need, "free_mem_gb": free,
             "memory_estimate": estimates.get("sft", worst), "memory_estimates": estimates,
-            "deepspeed": deepspeed, "risks": [FP16_RISK] if precision == "fp16" else [],
-            "downgrades": downgrades}
+            "deepspeed": deepspeed, "risks": _risks(precision, quantization), "downgrades": downgrades}
 
 
 # ---------------------------------------------------------------- the rehearsal plan
