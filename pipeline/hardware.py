@@ -43,7 +43,8 @@ SEQUENCES_PER_EXAMPLE = {"sft": 1, "dpo": 2, "simpo": 2, "kto": 1}
 LOGPROB_TILE = (4096, 32768)
 FULL_LOGITS_STAGES = ("simpo",)   # CPOTrainer takes outputs.logits (trl/experimental/cpo/cpo_trainer.py:824)
 # QLoRA: these trainers cast the trainable params to bf16 (trl/trainer/sft_trainer.py:908-911,
-# dpo_trainer.py:726-729, kto_trainer.py:777-780); CPOTrainer keeps a PeftModel's fp32 adapters
+# dpo_trainer.py:726-729, kto_trainer.py:777-780); CPOTrainer keeps a PeftModel's fp32 adapters. Under an fp16
+# plan pipeline.models.fix_trainable_dtype casts them back to fp32 (GradScaler), so only bf16 plans keep bf16.
 BF16_ADAPTER_STAGES = ("sft", "dpo", "kto")
 ARCH_INDEXES = {  # which PyTorch wheel index still (or already) has kernels for a GPU generation
     "old": ("https://download.pytorch.org/whl/cu126", "cu126 builds still carry sm_50-sm_90; "
@@ -327,7 +328,7 @@ def estimate_memory(shape: dict, *, lora_r: int, target_modules: list[str], prec
         raise ValueError(f"lora.target_modules names {unknown}, which are not linears of a Qwen2/Llama block "
                          f"({', '.join(dims)}): fix lora.target_modules in the config")
     trainable = lora_r * sum(sum(dims[m]) for m in names) * n_layers
-    bf16_lora = quantization is not None and stage in BF16_ADAPTER_STAGES
+    bf16_lora = quantization is not None and stage in BF16_ADAPTER_STAGES and precision != "fp16"
     lora_bytes = 2 if bf16_lora else 4
     adapters = trainable * lora_bytes
     dtype = "bf16 (TRL's trainer casts QLoRA's trainable params to bf16)" if bf16_lora else "fp32"
@@ -392,13 +393,7 @@ FP16_RISK = ("fp16 mixed precision: Qwen2.5 was trained in bf16 and some of its 
 
 
 def _risks(precision: str, quantization) -> list[str]:
-    risks = [FP16_RISK] if precision == "fp16" else []
-    if precision == "fp16" and quantization:
-        risks.append("fp16 with QLoRA: TRL's SFT, DPO and KTO trainers cast the LoRA weights to bf16 "
-                     "(trl/trainer/sft_trainer.py:908-911), which this GPU has no units for: fp16 autocast "
-                     "computes with them in fp16, but they are stored and updated in bf16 (8-bit mantissa), "
-                     "an untested combination on pre-Ampere GPUs; watch the first steps (make gpu-selftest).")
-    return risks
+    return [FP16_RISK] if precision == "fp16" else []   # fp16 + QLoRA: adapters back to fp32 (fix_trainable_dtype)
 
 
 def _feasibility(probe: dict, tier: str, need, used: list, free_dev, free, worst: dict, precision: str,

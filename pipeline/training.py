@@ -154,7 +154,8 @@ def base_args(cfg, kind: str, plan: dict, out: Path, batch: int, grad_acc: int) 
                 activation_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
                 seed=cfg.runtime.seed, data_seed=cfg.runtime.seed,
                 report_to=cfg.runtime.report_to,
-                deepspeed=str(cfg.data_path(cfg.runtime.deepspeed_config)) if cfg.runtime.deepspeed_config else None,
+                deepspeed=str(cfg.data_path(cfg.runtime.deepspeed_config))   # the plan refuses ZeRO-3
+                if cfg.runtime.deepspeed_config and not plan.get("rehearsal") else None,
                 dataloader_num_workers=0,
                 include_num_input_tokens_seen="all", disable_tqdm=False, **precision_args(plan))
 
