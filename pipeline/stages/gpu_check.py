@@ -78,6 +78,7 @@ def run(ctx) -> dict:
         run_plan, differences = hw.rehearsal_plan(plan, found, optimizers={s: getattr(cfg, s).optimizer
                                                                            for s in TRAIN_STAGES})
         out["run_plan"] = run_plan
+        differences = differences + rt.rehearsal_changes   # the config's scaled steps, rows, rates, eval caps
         out["rehearsal"] = {"probe": rt.gpu_probe_file, "differences": differences,
                             "stand_in": f"tiny Qwen2 (random init, seed {cfg.model.tiny_seed}) in place of "
                                         f"{HUB_MODELS.get(cfg.tier, cfg.tier)}"}
