@@ -541,7 +541,8 @@ def rehearsal_plan(plan: dict, probe: dict, *, optimizers: dict | None = None) -
                      "attention, not bit-identically")
     if plan["quantization"] == "nf4":
         diffs.append("nf4: bitsandbytes 0.50 quantizes and runs the 4-bit matmuls with its CPU backend, not "
-                     "its CUDA kernels: same format and code path in transformers/peft, other kernels")
+                     "its CUDA kernels: same format and code path in transformers/peft, other kernels; its "
+                     "CPU-only eval-mode weight repack is turned off (pipeline.models.load_model)")
     if plan.get("n_gpus", 0) > 1:
         diffs.append(f"NCCL -> gloo: the {plan['n_gpus']} processes run on CPU cores and all-reduce over "
                      "gloo (accelerate/state.py:800-813), not NCCL (accelerate/state.py:788-790)")
