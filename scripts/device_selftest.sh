@@ -80,15 +80,21 @@ for plan in $PLANS; do
     nf4) extra=(QLORA=true) ;;
     fp16)   # the live GPU reported as sm_75 (no bf16): gpu_check plans fp16 from this recorded probe
       $PY - "$root/probe_fp16.json" <<'EOF'
-import json, sys, torch
+import json, shutil, subprocess, sys, torch
 if not torch.cuda.is_available():
     sys.exit(3)
 free, total = torch.cuda.mem_get_info()
-probe = {"devices": [{"name": f"{torch.cuda.get_device_name(0)} (probed as sm_75: fp16 plan)",
-                      "capability": [7, 5], "total_gb": round(total / 2**30, 2),
-                      "free_gb": round(free / 2**30, 2)}],
-         "driver": None, "cuda_runtime": torch.version.cuda, "torch_version": torch.__version__,
-         "torch_arch_list": torch.cuda.get_arch_list()}
+smi = shutil.which("nvidia-smi")
+driver = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                        text=True).stdout.split("\n")[0].strip() if smi else ""
+arch = torch.cuda.get_arch_list()
+probe = {"note": "the live GPU reported as sm_75 (no bf16) for an fp16 plan; sm_75 is added to the arch list "
+                 "so the plan does not refuse it: the kernels that run are the live GPU's",
+         "devices": [{"name": f"{torch.cuda.get_device_name(0)} (as sm_75)", "capability": [7, 5],
+                      "total_gb": round(total / 2**30, 2), "free_gb": round(free / 2**30, 2)}],
+         "driver": driver or "unknown", "cuda_runtime": torch.version.cuda or "unknown",
+         "torch_version": torch.__version__, "torch_arch_list": arch + ([] if "sm_75" in arch else ["sm_75"]),
+         "flash_attn": False, "bitsandbytes": False}
 json.dump(probe, open(sys.argv[1], "w"), indent=2)
 EOF
       [ $? = 0 ] || { log "fp16: not run, the fp16 plan needs a CUDA device"; continue; }

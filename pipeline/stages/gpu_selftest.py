@@ -27,7 +27,6 @@ from pipeline.settings import GPU_TIERS, HUB_MODELS
 RANDOM_INIT = "random-init"   # MODEL_NAME value: the tier's shape with random weights
 STEPS = 3                     # optimizer steps per trainer; the first is the warm-up, tokens/s is the rest's
 KINDS = ("sft", "dpo", "simpo", "kto")
-SEQUENCES = {"sft": 1, "dpo": 2, "simpo": 2, "kto": 1}   # sequences with gradients per example
 GIB = 2**30
 TOKENS_COUNTED = ("attention-mask sum (no padding) of every forward that builds a graph; the reference and "
                   "KTO's KL forwards run without grad and are not counted; per optimizer step, between the "
@@ -300,7 +299,7 @@ def configuration(kind: str, cfg) -> dict:
     batch, grad_acc, raised = T.first_batch(kind, tc.batch_size, tc.grad_acc)
     return {"max_length": max([tc.max_length] + [c["max_length"] for c in tc.curriculum]),
             "per_device_batch": batch, "grad_acc": 1, "grad_acc_planned": grad_acc, "batch_note": raised,
-            "sequences_per_example": SEQUENCES[kind]}
+            "sequences_per_example": hardware.SEQUENCES_PER_EXAMPLE[kind]}
 
 
 def trial(kind: str, cfg, plan: dict, base: str, tok, ids: list[int], out, log=print) -> dict:
@@ -353,9 +352,9 @@ def trial(kind: str, cfg, plan: dict, base: str, tok, ids: list[int], out, log=p
         est = hardware.estimate_memory(
             shape_of(config), lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules,
             precision=plan["precision"], quantization=plan.get("quantization"), optimizer=rec["optimizer"],
-            seq_len=length, batch=batch * SEQUENCES[kind], activation_checkpointing=tc.activation_checkpointing)
+            seq_len=length, batch=batch, activation_checkpointing=tc.activation_checkpointing, stage=kind)
         mem = rec.get("memory") or {}
-        rec["estimate"] = {k: v for k, v in est.items() if k != "assumptions"}
+        rec["estimate"] = {k: v for k, v in est.items() if k.endswith("_gb") or k == "sequences"}
         rec["memory_vs_estimate"] = compare_memory(est, mem.get("peak_reserved_gb"),
                                                    mem.get("peak_allocated_gb"), mem.get("context_gb"))
     rec["invariants"] = invariants(rec, plan)
