@@ -133,6 +133,8 @@ def test_eval_loads_the_base_once_and_records_memory_and_decoding(evaluated):
     dec = d["generation"]["decoding"]
     assert dec["do_sample"] is False and dec["num_beams"] == 1 and dec["repetition_penalty"] == 1.0
     assert dec["max_new_tokens"] == d["max_new_tokens"] and dec["temperature"] is None
+    md = (evaluated / "reports/eval_default.md").read_text()
+    assert "repetition_penalty 1.0" in md and "base loaded 1x, at most 1 alive" in md
 
 
 def _ctx():
@@ -174,6 +176,25 @@ def test_switched_adapters_give_what_a_fresh_load_gives(evaluated):
     del model
     models.release()
     assert models.live_models() == 0
+
+
+def test_an_adapter_that_fails_to_load_leaves_no_half_loaded_model(evaluated, tmp_path):
+    import shutil
+    import torch
+    from pipeline import models
+    from pipeline.variants import Variants, base_model_path, verified_adapter
+    ctx = _ctx()
+    bad = tmp_path / "bad"
+    shutil.copytree(verified_adapter(ctx, "sft"), bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with Variants(ctx) as vs:
+        want = _logits(*vs.use("dpo"))
+        vs.use("sft")
+        with pytest.raises(Exception):
+            vs.load(base_model_path(ctx), bad, "bad")
+        model, tok = vs.use("dpo")
+        assert torch.allclose(_logits(model, tok), want, atol=1e-5) and list(model.peft_config) == ["dpo"]
+        assert vs.memory() == {"max_live_models": 1, "base_loads": 2}   # the failed one was dropped, then reloaded
 
 
 def _greedy_by_hand(model, tok, text: str, n: int) -> list[int]:
