@@ -274,7 +274,8 @@ def _check_invariants(cfg: Config, stage: str, doc: dict, rel: str) -> dict:
             problems.append(f"batch.attempts with per_device < 2: {small[:3]}; KTO's KL term pairs the samples "
                             "of a device batch, with 1 it is the implied reward (trl/trainer/kto_trainer.py:846)")
     ok = f"trainables {trainable} under {dtype}, at most {live} live model(s)"
-    return _result(f"{stage}.invariants", problems, ok + (", every KTO batch >= 2" if stage == "kto" else ""), rel)
+    ok += ", every KTO batch >= 2" if stage == "kto" else ""
+    return _result(f"{stage}.invariants", problems, ok, rel)
 
 
 def check_training(cfg: Config, stage: str, plan: dict, vs=None) -> list[dict]:
@@ -442,8 +443,8 @@ def advice(cfg: Config, check: dict, training_failed: bool = False) -> str:
         "steps": f"training stopped before its plan: look for OOM retries or an interruption in reports/logs/{stage}_full.log, then {redo}",
         "base_model": f"the stage trained another base model than the config names: check MODEL_TIER/MODEL_NAME, then {redo}",
         "from_sft": f"the SFT final changed after {stage} trained on it: {redo}",
-        "invariants": f"the metrics predate these fields, or the trainer broke an invariant: {redo}; if it breaks "
-                      f"again, report it with reports/logs/{stage}_full.log (a pipeline defect, not a setting)",
+        "invariants": f"the metrics predate these fields, or the trainer broke an invariant: {redo}; if it "
+                      f"breaks again, report it with reports/logs/{stage}_full.log (a pipeline defect)",
         "coverage": "run `python -m pipeline run eval --force` once every training stage is ok",
         "pairwise": "set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env, or set ENABLE_LLM_JUDGE=false; then `python -m pipeline run judge --force`",
         "risk": "set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env, or set ENABLE_LLM_RISK_JUDGE=false; then `python -m pipeline run judge --force`",
@@ -459,7 +460,8 @@ def gate_markdown(gate: dict) -> str:
     blocked = [c for c in checks if not c["passed"] and c.get("blocked_by")]
     lines = [f"# Completion check: strict_pass {str(gate['strict_pass']).lower()}", "",
              f"Tier `{gate['tier']}`, root `{gate['root']}`, checked {gate['checked_at']}, commit `{gate['git_commit']}`.",
-             f"{len(checks) - len(gate['failed'])} of {len(checks)} checks pass.", ""]
+             f"{len(checks) - len(gate['failed'])} of {len(checks)} checks pass; the checkpoint probes loaded the "
+             f"base {gate['base_loads']}x, at most {gate['max_live_models']} model(s) alive.", ""]
     if roots:
         lines += ["## Failing (fix these first)", ""]
         lines += [f"- **{c['id']}** ({c['evidence']}): {c['detail']}\n  - what to do: {c['todo']}" for c in roots]
@@ -475,7 +477,7 @@ REHEARSAL_BLOCKER = "rehearsal: the weights were a stand-in"
 
 
 def rehearsal_evidence(cfg: Config) -> list[str]:
-    """The evidence files that say the run was a rehearsal: a `rehearsal` entry in gpu_check or training metrics."""
+    """The evidence files that say the run was a rehearsal (a `rehearsal` entry: gpu_check, training metrics)."""
     files = ["reports/migration/gpu_check.json"] + [evidence_path(cfg, stage) for stage in TRAIN]
     docs = {rel: ev.read_json(Path(cfg.root) / rel) for rel in files}
     return [rel for rel, d in docs.items() if isinstance(d, dict) and d.get("rehearsal") not in (None, False)]

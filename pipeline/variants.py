@@ -72,11 +72,12 @@ class Variants:
                 texts = generate(model, tok, ...)
 
     The base loads on the first use (nothing loads when nothing is used). A trained variant's final is verified
-    by hash, loaded next to the adapter in use (PeftModel.from_pretrained, then load_adapter), made active
-    (set_adapter) and the previous adapter deleted (delete_adapter); the base variant runs inside
-    `disable_adapter()` once an adapter is on the model. A different base path (the gate probing a full model
-    folder) releases this one first. Entering resets models.live_high_water, so memory() says what this block held.
-    The tokenizer of a trained variant comes from its adapter folder (the chat template it was trained with)."""
+    by hash, loaded next to the adapter in use (PeftModel.from_pretrained, then load_adapter: peft/peft_model.py
+    :418, :1417), made active (set_adapter, :1607) and the previous adapter deleted (delete_adapter, :1166); the
+    base variant runs inside `disable_adapter()` (:1023) once an adapter is on the model. Another base path (the
+    gate probing a full model folder) releases this one first. Entering resets models.live_high_water, so
+    memory() says what this block held. A trained variant's tokenizer comes from its adapter folder (the chat
+    template it was trained with)."""
 
     def __init__(self, ctx, plan: dict | None = None, padding_side: str = "left"):
         self.ctx, self.padding_side = ctx, padding_side
@@ -134,7 +135,7 @@ class Variants:
             self._model = PeftModel.from_pretrained(self._model, adapter, adapter_name=new, is_trainable=False)
         else:
             self._model.load_adapter(adapter, adapter_name=new, is_trainable=False)
-            self._model.set_adapter(new, inference_mode=True)   # inference_mode: keep it frozen
+            self._model.set_adapter(new, inference_mode=True)   # else it turns requires_grad on (tuners_utils:2048)
             self._model.delete_adapter(old)
         self._model.eval()
         self._adapter = new
@@ -154,7 +155,8 @@ def decoding(max_new_tokens: int) -> dict:
     temperature/top_p/top_k feed run only when do_sample is true (utils.py:1603); repetition_penalty 1.0,
     no_repeat_ngram_size 0 and min_new_tokens 0 add no processor (utils.py:1472, 1488, 1533-1536)."""
     return {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-            "min_new_tokens": 0, "max_new_tokens": max_new_tokens, "temperature": None, "top_p": None, "top_k": None}
+            "min_new_tokens": 0, "max_new_tokens": max_new_tokens,
+            "temperature": None, "top_p": None, "top_k": None}
 
 
 def generation_config(model, tok, max_new_tokens: int, **extra):

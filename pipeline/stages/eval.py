@@ -132,7 +132,8 @@ def predict(ctx, vs, name: str, rows: list[dict], prompts: list[list[dict]]) -> 
     """The variant's answers to every question, extracted by the rules and scored against the gold answer."""
     cfg = ctx.cfg
     model, tok = vs.use(name)
-    raws = generate(model, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, ctx.progress, f"eval {name}")
+    raws = generate(model, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, ctx.progress,
+                    f"eval {name}")
     out = []
     for row, prompt, raw in zip(rows, prompts, raws):
         extracted, method = extract(row, raw)
@@ -173,7 +174,7 @@ def run(ctx) -> dict:
                     for s, (r, full) in sets.items()},
            "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens, "n_bootstrap": cfg.eval.n_bootstrap,
            "fallback": fb, "memory": memory,
-           "generation": {"backend": "hf", "greedy": True, "padding_side": "left", "batched_by_prompt_length": True,
-                          "decoding": decoding(cfg.eval.max_new_tokens)}}
+           "generation": {"backend": "hf", "greedy": True, "padding_side": "left",
+                          "batched_by_prompt_length": True, "decoding": decoding(cfg.eval.max_new_tokens)}}
     ev.atomic_write_text(ctx.path("reports/eval_default.md"), R.eval_markdown(doc, cfg, git_commit()))
     return doc | {"outputs": outputs + ["reports/eval_default.md"]}

@@ -2,7 +2,8 @@
 medical risk (every scored variant).  Run: python -m pipeline run judge
 
 Questions: the SFT split's judge held-out (never trained on; ids recorded). Answers are generated once per
-variant checkpoint and cached in reports/judge/answers/<variant>.jsonl; judgments go through judgekit's
+variant checkpoint and decoding (all variants on one base load, variants.Variants) and cached in
+reports/judge/answers/<variant>.jsonl; judgments go through judgekit's
 append-only cache reports/judge/cache.jsonl, so a re-run asks nothing already judged.
 Writes reports/judge/judgments.jsonl and the evidence reports/judge/judge_summary.json.
 """

@@ -236,7 +236,8 @@ def test_generation_is_greedy_whatever_the_models_generation_config_says(pushy_m
     model = models.load_model(pushy_model, plan)
     tok = models.load_tokenizer(pushy_model, padding_side="left")
     assert model.generation_config.repetition_penalty == 2.0 and model.generation_config.do_sample is True
-    prompts = [[{"role": "user", "content": q}] for q in ("头痛怎么办?", "What lowers a fever?", "Is aspirin safe?")]
+    questions = ("头痛怎么办?", "What lowers a fever?", "Is aspirin safe?")
+    prompts = [[{"role": "user", "content": q}] for q in questions]
     got = generate(model, tok, prompts, batch_size=1, max_new_tokens=16)
     for prompt, text in zip(prompts, got):
         chat = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

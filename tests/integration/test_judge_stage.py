@@ -147,5 +147,6 @@ def test_answers_are_generated_on_one_base_load_and_cached_by_decoding(judges_on
     assert ev.validate("judge", s) == [] and len(loads) == 1                  # base, sft, dpo on one base
     assert s["memory"] == {"max_live_models": 1, "base_loads": 1}
     rows = [json.loads(x) for x in (root / "reports/judge/answers/dpo.jsonl").read_text().splitlines()]
-    assert rows and all(r["decoding"]["repetition_penalty"] == 1.0 and r["decoding"]["do_sample"] is False for r in rows)
+    assert rows and all(r["decoding"] == rows[0]["decoding"] for r in rows)
+    assert rows[0]["decoding"]["repetition_penalty"] == 1.0 and rows[0]["decoding"]["do_sample"] is False
     assert run_judge(force=True) == "ok" and len(loads) == 1 and "memory" not in summary(root)   # all cached

@@ -89,7 +89,8 @@ def eval_doc(root, cfg):
     from pipeline.variants import decoding
     return common(cfg, "eval", variants=variants, sets=sets, results=results, paired=[], batch_size=8, max_new_tokens=8,
                   fallback={"enabled": False, "available": False, "reason": "off"},
-                  generation={"backend": "hf", "decoding": decoding(8)}, memory={"max_live_models": 1, "base_loads": 1})
+                  generation={"backend": "hf", "decoding": decoding(8)},
+                  memory={"max_live_models": 1, "base_loads": 1})
 
 
 def judge_doc(cfg, risk=(10, 10)):
