@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: help venv test test-slow test-fast day1-smoke gpu-bootstrap gpu-check dry-run gpu-run gpu-complete-check \
-        day1-v100-dual bench soak export verify-export ls
+        day1-v100-dual rehearse bench soak export verify-export ls
 
 help:                ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -41,6 +41,9 @@ gpu-complete-check: venv  ## the strict checker; exit 0 iff strict_pass
 
 day1-v100-dual: venv ## Day-1 on 2x V100 32 GB (configs/runtime/v100_dual_32g.env)
 	bash scripts/migration/run_day1_v100_dual.sh
+
+rehearse: venv       ## a GPU tier's exact Day-1 on the CPU: make rehearse PROBE=configs/probes/v100x2_32g.json TIER=7b
+	REHEARSAL=true GPU_PROBE_FILE="$(PROBE)" MODEL_TIER="$(or $(TIER),7b)" bash day1_run.sh
 
 bench: venv          ## benchmarks -> reports/bench/
 	$(PY) -m scripts.bench

@@ -24,13 +24,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run: name a stage or 'all'")
 
     from rich.console import Console
-    from pipeline.settings import ConfigError, load_config
+    from pipeline.settings import ConfigError, load_config, pin_visible_devices
     console = Console(highlight=False)
     try:
         cfg = load_config(overrides=overrides)
     except ConfigError as exc:
         console.print(f"[red]config error:[/] {exc}", soft_wrap=True)
         return 2
+    pin_visible_devices(cfg)   # before anything imports torch and CUDA starts
     from pipeline import engine
     if args.cmd == "run":
         return engine.run(args.targets, cfg, console, force=args.force, with_needs=not args.no_deps)

@@ -98,10 +98,11 @@ class Ctx:
 
     @property
     def plan(self) -> dict:
+        """The plan this process executes: gpu_check's plan, or in a rehearsal its CPU run_plan."""
         check = self.evidence("gpu_check")
         if not check or "plan" not in check:
             raise StageFailed("no hardware plan: run `make gpu-check` (python -m pipeline run gpu_check) first")
-        return check["plan"]
+        return check.get("run_plan") or check["plan"]
 
     def secret(self, name: str) -> str | None:
         return secret(name)
@@ -282,6 +283,7 @@ def run_stage(stage: Stage, cfg: Config, console, force: bool = False) -> str:
     if skipped_need:
         return _finish(stage, cfg, console, fp, inputs, now(), skipped_need)
     started, t0 = now(), time.monotonic()
+    _fresh_process_state()
     with tee_output(root / "reports" / "logs" / f"{stage.name}_full.log", f"{stage.name} attempt at {started} (pid {os.getpid()})"):
         try:
             result = stage.module.run(Ctx(cfg, stage, console, fp))
@@ -295,6 +297,16 @@ def run_stage(stage: Stage, cfg: Config, console, force: bool = False) -> str:
             traceback.print_exc()
             result = StageFailed(f"{type(exc).__name__}: {exc}")
     return _finish(stage, cfg, console, fp, inputs, started, result, time.monotonic() - t0)
+
+
+def _fresh_process_state() -> None:
+    """Before a stage: the previous stage's models are collected (TRL's trainers hold cycles that only the cyclic
+    GC frees) and the per-stage high-water marks (live models, CUDA peak) start from here."""
+    from pipeline import models
+    models.release()
+    models.live_high_water(reset=True)
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        sys.modules["torch"].cuda.reset_peak_memory_stats()
 
 
 def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0) -> str:

@@ -31,6 +31,16 @@ class RankDone(Exception):
     """Raised on ranks > 0 once training is over; pipeline.train_worker catches it and exits 0."""
 
 
+class RankOOM(Exception):
+    """Raised on the rank that ran out of memory under DDP: it cannot retry alone (the other ranks would wait in
+    their next collective until the NCCL timeout), so it exits, torchrun ends the group, and the parent relaunches
+    every rank with half the batch. pipeline.train_worker writes `info` to oom.json beside the result."""
+
+    def __init__(self, info: dict):
+        super().__init__(f"out of memory at step {info.get('step')}")
+        self.info = info
+
+
 # --- hooks for training.fit(): no-ops in a single process ---------------------------------------------
 def _dist():
     import torch.distributed as dist
@@ -53,6 +63,13 @@ def on_main_then_wait(fn, *args) -> None:
     if is_main_process():
         fn(*args)
     wait_for_everyone()
+
+
+def oom_unless_alone(kind: str, failure: dict, batch: int, grad_acc: int) -> None:
+    """In one process the caller retries in place; under DDP this rank stops and the parent retries them all."""
+    dist = _dist()
+    if dist is not None and dist.get_world_size() > 1:
+        raise RankOOM({"kind": kind, "rank": dist.get_rank(), "batch_size": batch, "grad_acc": grad_acc, **failure})
 
 
 def stop_unless_main() -> None:
@@ -96,15 +113,35 @@ def maybe_distributed(ctx, kind: str) -> dict | None:
         ctx.log(f"NPROC={cfg.runtime.nproc} but the plan has {plan['n_gpus']} GPU: training in this process")
         return None
     from pipeline import models
-    models.resolve_base_model(cfg.tier, cfg.model.name, cfg.cache_dir, seed=cfg.model.tiny_seed)  # build once, not per rank
+    models.base_for(cfg)  # build once, not per rank
     work = Path(cfg.cache_dir) / "launch" / kind
     work.mkdir(parents=True, exist_ok=True)
-    config_file, result_file = work / "config.json", work / "result.json"
-    result_file.unlink(missing_ok=True)
-    ev.atomic_write_json(config_file, cfg.to_dict())
-    cmd = command(n, plan, kind, ctx.fingerprint, config_file, result_file)
-    ctx.log(f"launching {n} training processes ({plan['device']}): {' '.join(cmd[1:])}")
-    rc = subprocess.run(cmd, cwd=REPO).returncode   # its output goes to this stage's log like ours
+    config_file, result_file, oom_file = work / "config.json", work / "result.json", work / "oom.json"
+    tc = getattr(cfg, kind)
+    batch, grad_acc, _ = T.first_batch(kind, tc.batch_size, tc.grad_acc)
+    retries = []
+    while True:
+        result_file.unlink(missing_ok=True)
+        oom_file.unlink(missing_ok=True)
+        run_cfg = config_from_dict(cfg.to_dict())   # the parent's config; only this stage's batch may change
+        getattr(run_cfg, kind).batch_size, getattr(run_cfg, kind).grad_acc = batch, grad_acc
+        ev.atomic_write_json(config_file, run_cfg.to_dict())
+        cmd = command(n, plan, kind, ctx.fingerprint, config_file, result_file)
+        ctx.log(f"launching {n} training processes ({plan['device']}): {' '.join(cmd[1:])}")
+        rc = subprocess.run(cmd, cwd=REPO).returncode   # its output goes to this stage's log like ours
+        oom = ev.read_json(oom_file)
+        if not oom:
+            break
+        if batch // 2 < T.MIN_BATCH.get(kind, 1) or len(retries) >= tc.max_oom_retries:
+            raise StageFailed(f"CUDA out of memory on rank {oom.get('rank')} at step {oom.get('step')} with "
+                              f"per-device batch {batch} (after {len(retries)} retries of all {n} ranks): shorten "
+                              "max_length, turn on QLoRA (QLORA=true), or use bigger GPUs")
+        batch, grad_acc = batch // 2, grad_acc * 2
+        retries.append({"attempt": len(retries) + 1, "batch_size": batch, "grad_acc": grad_acc, "step": oom.get("step"),
+                        "error": f"rank {oom.get('rank')}: {oom.get('error')}",
+                        "action": f"all {n} ranks stopped; relaunched with half the batch, resumed"})
+        ctx.log(f"[yellow]rank {oom.get('rank')} ran out of memory at step {oom.get('step')}: relaunching all ranks "
+                f"with batch {batch} x accumulation {grad_acc}")
     outcome = ev.read_json(result_file) or {}
     if "skip" in outcome:
         raise SkipStage(outcome["skip"])
@@ -113,7 +150,17 @@ def maybe_distributed(ctx, kind: str) -> dict | None:
     if rc != 0 or "evidence" not in outcome:
         raise StageFailed(f"the {n}-process launch of {kind} exited with status {rc} without a result "
                           f"({result_file}): read reports/logs/{kind}_full.log for the failing rank")
-    return {**outcome["evidence"], "distributed": {"nproc": n, **outcome["distributed"], "command": cmd[1:]}}
+    evidence = outcome["evidence"]
+    if retries:   # the ranks saw only their last launch: put the relaunches in front
+        evidence["oom_retries"] = retries + evidence.get("oom_retries", [])
+        evidence["batch"] = {"requested": {"per_device": tc.batch_size, "grad_acc": tc.grad_acc},
+                             "attempts": [{"attempt": 1, "per_device": T.first_batch(kind, tc.batch_size, tc.grad_acc)[0],
+                                           "grad_acc": T.first_batch(kind, tc.batch_size, tc.grad_acc)[1],
+                                           "reason": "as configured"}]
+                             + [{"attempt": r["attempt"] + 1, "per_device": r["batch_size"], "grad_acc": r["grad_acc"],
+                                 "reason": f"out of memory at step {r['step']} ({r['error'][:80]})"} for r in retries]
+                             + evidence["batch"]["attempts"][1:]}
+    return {**evidence, "distributed": {"nproc": n, **outcome["distributed"], "command": cmd[1:]}}
 
 
 if __name__ == "__main__":   # debugging aid: print the command for a stage

@@ -429,8 +429,20 @@ def resolve_base_model(tier: str, model_name: str | None, cache_dir, seed: int =
     return name, slug
 
 
+def base_for(cfg, build: bool = True) -> str:
+    """The base model a config trains and evaluates: in a rehearsal the tiny stand-in (built from the seed) in place
+    of the GPU tier's hub model; else resolve_base_model (build=True) or base_model_name (build=False)."""
+    if cfg.runtime.rehearsal:
+        folder = cached_model_dir("tiny", cfg.cache_dir, cfg.model.tiny_seed)
+        return str(build_tiny(folder, seed=cfg.model.tiny_seed) if build else folder)
+    pick = resolve_base_model if build else base_model_name
+    return pick(cfg.tier, cfg.model.name, cfg.cache_dir, seed=cfg.model.tiny_seed)[0]
+
+
 def display_name(tier: str, base: str) -> str:
     """The model's name for reports: the hub id, or what the local build is."""
+    if tier in HUB_MODELS and Path(base).name.startswith("tiny-seed"):
+        return f"tiny-qwen2 stand-in for {HUB_MODELS[tier]} (rehearsal, random init, {Path(base).name})"
     if tier == "tiny":
         return f"tiny-qwen2 (random init, {Path(base).name})"
     if tier == "demo" and Path(base).is_dir():

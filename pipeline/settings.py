@@ -175,12 +175,14 @@ class RuntimeCfg:
     hf_home: str | None = None
     seed: int = 42
     inject_oom_at_step: int | None = None   # test hook: raise torch.OutOfMemoryError at this global step
+    inject_oom_rank: int | None = None      # test hook: only this rank raises it (None: every rank)
     deepspeed_config: str | None = None     # e.g. configs/deepspeed/zero3.json (needs `pip install deepspeed`)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])   # add "wandb" when configured
     gpu_probe_file: str | None = None       # GPU_PROBE_FILE: a recorded probe (configs/probes/*.json) replaces the live one
     rehearsal: bool = False                 # REHEARSAL: a GPU tier's exact configuration on the CPU, stand-in model
-    rehearsal_steps: int = 6                # REHEARSAL_STEPS: optimizer steps of the longest training stage
+    rehearsal_steps: int = 12               # REHEARSAL_STEPS: optimizer steps of the longest training stage
     rehearsal_eval_samples: int = 8         # eval questions per set in a rehearsal
+    rehearsal_changes: list[str] = field(default_factory=list)   # filled by the rehearsal: what it changed, why
 
     def __post_init__(self):
         _check(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
@@ -240,6 +242,7 @@ ENV_MAP: dict[str, tuple[str, ...]] = {
     "NPROC": ("runtime.nproc",), "DAY1_DRY_RUN": ("runtime.dry_run",), "DRY_RUN": ("runtime.dry_run",),
     "HF_HOME": ("runtime.hf_home",), "SEED": ("runtime.seed", "data.seed", "eval.seed"),
     "MEDLLM_CACHE": ("cache_dir",), "MEDLLM_INJECT_OOM_AT_STEP": ("runtime.inject_oom_at_step",),
+    "MEDLLM_INJECT_OOM_RANK": ("runtime.inject_oom_rank",),
     "DEEPSPEED_CONFIG": ("runtime.deepspeed_config",), "REPORT_TO": ("runtime.report_to",),
     "GPU_PROBE_FILE": ("runtime.gpu_probe_file",), "REHEARSAL": ("runtime.rehearsal",),
     "REHEARSAL_STEPS": ("runtime.rehearsal_steps",), "QLORA": ("model.qlora",),
@@ -258,6 +261,14 @@ def environment(dotenv_path: Path | None = None) -> dict[str, str]:
 def secret(name: str, env: dict | None = None) -> str | None:
     value = (env if env is not None else environment()).get(name)
     return value or None
+
+
+def pin_visible_devices(cfg: "Config") -> str | None:
+    """NPROC=1 on a machine with several GPUs: the Trainer would wrap the model in nn.DataParallel over all of them
+    (transformers counts the visible GPUs as n_gpu). Pin GPU 0 before CUDA starts unless the user chose devices."""
+    if cfg.runtime.nproc == 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def env_flag(name: str, default: bool = False) -> bool:
@@ -422,6 +433,9 @@ def load_config(tier: str | None = None, overrides: list[str] | None = None,
     for k, v in arg_pairs:
         put(k, v, f"argument {k}={v}")
     values["tier"] = chosen
+    if values.get("runtime.rehearsal") and "root" not in origin and values.get("runtime.gpu_probe_file"):
+        # a rehearsal never writes over a real run's evidence: its own output root unless PIPELINE_ROOT says
+        values["root"] = str(REPO / "rehearsals" / f"{Path(str(values['runtime.gpu_probe_file'])).stem}_{chosen}")
     cfg = _build(values, origin)
     if cfg.runtime.rehearsal:
         _rehearse(cfg, origin)
@@ -461,13 +475,24 @@ def _rehearse(cfg: Config, origin: dict) -> None:
                                              "(configs/probes/*.json): the plan is made from the GPU it rehearses")
     _check(not cfg.model.name, f"{where}: REHEARSAL=true trains a stand-in model; unset MODEL_NAME={cfg.model.name}")
     sft_steps = cfg.sft.max_steps
+    tiny, _ = _yaml_with_lines(CONFIG_DIR / "tiers" / "tiny.yaml")
+    changes = []
     for stage in TRAIN_STAGES:
         tc = getattr(cfg, stage)
         share = tc.max_steps / sft_steps   # the stages keep their proportions; sft gets rehearsal_steps
+        before = (tc.max_steps, tc.learning_rate)
         for k, v in scaled_steps(tc, max(2, round(cfg.runtime.rehearsal_steps * min(1.0, share)))).items():
             setattr(tc, k, v)
+        # the tier's rates are tuned for a pretrained 7B/14B; on the random-init stand-in they would not move the
+        # loss in a few steps, so the gate's "loss went down" would be noise: the stand-in trains at its own rates
+        tc.learning_rate = float(tiny.get(stage, {}).get("learning_rate", tc.learning_rate))
+        changes.append(f"{stage}: {before[0]} -> {tc.max_steps} steps (curriculum boundaries "
+                       f"{[c['until_step'] for c in tc.curriculum] or 'none'}, save every {tc.save_steps}); "
+                       f"learning rate {before[1]:g} -> {tc.learning_rate:g} (the stand-in's, configs/tiers/tiny.yaml)")
     cfg.eval.sample_sizes = {s: min(n or cfg.runtime.rehearsal_eval_samples, cfg.runtime.rehearsal_eval_samples)
                              for s, n in {**{s: None for s in cfg.eval.sets}, **cfg.eval.sample_sizes}.items()}
+    changes.append(f"eval: at most {cfg.runtime.rehearsal_eval_samples} questions per set")
+    cfg.runtime.rehearsal_changes = changes
 
 
 def _build(values: dict, origin: dict) -> Config:

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except launch.RankDone:
         print(f"{rank}: training done; rank 0 copies the final and writes the evidence", flush=True)
         return 0
+    except launch.RankOOM as exc:   # this rank cannot retry alone: exit, torchrun stops the others, the parent retries
+        ev.atomic_write_json(Path(result_file).with_name("oom.json"), exc.info)
+        print(f"{rank}: {exc}; exiting so that the launcher relaunches every rank with half the batch", flush=True)
+        return 3
     except engine.SkipStage as exc:
         outcome = {"skip": str(exc)}
     except engine.StageFailed as exc:

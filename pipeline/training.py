@@ -19,7 +19,6 @@ from pipeline.engine import SkipStage, StageFailed
 OUTPUT_DIRS = {"sft": "checkpoints/layer_b/{slug}_sft", "dpo": "checkpoints/dpo-real-baseline",
                "simpo": "checkpoints/simpo-real-baseline", "kto": "checkpoints/kto-real-baseline"}
 STATE_FILE = "trainer_state.json"
-_INJECTED = set()   # OOM injection fires once per process and step
 
 
 def output_dir(cfg, kind: str) -> str:
@@ -109,19 +108,50 @@ def claim_output_dir(ctx, out: Path) -> None:
 
 
 # --- the training loop around TRL -------------------------------------------------------------------
+MIN_BATCH = {"kto": 2}   # TRL's KTOTrainer refuses a per-device batch of 1 (trl/trainer/kto_trainer.py:844-847)
+# allocation failures that are not torch.OutOfMemoryError: cuBLAS/cuDNN workspaces and bitsandbytes raise RuntimeError
+OOM_TEXT = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation",
+            "CUDA error: out of memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
+                                                       and any(t in str(exc) for t in OOM_TEXT))
+
+
+def first_batch(kind: str, batch: int, grad_acc: int) -> tuple[int, int, str | None]:
+    """The per-device batch a stage can start with: raised to the trainer's minimum, the effective batch kept."""
+    floor = MIN_BATCH.get(kind, 1)
+    if batch >= floor:
+        return batch, grad_acc, None
+    new_acc = max(1, math.ceil(batch * grad_acc / floor))
+    return floor, new_acc, (f"{kind}: per-device batch {batch} raised to {floor} (TRL's {kind.upper()} trainer needs "
+                            f">= {floor}), accumulation {grad_acc} -> {new_acc} to keep the effective batch")
+
+
 def precision_args(plan: dict) -> dict:
     on_cpu = plan["device"] == "cpu"
     return {"use_cpu": on_cpu, "bf16": plan["precision"] == "bf16", "fp16": plan["precision"] == "fp16"}
 
 
-def base_args(cfg, kind: str, plan: dict, out: Path, max_steps: int, batch: int, grad_acc: int) -> dict:
+def optimizer_for(tc, plan: dict) -> tuple[str, str | None]:
+    """The optimizer that runs here, and why it differs from the config's (8-bit/paged ones need CUDA)."""
+    if plan["device"] == "cuda" or "8bit" not in tc.optimizer:
+        return tc.optimizer, None
+    return "adamw_torch", f"optimizer {tc.optimizer} needs CUDA (bitsandbytes paged/8-bit states): adamw_torch here"
+
+
+def base_args(cfg, kind: str, plan: dict, out: Path, batch: int, grad_acc: int) -> dict:
+    """TrainingArguments for the whole stage: ONE schedule over max_steps (sub-stages stop early, see StopAt)."""
     tc = getattr(cfg, kind)
-    optim = tc.optimizer if plan["device"] == "cuda" or "8bit" not in tc.optimizer else "adamw_torch"
-    return dict(output_dir=str(out), max_steps=max_steps, learning_rate=tc.learning_rate,
+    return dict(output_dir=str(out), max_steps=tc.max_steps, learning_rate=tc.learning_rate,
                 per_device_train_batch_size=batch, gradient_accumulation_steps=grad_acc,
                 warmup_steps=tc.warmup_ratio, logging_steps=tc.logging_steps, save_strategy="steps",
-                save_steps=tc.save_steps, save_total_limit=tc.save_total_limit, optim=optim,
-                gradient_checkpointing=tc.activation_checkpointing, activation_checkpointing=tc.activation_checkpointing,
+                save_steps=tc.save_steps, save_total_limit=tc.save_total_limit, optim=optimizer_for(tc, plan)[0],
+                activation_checkpointing=tc.activation_checkpointing,   # gradient_checkpointing mirrors it
+                # non-reentrant: reentrant checkpointing + DDP over a PeftModel fails; every LoRA param gets a grad
+                activation_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
                 seed=cfg.runtime.seed, data_seed=cfg.runtime.seed,
                 report_to=cfg.runtime.report_to,
                 deepspeed=str(cfg.data_path(cfg.runtime.deepspeed_config)) if cfg.runtime.deepspeed_config else None,
@@ -129,40 +159,55 @@ def base_args(cfg, kind: str, plan: dict, out: Path, max_steps: int, batch: int,
                 include_num_input_tokens_seen="all", disable_tqdm=False, **precision_args(plan))
 
 
-def make_callbacks(cfg, save_at: int):
+def make_callbacks(cfg, kind: str, stop_at: int):
     import torch
     from transformers import TrainerCallback
 
-    class SaveAndInject(TrainerCallback):
-        """Save at every sub-stage boundary; raise an injected OOM at a chosen step (test hook)."""
+    class StopAt(TrainerCallback):
+        """End a curriculum sub-stage at its until_step with a checkpoint (the schedule runs on to max_steps);
+        stop at the first non-finite loss (fp16 overflow) instead of paying for more steps; the OOM test hook."""
         def on_step_end(self, args, state, control, **kw):
             step = state.global_step
-            inject = cfg.runtime.inject_oom_at_step
-            if inject and step == inject and step not in _INJECTED:
-                _INJECTED.add(step)
+            inject, mark = cfg.runtime.inject_oom_at_step, Path(args.output_dir) / f".injected-oom-{step}"
+            rank = int(os.environ.get("RANK", "0"))   # torchrun's; the test hook may pick one rank
+            if inject and step == inject and not mark.exists() and cfg.runtime.inject_oom_rank in (None, rank):
+                mark.touch()   # once per output folder, so a relaunch of the ranks does not fire it again
                 raise torch.OutOfMemoryError(f"injected CUDA out of memory at step {step} (MEDLLM_INJECT_OOM_AT_STEP)")
-            if step == save_at:
-                control.should_save = True
+            if step >= stop_at:
+                control.should_save = control.should_training_stop = True
             return control
-    return [SaveAndInject()]
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise StageFailed(f"{kind}: {key} is {value} at step {state.global_step}: training diverged "
+                                      f"({'fp16 overflow: Qwen2.5 activations exceed fp16 range; ' if args.fp16 else ''}"
+                                      f"lower {kind}.learning_rate, or use a bf16 GPU / QLoRA); stopped early")
+    return [StopAt()]
 
 
 def fit(ctx, kind: str, build_trainer) -> dict:
     """Run the (curriculum of) sub-stages with auto-resume and OOM retry; return what the evidence needs.
 
     build_trainer(max_length, args_dict) -> a TRL trainer. Sub-stages are cumulative: each trains to its
-    until_step, resuming the previous one's checkpoint (optimizer, scheduler, global_step)."""
-    import torch
+    until_step, resuming the previous one's checkpoint (optimizer, scheduler, global_step) under one LR schedule
+    over max_steps. One model is alive at a time: the previous trainer is dropped and collected before a rebuild."""
+    from pipeline import models
     cfg, tc = ctx.cfg, getattr(ctx.cfg, kind)
     out = ctx.root / output_dir(cfg, kind)
     from pipeline import launch   # [launch hook] multi-process (NPROC>1) sync; no-ops in one process
     launch.on_main_then_wait(claim_output_dir, ctx, out)   # [launch hook] rank 0 claims the folder
     plan = ctx.plan
     subs = tc.curriculum or [{"max_length": tc.max_length, "until_step": tc.max_steps}]
-    batch, grad_acc, oom, reached = tc.batch_size, tc.grad_acc, [], []
+    batch, grad_acc, raised = first_batch(kind, tc.batch_size, tc.grad_acc)
+    if raised:
+        ctx.log(f"[yellow]{raised}")
+    attempts = [{"attempt": 1, "per_device": batch, "grad_acc": grad_acc, "reason": raised or "as configured"}]
+    oom, reached, trainable = [], [], None
     first = latest_checkpoint(out)   # a checkpoint before we start = a resumed (killed) run
     resumed_from = first.name if first else None
-    t0, trainer = time.monotonic(), None
+    t0, model = time.monotonic(), None
     for sub in subs:
         while True:
             launch.wait_for_everyone()   # [launch hook] every rank sees rank 0's newest checkpoint
@@ -170,27 +215,42 @@ def fit(ctx, kind: str, build_trainer) -> dict:
             done = ev.read_json(ckpt / STATE_FILE)["global_step"] if ckpt else 0
             if done >= sub["until_step"]:
                 break
-            args = base_args(cfg, kind, plan, out, sub["until_step"], batch, grad_acc)
-            trainer = build_trainer(sub["max_length"], args)
-            trainer.add_callback(make_callbacks(cfg, sub["until_step"])[0])
+            model = trainer = None
+            models.release()             # the previous sub-stage's (or attempt's) model is gone before the next loads
+            failure = None
             try:
+                trainer = build_trainer(sub["max_length"], base_args(cfg, kind, plan, out, batch, grad_acc))
+                trainable = models.fix_trainable_dtype(trainer.model, plan)
+                if plan["precision"] == "fp16" and trainable != "float32":
+                    raise StageFailed(f"{kind}: trainable parameters are {trainable} under an fp16 plan; GradScaler "
+                                      "needs float32 (pipeline.models.fix_trainable_dtype)")
+                trainer.add_callback(make_callbacks(cfg, kind, sub["until_step"])[0])
                 trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+                model = trainer.model
                 break
-            except torch.OutOfMemoryError as exc:
-                step = trainer.state.global_step
-                del trainer
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if batch == 1 or len(oom) >= tc.max_oom_retries:
-                    oom.append({"attempt": len(oom) + 1, "batch_size": batch, "grad_acc": grad_acc, "step": step,
-                                "error": str(exc)[:200], "action": "gave up"})
-                    raise StageFailed(f"CUDA out of memory at step {step} with per-device batch {batch} "
-                                      f"(after {len(oom) - 1} retries): shorten max_length, turn on QLoRA "
-                                      f"(model.qlora=true), or use a bigger GPU") from None
-                batch, grad_acc = batch // 2, grad_acc * 2
-                oom.append({"attempt": len(oom) + 1, "batch_size": batch, "grad_acc": grad_acc, "step": step,
-                            "error": str(exc)[:200], "action": "halved batch, doubled accumulation, resumed"})
-                ctx.log(f"[yellow]out of memory at step {step}: retrying with batch {batch} x accumulation {grad_acc}")
+            except Exception as exc:  # noqa: BLE001 - only an allocation failure is retried; the rest re-raise
+                if not is_oom(exc):
+                    raise
+                failure = {"step": trainer.state.global_step if trainer is not None else done,
+                           "error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}
+            # outside the except: the traceback no longer pins the frames that hold the model
+            del trainer
+            model = None
+            models.release()
+            launch.oom_unless_alone(kind, failure, batch, grad_acc)   # [launch hook] DDP: every rank stops, parent retries
+            floor = MIN_BATCH.get(kind, 1)
+            if batch // 2 < floor or len(oom) >= tc.max_oom_retries:
+                oom.append({"attempt": len(oom) + 1, "batch_size": batch, "grad_acc": grad_acc, **failure,
+                            "action": "gave up"})
+                raise StageFailed(f"CUDA out of memory at step {failure['step']} with per-device batch {batch} "
+                                  f"(after {len(oom) - 1} retries): shorten max_length, turn on QLoRA "
+                                  f"(QLORA=true), or use a bigger GPU")
+            batch, grad_acc = batch // 2, grad_acc * 2
+            oom.append({"attempt": len(oom) + 1, "batch_size": batch, "grad_acc": grad_acc, **failure,
+                        "action": "halved batch, doubled accumulation, resumed"})
+            attempts.append({"attempt": len(attempts) + 1, "per_device": batch, "grad_acc": grad_acc,
+                             "reason": f"out of memory at step {failure['step']}"})
+            ctx.log(f"[yellow]out of memory at step {failure['step']}: retrying with batch {batch} x accumulation {grad_acc}")
         ckpt = latest_checkpoint(out)
         reached.append({"max_length": sub["max_length"], "planned_step": sub["until_step"],
                         "reached_step": ev.read_json(ckpt / STATE_FILE)["global_step"] if ckpt else 0})
@@ -206,8 +266,11 @@ def fit(ctx, kind: str, build_trainer) -> dict:
                                                                 "scaler.pt", "training_args.bin", "ref"))
     state = ev.read_json(final / STATE_FILE)
     return {"state": state, "curriculum": reached if tc.curriculum else [], "oom_retries": oom,
-            "resumed_from": resumed_from, "runtime_s": runtime, "final": final, "trainer": trainer,
-            "batch_size": batch, "grad_acc": grad_acc}
+            "resumed_from": resumed_from, "runtime_s": runtime, "final": final, "model": model,
+            "batch_size": batch, "grad_acc": grad_acc, "trainable_dtype": trainable,
+            "batch": {"requested": {"per_device": tc.batch_size, "grad_acc": tc.grad_acc}, "attempts": attempts},
+            "optimizer": {"configured": tc.optimizer, "used": optimizer_for(tc, plan)[0],
+                          "substitute_reason": optimizer_for(tc, plan)[1]}}
 
 
 # --- evidence --------------------------------------------------------------------------------------
@@ -239,20 +302,31 @@ def plot(series: dict, keys: list[str], path: Path, title: str) -> str | None:
     return str(path)
 
 
-def peak_memory_gb(plan: dict) -> dict:
+def memory_record(ctx, kind: str) -> dict:
+    """Peak memory of this stage (CUDA: reserved by the caching allocator, what nvidia-smi sees and what OOMs;
+    CPU: the process's peak RSS), the plan's estimate for the stage beside it, and the live-model high-water."""
     import torch
+    from pipeline import models
+    plan = ctx.plan
+    check = ctx.evidence("gpu_check") or {}
+    estimate = ((check.get("plan") or {}).get("memory_estimates") or {}).get(kind) \
+        or (check.get("plan") or {}).get("memory_estimate") or {}
     if plan["device"] == "cuda" and torch.cuda.is_available():
-        return {"peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3), "peak_mem_kind": "cuda_max_allocated"}
-    return {"peak_mem_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-            "peak_mem_kind": "cpu_peak_rss_of_process"}
+        peak, where = torch.cuda.max_memory_reserved() / 2**30, "cuda_max_reserved"
+    else:
+        peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_peak_rss_of_process"
+    return {"max_live_models": models.live_high_water(), "peak_gb": round(peak, 3), "peak_kind": where,
+            "estimate_gb": estimate.get("total_gb")}
 
 
-def training_evidence(ctx, kind: str, res: dict, base: str, model, extra: dict) -> dict:
+def training_evidence(ctx, kind: str, res: dict, base: str, extra: dict) -> dict:
     from pipeline import models
     cfg, plan, state = ctx.cfg, ctx.plan, res["state"]
     final: Path = res["final"]
+    model = res["model"]
     if model is None:   # nothing left to train (a resumed run past its plan): audit the final as trained
         model = models.load_model(base, plan, adapter=str(final), trainable=True)
+        res["trainable_dtype"] = models.fix_trainable_dtype(model, plan)
     series = curves(state)
     bad = [(k, step) for k, pts in series.items() for step, v in pts if not math.isfinite(v)]
     if bad:
@@ -267,7 +341,7 @@ def training_evidence(ctx, kind: str, res: dict, base: str, model, extra: dict) 
     per_sample = extra.pop("tokens_per_sample_estimate", None)
     if not tokens and per_sample:
         tc = getattr(cfg, kind)
-        tokens = per_sample * tc.batch_size * tc.grad_acc * cfg.runtime.nproc * state["global_step"]
+        tokens = per_sample * res["batch_size"] * res["grad_acc"] * cfg.runtime.nproc * state["global_step"]
         token_source = "estimate: mean tokenized sample length x effective batch x steps"
     reward_keys = [k for k in series if k.startswith(("rewards/", "logps/", "kl"))]
     return {
@@ -275,8 +349,12 @@ def training_evidence(ctx, kind: str, res: dict, base: str, model, extra: dict) 
         "global_step": state["global_step"], "planned_max_steps": getattr(cfg, kind).max_steps,
         "curriculum": res["curriculum"], "loss_curve": series.get("loss", []), "eval_loss_curve": series.get("eval_loss", []),
         "precision": {"dtype": plan["precision"], "quantization": plan.get("quantization"),
-                      "attn_implementation": plan["attn_implementation"], "device": plan["device"]},
-        "dtype_audit": models.dtype_audit(model), **peak_memory_gb(plan),
+                      "attn_implementation": plan["attn_implementation"], "device": plan["device"],
+                      "trainable_dtype": res["trainable_dtype"]},
+        "dtype_audit": models.dtype_audit(model), "memory": (mem := memory_record(ctx, kind)),
+        "peak_mem_gb": mem["peak_gb"], "peak_mem_kind": mem["peak_kind"],
+        "batch": res["batch"], "optimizer": res["optimizer"],
+        **({"rehearsal": check["rehearsal"]} if (check := ctx.evidence("gpu_check") or {}).get("rehearsal") else {}),
         "tokens_per_s": round(tokens / res["runtime_s"], 2) if tokens and res["runtime_s"] else None,
         "tokens_per_s_source": token_source,
         "train_runtime_s": round(res["runtime_s"], 2), "oom_retries": res["oom_retries"],
@@ -311,7 +389,7 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
         kto_rows = (D.load_kto(cfg.data_path(cfg.data.kto_path), cfg.data.on_bad_row, source="data.kto_path")[0]
                     if cfg.data.kto_path else D.unpair(pairs))
         rows = [{"prompt": user(r["prompt"]), "completion": reply(r["completion"]), "label": r["label"]} for r in kto_rows]
-    base, _ = models.resolve_base_model(cfg.tier, cfg.model.name, cfg.cache_dir, seed=cfg.model.tiny_seed)
+    base = models.base_for(cfg)
     tok = models.load_tokenizer(sft_dir)
     tok_len = lambda m: len(tok.apply_chat_template(m, tokenize=True)["input_ids"])   # noqa: E731
     # A prompt that fills max_length leaves no answer token: SimPO's length-normalised log-prob is then 0/0.
@@ -323,17 +401,15 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
     if dropped:
         ctx.log(f"dropped {dropped} rows whose prompt leaves no room for an answer within max_length")
     dataset = Dataset.from_list(rows)
-    holder = {}
 
     def build(max_length: int, args: dict):
-        model = models.load_model(base, plan, adapter=str(sft_dir), trainable=True)
+        model = models.load_model(base, plan, adapter=str(sft_dir), trainable=True,
+                                  activation_checkpointing=tc.activation_checkpointing)
         targs = config_cls(**args, max_length=max_length, beta=tc.beta, **extra_args)
-        trainer = trainer_cls(model=model, args=targs, train_dataset=dataset, processing_class=tok)
-        holder["model"] = trainer.model
-        return trainer
+        return trainer_cls(model=model, args=targs, train_dataset=dataset, processing_class=tok)
 
     res = fit(ctx, kind, build)
-    return training_evidence(ctx, kind, res, base, holder.get("model"), {
+    return training_evidence(ctx, kind, res, base, {
         "base_model_identity": models.base_model_identity(base), "start_checkpoint": start,
         "tokens_per_sample_estimate": sum(min(tc.max_length, tok_len(r["prompt"] + r.get("chosen", r.get("completion"))))
                                           + (min(tc.max_length, tok_len(r["prompt"] + r["rejected"])) if paired else 0)

@@ -72,7 +72,7 @@ def find_model(ctx) -> tuple[dict, str | None, str]:
     from pipeline import models
     cfg, plan = ctx.cfg, ctx.plan
     try:   # tiny: built here; demo: converted once from the PyPI wheel (what would be trained); 7b/14b: no download
-        base, _ = models.resolve_base_model(cfg.tier, cfg.model.name, cfg.cache_dir, seed=cfg.model.tiny_seed)
+        base = models.base_for(cfg)
     except ValueError as exc:
         raise StageFailed(str(exc)) from None
     folder = Path(base)

@@ -26,7 +26,7 @@ def run(ctx) -> dict:
     held = Dataset.from_list([{"messages": r["messages"]} for r in split["eval"]])
 
     # --- model and tokenizer, as the hardware plan says ----------------------------------------------
-    base, _ = models.resolve_base_model(cfg.tier, cfg.model.name, cfg.cache_dir, seed=cfg.model.tiny_seed)
+    base = models.base_for(cfg)
     tok = models.load_tokenizer(base)
     template_note = "own template has {% generation %} markers"
     if not models.has_generation_markers(tok):
@@ -37,22 +37,19 @@ def run(ctx) -> dict:
         tok.chat_template, template_note = patched, "TRL training template (adds {% generation %} markers)"
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    model_holder = {}
 
     def build(max_length: int, args: dict):
-        model = models.load_model(base, plan, trainable=True)
+        model = models.load_model(base, plan, trainable=True, activation_checkpointing=cfg.sft.activation_checkpointing)
         sargs = SFTConfig(**args, max_length=max_length, assistant_only_loss=True, packing=cfg.sft.packing,
                           eval_strategy="steps", eval_steps=cfg.sft.eval_steps, per_device_eval_batch_size=args[
                               "per_device_train_batch_size"], dataset_num_proc=None)
-        trainer = SFTTrainer(model=model, args=sargs, train_dataset=train, eval_dataset=held,
-                             processing_class=tok, peft_config=lora)
-        model_holder["model"] = trainer.model
-        return trainer
+        return SFTTrainer(model=model, args=sargs, train_dataset=train, eval_dataset=held,
+                          processing_class=tok, peft_config=lora)
 
     # --- train: curriculum sub-stages, resume, OOM retry ---------------------------------------------
     res = T.fit(ctx, "sft", build)
     tok.save_pretrained(res["final"])                   # the template the adapter was trained with
-    return T.training_evidence(ctx, "sft", res, base, model_holder.get("model"), {
+    return T.training_evidence(ctx, "sft", res, base, {
         "base_model_identity": models.base_model_identity(base),
         "chat_template": {"sha256": models.chat_template_sha256(tok), "source": template_note},
         "data": {"train_rows": len(split["train"]), "eval_ids": [r["id"] for r in split["eval"]],

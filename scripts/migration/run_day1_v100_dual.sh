@@ -7,4 +7,6 @@ cd "$(dirname "$0")/../.."
 yours=$(export -p)                                          # what the caller exported ...
 set -a; source configs/runtime/v100_dual_32g.env; set +a    # ... the template ...
 eval "$yours"                                               # ... and the caller's values back on top
+# REHEARSAL=true make day1-v100-dual: the same Day-1 on the CPU, planned from the recorded 2x V100 probe
+if [ "${REHEARSAL:-false}" = true ] && [ -z "${GPU_PROBE_FILE:-}" ]; then export GPU_PROBE_FILE=configs/probes/v100x2_32g.json; fi
 exec bash day1_run.sh

@@ -140,8 +140,6 @@ def test_adapter_loads_on_top_and_only_it_trains(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"device": "cuda", "quantization": "nf4", "attn_implementation": "flash_attention_2"},
-     "4-bit weights with flash-attn"),
     ({"quantization": "nf4"}, "needs CUDA"),
     ({"precision": "fp64"}, "'precision' is 'fp64'"),
 ])
