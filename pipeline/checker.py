@@ -52,9 +52,9 @@ def checkpoint_path(cfg: Config, stage: str) -> str:
 
 def expected_base(cfg: Config) -> str:
     """The base model the config names, computed without building or downloading anything."""
-    from pipeline.models import base_model_name
+    from pipeline.models import base_for
     try:
-        return base_model_name(cfg.tier, cfg.model.name, cfg.cache_dir, cfg.model.tiny_seed)[0]
+        return base_for(cfg, build=False)   # in a rehearsal, the stand-in
     except ValueError as exc:   # a MODEL_NAME that names nothing: the base_model check reports it
         return str(exc)
 
@@ -66,8 +66,12 @@ def _same_model(a, b) -> bool:
 
 
 def probe_plan(root: Path) -> dict:
-    """gpu_check's plan where it is a CUDA plan, else the CPU plan."""
-    plan = (ev.read_json(root / "reports/migration/gpu_check.json") or {}).get("plan") or {}
+    """The plan the run executed (gpu_check's run_plan in a rehearsal, else its plan) where it is a CUDA plan or
+    a rehearsal's CPU one (the tier's precision and quantization), else the CPU plan."""
+    check = ev.read_json(root / "reports/migration/gpu_check.json") or {}
+    plan = check.get("run_plan") or check.get("plan") or {}
+    if plan.get("rehearsal"):
+        return {k: plan.get(k) for k in (*CPU_PLAN, "rehearsal")}
     if plan.get("device") == "cuda":
         return {k: plan.get(k) for k in CPU_PLAN}
     return dict(CPU_PLAN)

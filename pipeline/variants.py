@@ -40,9 +40,9 @@ def variant_table(ctx) -> dict:
 
 
 def base_model_path(ctx) -> str:
+    """The base model every variant runs on (in a rehearsal, the stand-in), built first where it is local."""
     from pipeline import models
-    cfg = ctx.cfg
-    return models.resolve_base_model(cfg.tier, cfg.model.name, cfg.cache_dir, seed=cfg.model.tiny_seed)[0]
+    return models.base_for(ctx.cfg)
 
 
 def verified_adapter(ctx, name: str) -> Path:
