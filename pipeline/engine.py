@@ -338,7 +338,8 @@ def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0) -> s
     ev.atomic_write_json(root / stage.evidence(cfg), doc)
     marker_path(stage, cfg).unlink(missing_ok=True)
     colour = {"ok": "green", "skipped": "yellow", "dry_run": "cyan"}.get(doc["status"], "red")
-    console.print(f"[{colour}]{doc['status']}[/] {stage.name}" + (f": {doc['reason']}" if doc["reason"] else "")
+    from rich.markup import escape   # a reason quotes library errors, which may contain [brackets]
+    console.print(f"[{colour}]{doc['status']}[/] {stage.name}" + (f": {escape(doc['reason'])}" if doc["reason"] else "")
                   + f"  ({stage.evidence(cfg)})")
     return doc["status"]
 
@@ -365,6 +366,7 @@ def print_table(cfg: Config, console, order: list[Stage] | None = None) -> None:
         fp, _ = fingerprint(stage, cfg)
         st = status_of(stage, cfg, fp)
         doc = ev.read_json(Path(cfg.root) / stage.evidence(cfg)) or {}
-        reason = (doc.get("reason") or "")[:80] if st not in ("ok", "missing") else ""
+        from rich.markup import escape
+        reason = escape((doc.get("reason") or "")[:80]) if st not in ("ok", "missing") else ""
         table.add_row(stage.name, ",".join(stage.needs), st, reason, stage.evidence(cfg))
     console.print(table)

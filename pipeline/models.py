@@ -362,6 +362,13 @@ def load_model(path, plan: dict, adapter: str | None = None, trainable: bool = F
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if plan["quantization"] == "nf4" and plan["device"] == "cpu":
+        # bitsandbytes' CPU-only inference path repacks 4-bit weights in eval mode (AVX512-BF16 CPUs) and keeps them
+        # packed when training resumes, where its in-place bias add breaks autograd (bitsandbytes/nn/modules.py:613-620,
+        # autograd/_functions.py:421-425). A GPU never takes it: the rehearsal stays on the path a GPU runs.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     _LIVE.add(model)
     _HIGH_WATER[0] = max(_HIGH_WATER[0], len(_LIVE))
     if plan["quantization"] == "nf4" and trainable:

@@ -183,6 +183,7 @@ class RuntimeCfg:
     rehearsal_steps: int = 12               # REHEARSAL_STEPS: optimizer steps of the longest training stage
     rehearsal_eval_samples: int = 8         # eval questions per set in a rehearsal
     rehearsal_changes: list[str] = field(default_factory=list)   # filled by the rehearsal: what it changed, why
+    rehearsal_fraction: float = 1.0         # filled by the rehearsal: its SFT steps / the tier's (data scale too)
 
     def __post_init__(self):
         _check(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
@@ -489,9 +490,18 @@ def _rehearse(cfg: Config, origin: dict) -> None:
         changes.append(f"{stage}: {before[0]} -> {tc.max_steps} steps (curriculum boundaries "
                        f"{[c['until_step'] for c in tc.curriculum] or 'none'}, save every {tc.save_steps}); "
                        f"learning rate {before[1]:g} -> {tc.learning_rate:g} (the stand-in's, configs/tiers/tiny.yaml)")
-    cfg.eval.sample_sizes = {s: min(n or cfg.runtime.rehearsal_eval_samples, cfg.runtime.rehearsal_eval_samples)
-                             for s, n in {**{s: None for s in cfg.eval.sets}, **cfg.eval.sample_sizes}.items()}
-    changes.append(f"eval: at most {cfg.runtime.rehearsal_eval_samples} questions per set")
+    for stage in TRAIN_STAGES:   # the held-out eval_loss runs twice per stage, not at every save
+        tc = getattr(cfg, stage)
+        tc.eval_steps = max(tc.save_steps, tc.max_steps // 2)
+    cfg.runtime.rehearsal_fraction = cfg.sft.max_steps / sft_steps
+    changes.append(f"training rows scaled like the steps (x{cfg.runtime.rehearsal_fraction:.3g}): each row is seen "
+                   "about as often as in the tier's run")
+    n = cfg.runtime.rehearsal_eval_samples
+    cfg.eval.sample_sizes = {s: min(k or n, n) for s, k in {**{s: None for s in cfg.eval.sets},
+                                                           **cfg.eval.sample_sizes}.items()}
+    cfg.data.sft_eval_size, cfg.data.judge_heldout_size = min(cfg.data.sft_eval_size, n), min(cfg.data.judge_heldout_size, n)
+    changes.append(f"eval: at most {n} questions per set, {n} held-out SFT rows for eval_loss (twice per stage), "
+                   f"{cfg.data.judge_heldout_size} judge questions")
     cfg.runtime.rehearsal_changes = changes
 
 

@@ -44,13 +44,20 @@ def sft_splits(cfg) -> dict:
     train, held = D.split_heldout(rest, cfg.data.sft_eval_size, cfg.data.seed + 1)
     if cfg.data.max_sft_rows:
         train = train[: cfg.data.max_sft_rows]
+    train = train[: rehearsal_rows(cfg, len(train))]
     return {"train": train, "eval": held, "judge": judge, "report": report.to_dict()}
 
 
 def preference_rows(cfg) -> tuple[list, dict]:
     pairs, report = D.load_preferences(cfg.data_path(cfg.data.preference_path), cfg.data.preference_format,
                                        cfg.data.on_bad_row, source="data.preference_path")
-    return pairs[: cfg.data.max_preference_rows or None], report.to_dict()
+    pairs = pairs[: cfg.data.max_preference_rows or None]
+    return pairs[: rehearsal_rows(cfg, len(pairs))], report.to_dict()
+
+
+def rehearsal_rows(cfg, n: int) -> int:
+    """A rehearsal trains on the share of the rows its share of the steps would see (settings._rehearse)."""
+    return max(2, math.ceil(n * cfg.runtime.rehearsal_fraction)) if cfg.runtime.rehearsal else n
 
 
 def length_bias(pairs: list) -> dict:
@@ -154,7 +161,8 @@ def base_args(cfg, kind: str, plan: dict, out: Path, batch: int, grad_acc: int) 
                 activation_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
                 seed=cfg.runtime.seed, data_seed=cfg.runtime.seed,
                 report_to=cfg.runtime.report_to,
-                deepspeed=str(cfg.data_path(cfg.runtime.deepspeed_config)) if cfg.runtime.deepspeed_config else None,
+                deepspeed=str(cfg.data_path(cfg.runtime.deepspeed_config))   # the plan refuses ZeRO-3
+                if cfg.runtime.deepspeed_config and not plan.get("rehearsal") else None,
                 dataloader_num_workers=0,
                 include_num_input_tokens_seen="all", disable_tqdm=False, **precision_args(plan))
 

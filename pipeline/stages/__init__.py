@@ -18,8 +18,10 @@ def _eval_inputs(cfg: Config) -> list:
 STAGES = [
     Stage("gpu_bootstrap", (), lambda c: "reports/migration/gpu_bootstrap.json", sections=("model", "runtime"), in_all=False),
     Stage("gpu_check", (), lambda c: "reports/migration/gpu_check.json",
-          sections=("model", "lora", "sft", "runtime.min_cuda_mem_gb_7b", "runtime.min_cuda_mem_gb_14b",
-                    "runtime.nproc"), always_run=True),
+          inputs=lambda c: [c.data_path(p) for p in (c.runtime.gpu_probe_file, c.runtime.deepspeed_config) if p],
+          sections=("model", "lora", "sft", "dpo", "simpo", "kto", "runtime.min_cuda_mem_gb_7b",
+                    "runtime.min_cuda_mem_gb_14b", "runtime.nproc", "runtime.gpu_probe_file", "runtime.rehearsal",
+                    "runtime.deepspeed_config"), always_run=True),
     Stage("dry_run", ("gpu_check",), lambda c: "reports/migration/dry_run.json",
           inputs=lambda c: _data("sft_path", "preference_path", "kto_path")(c) + _eval_inputs(c),
           sections=("model", "lora", "data", "sft", "dpo", "simpo", "kto", "eval", "judge"),

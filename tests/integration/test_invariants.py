@@ -128,3 +128,18 @@ def test_oom_on_one_ddp_rank_relaunches_every_rank_with_half_the_batch(tiny_env)
     assert "rank 1" in m["oom_retries"][0]["error"]
     assert [(a["per_device"], a["grad_acc"]) for a in m["batch"]["attempts"]] == [(4, 1), (2, 2)]
     assert [s for s, _ in m["loss_curve"]] == list(range(1, 7))
+
+
+def test_qlora_under_ddp_with_activation_checkpointing_off(tiny_env):
+    """peft's k-bit preparation turned reentrant checkpointing on even when the config had it off, and DDP over a
+    PeftModel searched for unused parameters: that pair fails under DDP. The rehearsal runs nf4 on the CPU."""
+    env = {**os.environ, "REHEARSAL": "true", "MODEL_TIER": "14b", "NPROC": "2", "REHEARSAL_STEPS": "2",
+           "GPU_PROBE_FILE": "configs/probes/v100x2_32g.json", "MIN_CUDA_MEM_GB_14B": "22"}
+    args = ["sft.activation_checkpointing=false", "sft.curriculum=[]", "sft.max_length=256"]
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "sft", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    m = json.loads((tiny_env / "reports/training/layer_b_qwen25_14b_sft_metrics.json").read_text())
+    assert m["status"] == "ok" and m["distributed"]["world_size"] == 2
+    assert (m["precision"]["quantization"], m["precision"]["trainable_dtype"]) == ("nf4", "float32")
+    assert m["global_step"] == 2

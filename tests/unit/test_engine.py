@@ -386,3 +386,18 @@ def test_cli_ls_lists_every_registered_stage(tiny_env):
     assert [s.name for s in STAGES] == [n for n in listed if n in {s.name for s in STAGES}]
     assert all("missing" in line for line in rows if line.split("│")[1].strip() in {s.name for s in STAGES})
     assert "tier tiny" in done.stdout
+
+
+def test_a_reason_with_brackets_is_printed_not_parsed_as_markup(tmp_path):
+    """A library error such as gloo's '[/__w/pytorch/.../pair.cc:553] Connection closed' crashed rich's markup
+    parser in the engine's status line, so the stage never wrote its failed evidence."""
+    import io
+    from rich.console import Console
+    from pipeline import engine
+    from pipeline.settings import load_config
+    cfg = load_config(env={"MODEL_TIER": "tiny", "PIPELINE_ROOT": str(tmp_path)})
+    stage = engine.Stage("gpu_check", (), lambda c: "reports/x.json")
+    console = Console(file=io.StringIO(), width=300)
+    reason = "RuntimeError: [/__w/pytorch/third_party/gloo/pair.cc:553] Connection closed by peer"
+    engine._finish(stage, cfg, console, "0" * 64, {}, engine.now(), engine.StageFailed(reason))
+    assert "[/__w/pytorch/third_party/gloo/pair.cc:553]" in console.file.getvalue()
