@@ -52,9 +52,9 @@ def checkpoint_path(cfg: Config, stage: str) -> str:
 
 def expected_base(cfg: Config) -> str:
     """The base model the config names, computed without building or downloading anything."""
-    from pipeline.models import base_model_name
+    from pipeline.models import base_for
     try:
-        return base_model_name(cfg.tier, cfg.model.name, cfg.cache_dir, cfg.model.tiny_seed)[0]
+        return base_for(cfg, build=False)   # in a rehearsal, the stand-in
     except ValueError as exc:   # a MODEL_NAME that names nothing: the base_model check reports it
         return str(exc)
 
@@ -66,30 +66,34 @@ def _same_model(a, b) -> bool:
 
 
 def probe_plan(root: Path) -> dict:
-    """gpu_check's plan where it is a CUDA plan, else the CPU plan."""
-    plan = (ev.read_json(root / "reports/migration/gpu_check.json") or {}).get("plan") or {}
+    """The plan the run executed (gpu_check's run_plan in a rehearsal, else its plan) where it is a CUDA plan or
+    a rehearsal's CPU one (the tier's precision and quantization), else the CPU plan."""
+    check = ev.read_json(root / "reports/migration/gpu_check.json") or {}
+    plan = check.get("run_plan") or check.get("plan") or {}
+    if plan.get("rehearsal"):
+        return {k: plan.get(k) for k in (*CPU_PLAN, "rehearsal")}
     if plan.get("device") == "cuda":
         return {k: plan.get(k) for k in CPU_PLAN}
     return dict(CPU_PLAN)
 
 
-def probe_checkpoint(base: str, adapter_dir, plan: dict) -> tuple[bool, str]:
-    """Load the final checkpoint on its base model and greedily generate a few tokens: (ok, text or error)."""
-    model = None
+def probe_checkpoint(vs, base: str, adapter_dir) -> tuple[bool, str]:
+    """Load the final checkpoint on its base model (vs: the gate's variants.Variants, which keeps one base
+    loaded for every probe) and greedily generate a few tokens: (ok, text or error)."""
     try:
         import torch
-        from pipeline.models import load_model, load_tokenizer
+        from pipeline.variants import generation_config
         adapter_dir = Path(adapter_dir)
-        is_adapter = (adapter_dir / "adapter_config.json").is_file()
-        has_tok = (adapter_dir / "tokenizer_config.json").is_file()
-        tok = load_tokenizer(adapter_dir if has_tok else base)
-        model = load_model(base if is_adapter else adapter_dir, plan, adapter=str(adapter_dir) if is_adapter else None)
-        text = (tok.apply_chat_template([{"role": "user", "content": PROBE_PROMPT}], tokenize=False, add_generation_prompt=True)
-                if tok.chat_template else PROBE_PROMPT)
+        if (adapter_dir / "adapter_config.json").is_file():
+            model, tok = vs.load(base, adapter_dir, "probe")
+        else:   # a full model folder is its own base
+            model, tok = vs.load(adapter_dir)
+        text = (tok.apply_chat_template([{"role": "user", "content": PROBE_PROMPT}], tokenize=False,
+                                        add_generation_prompt=True) if tok.chat_template else PROBE_PROMPT)
         enc = tok(text, return_tensors="pt", add_special_tokens=not tok.chat_template).to(model.device)
+        config = generation_config(model, tok, PROBE_TOKENS, output_scores=True, return_dict_in_generate=True)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=PROBE_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 output_scores=True, return_dict_in_generate=True)
+            out = model.generate(**enc, generation_config=config)
         new = out.sequences[0, enc["input_ids"].shape[1]:]
         if len(new) == 0:
             return False, "generated no token"
@@ -98,10 +102,6 @@ def probe_checkpoint(base: str, adapter_dir, plan: dict) -> tuple[bool, str]:
         return True, tok.decode(new, skip_special_tokens=False)
     except Exception as exc:  # noqa: BLE001 - the check reports any load/generate error as its detail
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    finally:
-        del model
-        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
-            sys.modules["torch"].cuda.empty_cache()
 
 
 # --- training stages ----------------------------------------------------------------------------------
@@ -144,13 +144,13 @@ def _check_checkpoint(cfg: Config, stage: str, doc: dict, rel: str) -> dict:
     return _result(f"{stage}.checkpoint", problems, f"{want}: {len(now)} files re-hash to the recorded sha256", want)
 
 
-def _check_loads(cfg: Config, stage: str, doc: dict, plan: dict) -> dict:
+def _check_loads(cfg: Config, stage: str, doc: dict, vs) -> dict:
     want = checkpoint_path(cfg, stage)
     base = doc.get("base_model")
     if not base:
         return _result(f"{stage}.loads", ["the metrics record no base_model to load the checkpoint on"], "", want)
-    ok, text = probe_checkpoint(base, Path(cfg.root) / want, plan)
-    where = f"{plan['device']}/{plan['precision']}"
+    ok, text = probe_checkpoint(vs, base, Path(cfg.root) / want)
+    where = f"{vs.plan['device']}/{vs.plan['precision']}"
     if ok:
         return _result(f"{stage}.loads", [], f"{want} loads on {base} ({where}) and generates {text!r}", want)
     return _result(f"{stage}.loads", [f"{want} on {base} ({where}) failed: {text}"], "", want)
@@ -239,18 +239,67 @@ def _check_from_sft(cfg: Config, stage: str, doc: dict, rel: str) -> dict:
     return _result(f"{stage}.from_sft", problems, f"started from {sft_dir} as it is on disk now (hash match)", rel)
 
 
-def check_training(cfg: Config, stage: str, plan: dict) -> list[dict]:
+INVARIANT_FIELDS = ("precision.dtype", "precision.trainable_dtype", "memory.max_live_models")
+ABSENT = object()
+
+
+def _field(doc: dict, dotted: str):
+    """doc["a"]["b"] for "a.b", or ABSENT."""
+    parent, _, key = dotted.partition(".")
+    section = doc.get(parent)
+    return section.get(key, ABSENT) if isinstance(section, dict) else ABSENT
+
+
+def _small_batches(attempts) -> list | None:
+    """KTO's batch attempts with per_device < 2 (None: not a non-empty list of attempts)."""
+    if not isinstance(attempts, list) or not attempts:
+        return None
+    return [a for a in attempts if not (isinstance(a, dict) and isinstance(a.get("per_device"), int)
+                                        and a["per_device"] >= 2)]
+
+
+def _check_invariants(cfg: Config, stage: str, doc: dict, rel: str) -> dict:
+    """What the trainer must have held to: fp16 trains fp32 adapters, one live model, KTO batches of >= 2."""
+    fields = INVARIANT_FIELDS + (("batch.attempts",) if stage == "kto" else ())
+    got = {f: _field(doc, f) for f in fields}
+    problems = [f"{rel} records no {f} (evidence older than the field: re-run the stage)"
+                for f, v in got.items() if v is ABSENT]
+    dtype, trainable, live = (got[f] for f in INVARIANT_FIELDS)
+    if dtype == "fp16" and trainable is not ABSENT and trainable != "float32":
+        problems.append(f"precision.trainable_dtype is {trainable!r} under fp16: GradScaler unscales "
+                        "float32 gradients only, so the adapters must train in float32")
+    if live is not ABSENT and not (isinstance(live, int) and live <= 1):
+        problems.append(f"memory.max_live_models is {live!r}: more than one model was alive at once (a leak)")
+    if stage == "kto" and got["batch.attempts"] is not ABSENT:
+        small = _small_batches(got["batch.attempts"])
+        if small is None:
+            problems.append(f"batch.attempts is {got['batch.attempts']!r}, expected the list of batch attempts")
+        elif small:
+            problems.append(f"batch.attempts with per_device < 2: {small[:3]}; KTO's KL term pairs the samples "
+                            "of a device batch, with 1 it is the implied reward (trl/trainer/kto_trainer.py:846)")
+    ok = f"trainables {trainable} under {dtype}, at most {live} live model(s)"
+    ok += ", every KTO batch >= 2" if stage == "kto" else ""
+    return _result(f"{stage}.invariants", problems, ok, rel)
+
+
+def check_training(cfg: Config, stage: str, plan: dict, vs=None) -> list[dict]:
+    """The checks of one training stage; `vs` (variants.Variants) shares one base model between the probes."""
+    if vs is None:
+        from pipeline.variants import Variants
+        with Variants(None, plan) as own:
+            return check_training(cfg, stage, plan, own)
     rel = evidence_path(cfg, stage)
     doc = ev.read_json(Path(cfg.root) / rel)
     metrics = _check_metrics(cfg, stage, doc, rel)
-    ids = ["checkpoint", "loads", "curve", "steps", "base_model"] + (["from_sft"] if stage != "sft" else [])
+    ids = ["checkpoint", "loads", "curve", "steps", "base_model", "invariants"]
+    ids += ["from_sft"] if stage != "sft" else []
     if not isinstance(doc, dict) or doc.get("status") != "ok" or doc.get("stage") != stage:
         return [metrics] + [_blocked(f"{stage}.{i}", f"{stage}.metrics", f"{stage}.metrics failed", rel) for i in ids]
     checkpoint = _check_checkpoint(cfg, stage, doc, rel)
-    loads = (_check_loads(cfg, stage, doc, plan) if checkpoint["passed"] else
+    loads = (_check_loads(cfg, stage, doc, vs) if checkpoint["passed"] else
              _blocked(f"{stage}.loads", f"{stage}.checkpoint", "the checkpoint check failed", checkpoint["evidence"]))
     out = [metrics, checkpoint, loads, _check_curve(cfg, stage, doc, rel), _check_steps(cfg, stage, doc, rel),
-           _check_base(cfg, stage, doc, rel)]
+           _check_base(cfg, stage, doc, rel), _check_invariants(cfg, stage, doc, rel)]
     return out + ([_check_from_sft(cfg, stage, doc, rel)] if stage != "sft" else [])
 
 
@@ -356,8 +405,11 @@ def check_chain(cfg: Config) -> list[dict]:
 # --- the gate -----------------------------------------------------------------------------------------
 def evaluate(cfg: Config) -> dict:
     """Every check, recomputed from the files; strict_pass is their conjunction."""
+    from pipeline.variants import Variants
     plan = probe_plan(Path(cfg.root))
-    checks = [c for stage in TRAIN for c in check_training(cfg, stage, plan)]
+    with Variants(None, plan) as vs:   # every probe on one base model load
+        checks = [c for stage in TRAIN for c in check_training(cfg, stage, plan, vs)]
+        memory = vs.memory()
     checks += [check_eval(cfg), *check_judges(cfg), *check_chain(cfg)]
     training_failed = any(not c["passed"] for c in checks if c["id"].split(".")[0] in TRAIN)
     for c in checks:
@@ -366,7 +418,7 @@ def evaluate(cfg: Config) -> dict:
     failed = [c["id"] for c in checks if not c["passed"]]
     from pipeline.engine import git_commit, now
     return {"strict_pass": not failed, "failed": failed, "tier": cfg.tier, "root": cfg.root, "checked_at": now(),
-            "git_commit": git_commit(), "probe_plan": plan, "checks": checks}
+            "git_commit": git_commit(), "probe_plan": plan, **memory, "checks": checks}
 
 
 def advice(cfg: Config, check: dict, training_failed: bool = False) -> str:
@@ -395,6 +447,8 @@ def advice(cfg: Config, check: dict, training_failed: bool = False) -> str:
         "steps": f"training stopped before its plan: look for OOM retries or an interruption in reports/logs/{stage}_full.log, then {redo}",
         "base_model": f"the stage trained another base model than the config names: check MODEL_TIER/MODEL_NAME, then {redo}",
         "from_sft": f"the SFT final changed after {stage} trained on it: {redo}",
+        "invariants": f"the metrics predate these fields, or the trainer broke an invariant: {redo}; if it "
+                      f"breaks again, report it with reports/logs/{stage}_full.log (a pipeline defect)",
         "coverage": "run `python -m pipeline run eval --force` once every training stage is ok",
         "pairwise": "set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env, or set ENABLE_LLM_JUDGE=false; then `python -m pipeline run judge --force`",
         "risk": "set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env, or set ENABLE_LLM_RISK_JUDGE=false; then `python -m pipeline run judge --force`",
@@ -410,7 +464,8 @@ def gate_markdown(gate: dict) -> str:
     blocked = [c for c in checks if not c["passed"] and c.get("blocked_by")]
     lines = [f"# Completion check: strict_pass {str(gate['strict_pass']).lower()}", "",
              f"Tier `{gate['tier']}`, root `{gate['root']}`, checked {gate['checked_at']}, commit `{gate['git_commit']}`.",
-             f"{len(checks) - len(gate['failed'])} of {len(checks)} checks pass.", ""]
+             f"{len(checks) - len(gate['failed'])} of {len(checks)} checks pass; the checkpoint probes loaded the "
+             f"base {gate['base_loads']}x, at most {gate['max_live_models']} model(s) alive.", ""]
     if roots:
         lines += ["## Failing (fix these first)", ""]
         lines += [f"- **{c['id']}** ({c['evidence']}): {c['detail']}\n  - what to do: {c['todo']}" for c in roots]
@@ -422,6 +477,16 @@ def gate_markdown(gate: dict) -> str:
 
 
 # --- thesis readiness ---------------------------------------------------------------------------------
+REHEARSAL_BLOCKER = "rehearsal: the weights were a stand-in"
+
+
+def rehearsal_evidence(cfg: Config) -> list[str]:
+    """The evidence files that say the run was a rehearsal (a `rehearsal` entry: gpu_check, training metrics)."""
+    files = ["reports/migration/gpu_check.json"] + [evidence_path(cfg, stage) for stage in TRAIN]
+    docs = {rel: ev.read_json(Path(cfg.root) / rel) for rel in files}
+    return [rel for rel, d in docs.items() if isinstance(d, dict) and d.get("rehearsal") not in (None, False)]
+
+
 def thesis_readiness(cfg: Config, strict_pass: bool) -> dict:
     root = Path(cfg.root)
     blockers = []
@@ -429,6 +494,9 @@ def thesis_readiness(cfg: Config, strict_pass: bool) -> dict:
         blockers.append(f"the strict completion check does not pass (see {GATE.replace('.json', '.md')})")
     if cfg.tier not in GPU_TIERS:
         blockers.append(f"tier {cfg.tier} is a smoke tier: never ready for writing (use MODEL_TIER=7b or 14b on a GPU)")
+    rehearsal = rehearsal_evidence(cfg)
+    if rehearsal:
+        blockers.append(REHEARSAL_BLOCKER)
     sets = (ev.read_json(root / evidence_path(cfg, "eval")) or {}).get("sets") or {}
     partial = [f"{n} ({sets[n].get('planned_n')} of {sets[n].get('full_size')})" if isinstance(sets.get(n), dict)
                else f"{n} (not evaluated)" for n in cfg.eval.sets
@@ -443,7 +511,8 @@ def thesis_readiness(cfg: Config, strict_pass: bool) -> dict:
         blockers.append(f"missing thesis artifact(s): {', '.join(missing)} (run `python -m pipeline run reports`)")
     from pipeline.engine import now
     return {"ready_for_writing": not blockers, "blockers": blockers, "tier": cfg.tier, "strict_pass": strict_pass,
-            "eval_full_size": not partial, "artifacts": present, "figures": figures, "checked_at": now()}
+            "rehearsal": rehearsal, "eval_full_size": not partial, "artifacts": present, "figures": figures,
+            "checked_at": now()}
 
 
 def readiness_markdown(r: dict) -> str:

@@ -531,6 +531,8 @@ def rehearsal_plan(plan: dict, probe: dict, *, optimizers: dict | None = None) -
                      "(accelerate/accelerator.py:565-570 turns native AMP on only off the CPU), nor converts "
                      "the outputs to fp32 (accelerate/accelerator.py:1824-1835); the fp16 weights compute in "
                      "fp16 directly, and trainable dtypes are asserted instead")
+        diffs.append("fp16 generation (eval, judge answers, the gate's probes) loads the stand-in in fp32: CPU fp16 "
+                     "GEMMs are ~10x slower than fp32; training keeps the plan's fp16 weights")
     elif plan["precision"] == "bf16":
         diffs.append("bf16 mixed precision: accelerate runs CPU autocast "
                      "(accelerate/accelerator.py:590-591), not CUDA autocast; bf16 CPU matmuls are not "

@@ -349,7 +349,10 @@ def load_model(path, plan: dict, adapter: str | None = None, trainable: bool = F
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[plan["precision"]]
+    precision = plan["precision"]
+    if precision == "fp16" and plan.get("rehearsal") and not trainable:
+        precision = "fp32"   # CPU fp16 GEMMs are ~10x slower than fp32: a rehearsal generates (eval, gate) in fp32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     kwargs = {"dtype": dtype, "attn_implementation": plan["attn_implementation"]}
     if plan["device"] == "cuda":
         from accelerate import PartialState
@@ -362,7 +365,7 @@ def load_model(path, plan: dict, adapter: str | None = None, trainable: bool = F
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    if plan["quantization"] == "nf4" and plan["device"] == "cpu":
+    if plan["quantization"] == "nf4" and plan["device"] == "cpu" and trainable:
         # bitsandbytes' CPU-only inference path repacks 4-bit weights in eval mode (AVX512-BF16 CPUs) and keeps them
         # packed when training resumes, where its in-place bias add breaks autograd (bitsandbytes/nn/modules.py:613-620,
         # autograd/_functions.py:421-425). A GPU never takes it: the rehearsal stays on the path a GPU runs.

@@ -115,6 +115,10 @@ def eval_markdown(doc: dict, cfg, commit: str | None) -> str:
              ["sample seed", cfg.eval.seed], ["bootstrap", f"{doc['n_bootstrap']} percentile resamples, seed {cfg.eval.seed}"],
              ["generation", f"greedy, HF generate, batch size {doc['batch_size']} (left padding), "
                             f"max_new_tokens {doc['max_new_tokens']}"],
+             ["decoding", ", ".join(f"{k} {v}" for k, v in doc["generation"]["decoding"].items())
+              + " (set explicitly: the model's generation_config.json is not used)"],
+             ["models in memory", f"base loaded {doc['memory']['base_loads']}x, at most "
+                                  f"{doc['memory']['max_live_models']} alive (adapters switched on it)"],
              ["LLM extraction fallback", "used" if doc["fallback"]["available"] else f"not used: {doc['fallback']['reason']}"]]
     fails = [[v] + [f"{pct((doc['results'][v].get(s) or {}).get('format_failure_rate'))} "
                     f"({(doc['results'][v].get(s) or {}).get('format_failures')})" for s in sets] for v in scored(doc)]

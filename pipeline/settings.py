@@ -181,7 +181,7 @@ class RuntimeCfg:
     gpu_probe_file: str | None = None       # GPU_PROBE_FILE: a recorded probe (configs/probes/*.json) replaces the live one
     rehearsal: bool = False                 # REHEARSAL: a GPU tier's exact configuration on the CPU, stand-in model
     rehearsal_steps: int = 12               # REHEARSAL_STEPS: optimizer steps of the longest training stage
-    rehearsal_eval_samples: int = 8         # eval questions per set in a rehearsal
+    rehearsal_eval_samples: int = 4         # eval questions per set in a rehearsal
     rehearsal_changes: list[str] = field(default_factory=list)   # filled by the rehearsal: what it changed, why
     rehearsal_fraction: float = 1.0         # filled by the rehearsal: its SFT steps / the tier's (data scale too)
 

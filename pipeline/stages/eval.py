@@ -1,6 +1,7 @@
 """Score base, SFT, DPO, SimPO and KTO on MedQA-USMLE, PubMedQA-L and CMMLU-medical.  Run: python -m pipeline run eval
 
-Same seeded sample of question ids for every variant; greedy batched generation (HF, left padding);
+Same seeded sample of question ids for every variant, all on one base model load (variants.Variants);
+greedy batched generation with explicit decoding settings (HF, left padding);
 answers extracted by evalkit's rules (then, optionally, an LLM that only extracts); accuracy with a
 bootstrap CI, format failures, lengths, and paired McNemar tests against SFT and base.
 Writes reports/eval/predictions/<variant>.jsonl, reports/eval_default.md, reports/eval/eval_default.json.
@@ -17,7 +18,7 @@ from pipeline import evalkit, judgekit, models
 from pipeline import evidence as ev
 from pipeline import reporting as R
 from pipeline.engine import SkipStage, git_commit
-from pipeline.variants import ALIGNED, base_model_path, free, generate, load_variant, variant_table
+from pipeline.variants import ALIGNED, Variants, base_model_path, decoding, generate, variant_table
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -127,6 +128,22 @@ def paired_tests(preds: dict, sets: list[str]) -> list[dict]:
     return out
 
 
+def predict(ctx, vs, name: str, rows: list[dict], prompts: list[list[dict]]) -> list[dict]:
+    """The variant's answers to every question, extracted by the rules and scored against the gold answer."""
+    cfg = ctx.cfg
+    model, tok = vs.use(name)
+    raws = generate(model, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, ctx.progress,
+                    f"eval {name}")
+    out = []
+    for row, prompt, raw in zip(rows, prompts, raws):
+        extracted, method = extract(row, raw)
+        out.append({"id": row["id"], "set": row["set"], "subject": row["subject"],
+                    "prompt_sha256": hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest(),
+                    "raw": raw, "extracted": extracted, "gold": row["answer"],
+                    "correct": extracted == row["answer"], "method": method})
+    return out
+
+
 def run(ctx) -> dict:
     cfg = ctx.cfg
     if cfg.runtime.force_skip_training:
@@ -137,33 +154,27 @@ def run(ctx) -> dict:
     rows = [r for name in cfg.eval.sets for r in sets[name][0]]
     prompts = [messages(r) for r in rows]
     preds, results, outputs = {}, {}, []
-    for name, entry in table.items():
-        if entry["status"] != "scored":
-            ctx.log(f"{name}: skipped, not scored ({entry['reason']})")
-            continue
-        model, tok = load_variant(ctx, name)
-        raws = generate(model, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, ctx.progress, f"eval {name}")
-        del model
-        free()
-        preds[name] = []
-        for row, prompt, raw in zip(rows, prompts, raws):
-            extracted, method = extract(row, raw)
-            preds[name].append({"id": row["id"], "set": row["set"], "subject": row["subject"],
-                                "prompt_sha256": hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest(),
-                                "raw": raw, "extracted": extracted, "gold": row["answer"],
-                                "correct": extracted == row["answer"], "method": method})
-        apply_fallback(ctx, fb, name, preds[name], rows)
-        results[name] = summarize(preds[name], cfg)
-        rel = f"reports/eval/predictions/{name}.jsonl"
-        ev.atomic_write_text(ctx.path(rel), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds[name]))
-        outputs.append(rel)
+    with Variants(ctx) as vs:   # the base loads once; each trained variant is an adapter switched on it
+        for name, entry in table.items():
+            if entry["status"] != "scored":
+                ctx.log(f"{name}: skipped, not scored ({entry['reason']})")
+                continue
+            preds[name] = predict(ctx, vs, name, rows, prompts)
+            apply_fallback(ctx, fb, name, preds[name], rows)
+            results[name] = summarize(preds[name], cfg)
+            rel = f"reports/eval/predictions/{name}.jsonl"
+            lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds[name])
+            ev.atomic_write_text(ctx.path(rel), lines)
+            outputs.append(rel)
+        memory = vs.memory()
     fb = {k: v for k, v in fb.items() if not k.startswith("_")}
     doc = {"model_name": models.display_name(cfg.tier, base := base_model_path(ctx)), "base_model": base,
            "variants": table, "results": results, "paired": paired_tests(preds, cfg.eval.sets),
            "sets": {s: {"planned_n": len(r), "full_size": full, "question_ids": [x["id"] for x in r], "seed": cfg.eval.seed}
                     for s, (r, full) in sets.items()},
            "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens, "n_bootstrap": cfg.eval.n_bootstrap,
-           "fallback": fb, "generation": {"backend": "hf", "greedy": True, "padding_side": "left",
-                                          "batched_by_prompt_length": True}}
+           "fallback": fb, "memory": memory,
+           "generation": {"backend": "hf", "greedy": True, "padding_side": "left",
+                          "batched_by_prompt_length": True, "decoding": decoding(cfg.eval.max_new_tokens)}}
     ev.atomic_write_text(ctx.path("reports/eval_default.md"), R.eval_markdown(doc, cfg, git_commit()))
     return doc | {"outputs": outputs + ["reports/eval_default.md"]}

@@ -128,3 +128,18 @@ def test_day1_7b_on_cpu_skips_honestly_and_exits_nonzero(tmp_path):
     sft = json.loads((tmp_path / "reports/training/layer_b_qwen25_7b_sft_metrics.json").read_text())
     assert sft["status"] == "skipped" and "CUDA" in sft["reason"]
     assert not any((tmp_path / "hf").rglob("*.safetensors")), "nothing may be downloaded for a tier that is not trained"
+
+
+def test_eval_and_the_gate_probe_every_variant_on_one_base_load(day1, monkeypatch):
+    """`run all` in one process: eval held one model (no training stage left one alive) and loaded the base once;
+    the gate's four probes share one base load too."""
+    root, _ = day1
+    from pipeline import models
+    memory = json.loads((root / "reports/eval/eval_default.json").read_text())["memory"]
+    assert memory == {"max_live_models": 1, "base_loads": 1}
+    loads, load = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda path, *a, **k: loads.append(str(path)) or load(path, *a, **k))
+    verdict = gate(root)
+    probes = [c for c in verdict["checks"] if c["id"].endswith(".loads")]
+    assert len(probes) == 4 and all(c["passed"] for c in probes), probes
+    assert len(loads) == 1 and verdict["max_live_models"] == 1 and verdict["base_loads"] == 1

@@ -3,7 +3,8 @@ from a recorded probe) with the tiny stand-in model; only step counts and eval s
 
     make rehearse PROBE=configs/probes/v100x2_32g.json TIER=7b      (what these tests run, four times)
 
-Each rehearsal runs once per module (a few minutes in all); the tests read its evidence.
+Each rehearsal runs once per module (REHEARSAL_STEPS=6, ~2 minutes each on 2 cores); the tests read its evidence.
+Two run in `make test`, the other two in `make test-slow` (CI runs both).
 Run: .venv/bin/python -m pytest -q tests/e2e/test_rehearsal.py
 """
 from __future__ import annotations
@@ -35,10 +36,13 @@ def _env(root: Path, probe: str, tier: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _CLEAR}
     return env | {"PIPELINE_ROOT": str(root), "MODEL_TIER": tier, "REHEARSAL": "true", "HF_HUB_OFFLINE": "1",
                   "GPU_PROBE_FILE": f"configs/probes/{probe}.json", "DAY1_RUN_DIR": str(root / "run"),
-                  "MEDLLM_CACHE": str(REPO / ".cache")}
+                  "MEDLLM_CACHE": str(REPO / ".cache"), "REHEARSAL_STEPS": "6"}   # users' default is 12
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+SLOW = ("7b_rtx4090", "14b_v100x2")   # make test-slow; make test runs the other two (every feature in each half)
+
+
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
 def rehearsal(request, tmp_path_factory):
     name = request.param
     probe, tier, template, want = CASES[name]
@@ -88,8 +92,9 @@ def test_every_trainer_ran_the_tier_config_with_the_gpu_invariants(rehearsal, st
     assert (m["precision"]["dtype"], m["precision"]["quantization"]) == (want["precision"], want["quantization"])
     if want["precision"] == "fp16":                             # GradScaler unscales fp32 gradients only
         assert m["precision"]["trainable_dtype"] == "float32"
-    else:                                                       # TRL keeps QLoRA adapters in bf16 (its choice)
-        assert m["precision"]["trainable_dtype"] == ("bfloat16" if want["quantization"] else "float32")
+    else:   # TRL's SFT/DPO/KTO keep QLoRA adapters in bf16 (their choice); CPOTrainer (SimPO) leaves them fp32
+        bf16 = want["quantization"] and stage != "simpo"
+        assert m["precision"]["trainable_dtype"] == ("bfloat16" if bf16 else "float32")
     assert m["memory"]["max_live_models"] == 1, m["memory"]
     weights = m["dtype_audit"]["by_dtype"]
     assert {"fp16": "float16", "bf16": "bfloat16"}[want["precision"]] in weights

@@ -22,6 +22,7 @@ ARGS = ["sft.curriculum=[]", "sft.max_steps=4", "dpo.max_steps=2", "simpo.max_st
 CLEARED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ENABLE_LLM_JUDGE", "FORCE_SKIP_TRAINING", "ENABLE_V2_LLM_FALLBACK",
            "MODEL_NAME", "SEED", "BATCH_SIZE", "GRAD_ACC", "JUDGE_MODEL")
 KTO_SKIP = "test: KTO training was skipped on purpose"
+BASE_LOADS: list[str] = []     # the paths models.load_model was called with during the eval stage
 
 
 def run_stage(name: str, force: bool = False) -> str:
@@ -48,7 +49,11 @@ def evaluated(tmp_path_factory):
     assert main(["run", "sft", "dpo", "simpo", *ARGS]) == 0
     ev.atomic_write_json(root / "reports/training/kto_metrics.json",
                          {"stage": "kto", "status": "skipped", "skipped": True, "reason": KTO_SKIP})
+    from pipeline import models
+    load = models.load_model
+    mp.setattr(models, "load_model", lambda path, *a, **k: BASE_LOADS.append(str(path)) or load(path, *a, **k))
     assert run_stage("eval") == "ok"
+    mp.setattr(models, "load_model", load)
     yield root
     mp.undo()
 
@@ -119,3 +124,128 @@ def test_a_published_number_without_citation_is_rejected(tmp_path):
     bad.write_text("references:\n  - {benchmark: medqa, model: X, number: 99.0, setting: s, paper: p, url: https://x}\n")
     with pytest.raises(ValueError, match=r"references\[0\].*lacks table"):
         load_references(bad)
+
+
+def test_eval_loads_the_base_once_and_records_memory_and_decoding(evaluated):
+    d = doc(evaluated)
+    assert len(BASE_LOADS) == 1, BASE_LOADS      # base, sft, dpo, simpo: one base, three adapters switched on it
+    assert d["memory"] == {"max_live_models": 1, "base_loads": 1}
+    dec = d["generation"]["decoding"]
+    assert dec["do_sample"] is False and dec["num_beams"] == 1 and dec["repetition_penalty"] == 1.0
+    assert dec["max_new_tokens"] == d["max_new_tokens"] and dec["temperature"] is None
+    md = (evaluated / "reports/eval_default.md").read_text()
+    assert "repetition_penalty 1.0" in md and "base loaded 1x, at most 1 alive" in md
+
+
+def _ctx():
+    from rich.console import Console
+    from pipeline import engine
+    from pipeline.settings import load_config
+    engine.stages()
+    return engine.Ctx(load_config(overrides=ARGS), engine.STAGE_BY_NAME["eval"], Console())
+
+
+def _logits(model, tok):
+    import torch
+    enc = tok(["<|im_start|>user\nWhat lowers a fever?<|im_end|>\n"], return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def test_switched_adapters_give_what_a_fresh_load_gives(evaluated):
+    """Each variant on the one shared base (adapters loaded, switched, deleted; base via disable_adapter)
+    gives the logits of that variant loaded alone; going back to base or to an earlier adapter changes nothing."""
+    import torch
+    from pipeline import models
+    from pipeline.variants import Variants, base_model_path, verified_adapter
+    ctx = _ctx()
+    fresh = {}
+    for name in ("base", "sft", "dpo"):
+        adapter = None if name == "base" else str(verified_adapter(ctx, name))
+        model = models.load_model(base_model_path(ctx), ctx.plan, adapter=adapter)
+        fresh[name] = _logits(model, models.load_tokenizer(base_model_path(ctx)))
+        del model
+        models.release()
+    assert not torch.allclose(fresh["sft"], fresh["dpo"]) and not torch.allclose(fresh["base"], fresh["sft"])
+    with Variants(ctx) as vs:
+        for name in ("base", "sft", "dpo", "base", "sft", "sft", "dpo"):
+            model, tok = vs.use(name)
+            assert torch.allclose(_logits(model, tok), fresh[name], atol=1e-5), name
+        assert vs.base_loads == 1 and models.live_models() == 1
+        assert list(model.peft_config) == ["dpo"]          # earlier adapters were deleted after use
+    del model
+    models.release()
+    assert models.live_models() == 0
+
+
+def test_an_adapter_that_fails_to_load_leaves_no_half_loaded_model(evaluated, tmp_path):
+    import shutil
+    import torch
+    from pipeline import models
+    from pipeline.variants import Variants, base_model_path, verified_adapter
+    ctx = _ctx()
+    bad = tmp_path / "bad"
+    shutil.copytree(verified_adapter(ctx, "sft"), bad)
+    (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with Variants(ctx) as vs:
+        want = _logits(*vs.use("dpo"))
+        vs.use("sft")
+        with pytest.raises(Exception):
+            vs.load(base_model_path(ctx), bad, "bad")
+        model, tok = vs.use("dpo")
+        assert torch.allclose(_logits(model, tok), want, atol=1e-5) and list(model.peft_config) == ["dpo"]
+        assert vs.memory() == {"max_live_models": 1, "base_loads": 2}   # the failed one was dropped, then reloaded
+
+
+def _greedy_by_hand(model, tok, text: str, n: int) -> list[int]:
+    """Argmax of the model's own logits, one token at a time, stopping at an end-of-turn token."""
+    import torch
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    stop = {tok.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
+        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt in stop:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+@pytest.fixture
+def pushy_model(tmp_path_factory, tmp_path):
+    """The tiny model with a generation_config.json that samples and penalizes repeats (as Qwen2.5's does)."""
+    import shutil
+    from pipeline import models
+    src = models.build_tiny(tmp_path_factory.getbasetemp() / "medllm-cache" / "tiny-seed0")
+    folder = tmp_path / "pushy"
+    shutil.copytree(src, folder)
+    tok = models.load_tokenizer(folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 2.0,
+         "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}))
+    return folder
+
+
+def test_generation_is_greedy_whatever_the_models_generation_config_says(pushy_model):
+    from pipeline import checker, models
+    from pipeline.variants import Variants, generate
+    plan = dict(checker.CPU_PLAN)
+    model = models.load_model(pushy_model, plan)
+    tok = models.load_tokenizer(pushy_model, padding_side="left")
+    assert model.generation_config.repetition_penalty == 2.0 and model.generation_config.do_sample is True
+    questions = ("头痛怎么办?", "What lowers a fever?", "Is aspirin safe?")
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    got = generate(model, tok, prompts, batch_size=1, max_new_tokens=16)
+    for prompt, text in zip(prompts, got):
+        chat = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        assert text == tok.decode(_greedy_by_hand(model, tok, chat, 16), skip_special_tokens=True).strip()
+    # the gate's probe decodes the same way
+    chat = tok.apply_chat_template([{"role": "user", "content": checker.PROBE_PROMPT}], tokenize=False,
+                                   add_generation_prompt=True)
+    want = tok.decode(_greedy_by_hand(model, tok, chat, checker.PROBE_TOKENS))
+    del model
+    with Variants(None, plan) as vs:
+        assert checker.probe_checkpoint(vs, str(pushy_model), pushy_model) == (True, want)

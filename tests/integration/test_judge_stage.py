@@ -131,3 +131,22 @@ def test_disabled_judges_are_recorded_as_disabled(trained, monkeypatch):
     s = summary(root)
     for kind in ("pairwise", "risk"):
         assert s[kind] == {"enabled": False, "planned": 0, "judged": 0, "coverage": None}
+
+
+def test_answers_are_generated_on_one_base_load_and_cached_by_decoding(judges_on, monkeypatch):
+    root, _ = judges_on
+    from pipeline import models
+    for f in (root / "reports/judge/answers").glob("*.jsonl"):    # answers made by an earlier decoding
+        rows = [json.loads(x) for x in f.read_text().splitlines()]
+        f.write_text("".join(json.dumps({**r, "decoding": {**r.get("decoding", {}), "repetition_penalty": 1.05}})
+                             + "\n" for r in rows))
+    loads, load = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda path, *a, **k: loads.append(str(path)) or load(path, *a, **k))
+    assert run_judge(force=True) == "ok"
+    s = summary(root)
+    assert ev.validate("judge", s) == [] and len(loads) == 1                  # base, sft, dpo on one base
+    assert s["memory"] == {"max_live_models": 1, "base_loads": 1}
+    rows = [json.loads(x) for x in (root / "reports/judge/answers/dpo.jsonl").read_text().splitlines()]
+    assert rows and all(r["decoding"] == rows[0]["decoding"] for r in rows)
+    assert rows[0]["decoding"]["repetition_penalty"] == 1.0 and rows[0]["decoding"]["do_sample"] is False
+    assert run_judge(force=True) == "ok" and len(loads) == 1 and "memory" not in summary(root)   # all cached

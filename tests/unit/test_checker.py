@@ -56,7 +56,11 @@ def train(root, cfg, stage, seed=0):
                              for c in plan.curriculum],
                  checkpoint_dir=FINALS[stage], checkpoint_files=files, checkpoint_sha256=ev.sha256_json(files),
                  trainer_state_file=f"{FINALS[stage]}/trainer_state.json", trainer_state_sha256=files["trainer_state.json"],
-                 precision={"dtype": "fp32", "quantization": None, "attn_implementation": "sdpa"},
+                 precision={"dtype": "fp32", "quantization": None, "attn_implementation": "sdpa", "device": "cpu",
+                            "trainable_dtype": "float32"},
+                 memory={"max_live_models": 1, "peak_gb": 0.1, "peak_kind": "rss", "estimate_gb": None},
+                 batch={"requested": {"per_device": 2, "grad_acc": 4},
+                        "attempts": [{"attempt": 1, "per_device": 2, "grad_acc": 4, "reason": "requested"}]},
                  oom_retries=[], peak_mem_gb=0.1, tokens_per_s=100.0)
     doc["data"] = {"rows": 96}
     if stage == "sft":
@@ -82,8 +86,11 @@ def eval_doc(root, cfg):
                        "format_failure_rate": 0.0, "length_chars": 20.0, "methods": {"rule": 8}, "by_subject": {}}
                    for s, info in sets.items()}
                for v, entry in variants.items() if entry["status"] == "scored"}
+    from pipeline.variants import decoding
     return common(cfg, "eval", variants=variants, sets=sets, results=results, paired=[], batch_size=8, max_new_tokens=8,
-                  fallback={"enabled": False, "available": False, "reason": "off"}, generation={"backend": "hf"})
+                  fallback={"enabled": False, "available": False, "reason": "off"},
+                  generation={"backend": "hf", "decoding": decoding(8)},
+                  memory={"max_live_models": 1, "base_loads": 1})
 
 
 def judge_doc(cfg, risk=(10, 10)):
@@ -110,8 +117,8 @@ def build_run(root, cfg, force_skip=False):
 def probes(monkeypatch):
     calls = []
 
-    def fake(base, adapter_dir, plan):
-        calls.append((base, str(adapter_dir), plan["device"]))
+    def fake(vs, base, adapter_dir):
+        calls.append((base, str(adapter_dir), vs.plan["device"]))
         return True, " the heart"
     monkeypatch.setattr(checker, "probe_checkpoint", fake)
     return calls
@@ -237,6 +244,27 @@ def reports_stage_failed(root, cfg):
     write(root, cfg, "reports", common(cfg, "reports", status="failed", reason="KeyError: 'results'"))
 
 
+def fp16_with_bf16_trainables(root, cfg):
+    _edit_json(root / METRICS["sft"], lambda d: d["precision"].update(dtype="fp16", trainable_dtype="bfloat16"))
+
+
+def two_live_models(root, cfg):
+    _edit_json(root / METRICS["dpo"], lambda d: d["memory"].update(max_live_models=2))
+
+
+def kto_retried_at_batch_one(root, cfg):
+    retry = {"attempt": 2, "per_device": 1, "grad_acc": 8, "reason": "CUDA out of memory"}
+    _edit_json(root / METRICS["kto"], lambda d: d["batch"]["attempts"].append(retry))
+
+
+def metrics_without_memory(root, cfg):
+    _edit_json(root / METRICS["simpo"], lambda d: d.pop("memory"))
+
+
+def eval_without_decoding(root, cfg):
+    _edit_json(root / "reports/eval/eval_default.json", lambda d: d["generation"].pop("decoding"))
+
+
 @pytest.mark.parametrize("tamper, failing_id", [
     (skipped_edited_to_not_skipped, "simpo.metrics"),
     (drop_required_field, "dpo.metrics"),
@@ -256,6 +284,11 @@ def reports_stage_failed(root, cfg):
     (risk_judge_coverage_inflated, "judge.risk"),
     (judge_stage_crashed, "judge.pairwise"),   # disabled, but nothing recorded it as disabled
     (reports_stage_failed, "chain.stages"),
+    (fp16_with_bf16_trainables, "sft.invariants"),
+    (two_live_models, "dpo.invariants"),
+    (kto_retried_at_batch_one, "kto.invariants"),
+    (metrics_without_memory, "simpo.invariants"),
+    (eval_without_decoding, "eval.coverage"),
 ])
 def test_each_tamper_fails_its_check_and_restoring_passes(run, tamper, failing_id):
     root, cfg, backup = run
@@ -277,7 +310,7 @@ def test_replaced_sft_keeps_sft_checks_green_and_blames_the_children(run):
 
 def test_a_probe_that_cannot_generate_fails_loads_with_its_error(run, monkeypatch):
     root, cfg, _ = run
-    monkeypatch.setattr(checker, "probe_checkpoint", lambda base, adapter, plan: (False, "OSError: no config.json"))
+    monkeypatch.setattr(checker, "probe_checkpoint", lambda vs, base, adapter: (False, "OSError: no config.json"))
     gate = checker.evaluate(cfg)
     loads = next(c for c in gate["checks"] if c["id"] == "kto.loads")
     assert not loads["passed"] and "no config.json" in loads["detail"]
@@ -417,3 +450,85 @@ def test_summary_ignores_a_gate_report_older_than_this_run(run, monkeypatch):
     s = json.loads((root / checker.SUMMARY).read_text())
     assert s["gate"]["failed"] == [] and s["gate"]["strict_pass"] is False
     assert any("failed sft: boom" in f for f in s["first_fixes"]) and any("did it crash" in f for f in s["first_fixes"])
+
+
+@pytest.mark.parametrize("stage, edit, says", [
+    ("sft", lambda d: d["memory"].update(max_live_models=None), "memory.max_live_models is None"),
+    ("dpo", lambda d: d["precision"].pop("trainable_dtype"), "records no precision.trainable_dtype"),
+    ("simpo", lambda d: d["memory"].pop("max_live_models"), "records no memory.max_live_models"),
+    ("kto", lambda d: d.pop("batch"), "records no batch.attempts"),
+    ("kto", lambda d: d["batch"]["attempts"][0].update(per_device=1), "per_device < 2"),
+    ("sft", lambda d: d["precision"].update(dtype="fp16", trainable_dtype="mixed: bfloat16, float32"),
+     "'mixed: bfloat16, float32' under fp16"),
+])
+def test_invariants_name_the_missing_field_or_the_broken_rule(run, stage, edit, says):
+    root, cfg, _ = run
+    _edit_json(root / METRICS[stage], edit)
+    gate = checker.evaluate(cfg)
+    check = next(c for c in gate["checks"] if c["id"] == f"{stage}.invariants")
+    assert not check["passed"] and says in check["detail"], check["detail"]
+    assert check["todo"].startswith("the metrics predate these fields, or the trainer broke an invariant")
+    assert {f.split(".")[0] for f in gate["failed"]} == {stage}   # (the metrics schema may say so too)
+
+
+def test_invariants_pass_for_fp16_with_float32_trainables_and_report_them(run):
+    root, cfg, _ = run
+    _edit_json(root / METRICS["sft"], lambda d: d["precision"].update(dtype="fp16", trainable_dtype="float32"))
+    gate = checker.evaluate(cfg)
+    assert gate["strict_pass"], gate["failed"]
+    detail = next(c["detail"] for c in gate["checks"] if c["id"] == "kto.invariants")
+    assert "float32" in detail and "every KTO batch >= 2" in detail
+
+
+def test_the_gate_records_how_many_models_its_probes_held(run, probes):
+    root, cfg, _ = run
+    checker.main(cfg, Console(file=io.StringIO()))
+    gate = json.loads((root / checker.GATE).read_text())
+    assert gate["max_live_models"] == 0 and gate["base_loads"] == 0   # the fake probes load nothing
+    assert len(probes) == 4
+
+
+def _rehearsal_gpu_check(root, cfg):
+    _edit_json(root / "reports/migration/gpu_check.json",
+               lambda d: d.update(rehearsal={"probe_file": "configs/probes/a100_80g.json", "stand_in": "tiny"}))
+
+
+def test_a_rehearsal_passes_strict_but_is_never_ready_for_writing(run, tmp_path):
+    root, cfg, _ = run
+    _rehearsal_gpu_check(root, cfg)
+    assert checker.evaluate(cfg)["strict_pass"]                  # a normal Day-1 for the gate
+    cfg7 = load_config(tier="7b", env={"PIPELINE_ROOT": str(tmp_path / "7b")})
+    _thesis_artifacts(tmp_path / "7b")
+    _full_size_eval(tmp_path / "7b", cfg7)
+    assert checker.thesis_readiness(cfg7, strict_pass=True)["ready_for_writing"] is True
+    write(tmp_path / "7b", cfg7, "gpu_check", common(cfg7, "gpu_check", plan={"device": "cpu"}))
+    _rehearsal_gpu_check(tmp_path / "7b", cfg7)
+    r = checker.thesis_readiness(cfg7, strict_pass=True)
+    assert r["ready_for_writing"] is False and r["blockers"] == ["rehearsal: the weights were a stand-in"]
+    assert r["rehearsal"] == ["reports/migration/gpu_check.json"]
+
+
+def test_a_rehearsal_flag_in_any_training_metrics_blocks_writing(tmp_path):
+    cfg = load_config(tier="14b", env={"PIPELINE_ROOT": str(tmp_path)})
+    _thesis_artifacts(tmp_path)
+    _full_size_eval(tmp_path, cfg)
+    write(tmp_path, cfg, "kto", common(cfg, "kto", rehearsal={"steps": 6}))
+    r = checker.thesis_readiness(cfg, strict_pass=True)
+    assert r["blockers"] == ["rehearsal: the weights were a stand-in"] and r["rehearsal"] == [METRICS["kto"]]
+
+
+def test_a_rehearsal_is_probed_on_the_plan_it_ran_against_its_stand_in(tmp_path):
+    """gpu_check's plan is the GPU's (cuda); the rehearsal ran run_plan (cpu, the tier's precision and nf4)
+    on the tiny stand-in, which is the base the gate expects."""
+    from pipeline import models
+    cfg = load_config(tier="14b", env={"PIPELINE_ROOT": str(tmp_path), "REHEARSAL": "true",
+                                       "GPU_PROBE_FILE": "configs/probes/a100_40g.json"})
+    gpu = {"device": "cuda", "precision": "bf16", "attn_implementation": "flash_attention_2", "quantization": "nf4"}
+    write(tmp_path, cfg, "gpu_check", common(cfg, "gpu_check", plan=gpu, rehearsal={"differences": ["cpu"]},
+                                             run_plan=dict(gpu, device="cpu", attn_implementation="sdpa",
+                                                           rehearsal=True)))
+    assert checker.probe_plan(tmp_path) == {"device": "cpu", "precision": "bf16", "attn_implementation": "sdpa",
+                                            "quantization": "nf4", "rehearsal": True}
+    stand_in = str(models.cached_model_dir("tiny", cfg.cache_dir, cfg.model.tiny_seed))
+    check = checker._check_base(cfg, "dpo", {"base_model": stand_in}, "reports/training/dpo_metrics.json")
+    assert check["passed"], check["detail"]
