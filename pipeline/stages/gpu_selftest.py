@@ -283,7 +283,8 @@ def invariants(rec: dict, plan: dict) -> dict:
     return {"one_live_model_at_load": rec["live_models_before_load"] == 0
             and rec.get("max_live_models", 9) <= 1,
             "trainable_float32_under_fp16": not fp16 or rec.get("trainable_dtype") == "float32",
-            "grad_scaler_under_fp16": not fp16 or bool(rec.get("grad_scaler")),
+            # a CPU (a rehearsal of an fp16 GPU) has no loss scaler: accelerate scales on CUDA only
+            "grad_scaler_under_fp16": not fp16 or plan.get("device") != "cuda" or bool(rec.get("grad_scaler")),
             "released_after": rec.get("live_models_after_release") == 0,
             "kto_batch_at_least_2": rec["kind"] != "kto" or rec.get("trainer_batch", 0) >= 2,
             "steps_reached": rec.get("global_step") == STEPS,

@@ -97,7 +97,7 @@ def test_a_leaked_model_and_a_crash_each_fail_the_self_test_and_the_others_still
 
 
 def test_fp16_invariants_need_float32_adapters_and_a_grad_scaler_and_kto_a_batch_of_two():
-    fp16 = {"precision": "fp16"}
+    fp16 = {"precision": "fp16", "device": "cuda"}
     good = {"kind": "kto", "live_models_before_load": 0, "max_live_models": 1, "live_models_after_release": 0,
             "trainable_dtype": "float32", "grad_scaler": "GradScaler", "trainer_batch": 2,
             "global_step": S.STEPS, "losses": [11.9, 11.8], "speed": {"tokens": 4096}}
@@ -107,8 +107,13 @@ def test_fp16_invariants_need_float32_adapters_and_a_grad_scaler_and_kto_a_batch
     failed = {k for k, ok in S.invariants(broken, fp16).items() if not ok}
     assert failed == {"trainable_float32_under_fp16", "grad_scaler_under_fp16", "kto_batch_at_least_2",
                       "loss_finite"}
-    bf16 = {k for k, ok in S.invariants({**broken, "losses": [1.0]}, {"precision": "bf16"}).items() if not ok}
+    bf16_plan = {"precision": "bf16", "device": "cuda"}
+    bf16 = {k for k, ok in S.invariants({**broken, "losses": [1.0]}, bf16_plan).items() if not ok}
     assert bf16 == {"kto_batch_at_least_2"}   # the fp16 rules apply to fp16 plans only
+    rehearsal = {"precision": "fp16", "device": "cpu", "rehearsal": True}   # an fp16 GPU rehearsed on the CPU
+    cpu = {k for k, ok in S.invariants({**broken, "losses": [1.0], "trainer_batch": 2}, rehearsal).items()
+           if not ok}
+    assert cpu == {"trainable_float32_under_fp16"}   # no loss scaler on a CPU; the fp32 adapters still
 
 
 def test_tokens_are_counted_from_the_attention_mask_and_only_in_forwards_that_build_a_graph():
