@@ -149,10 +149,25 @@ def optimizer_for(tc, plan: dict) -> tuple[str, str | None]:
     return "adamw_torch", f"optimizer {tc.optimizer} needs CUDA (bitsandbytes paged/8-bit states): adamw_torch here"
 
 
+def for_installed_transformers(args: dict, arguments_class=None) -> dict:
+    """transformers before the activation_checkpointing rename (5.17, on some GPU images) knows only the
+    gradient_checkpointing names; 5.24 mirrors the old names onto the new (transformers/training_args.py:1533-1545)."""
+    import dataclasses
+    if arguments_class is None:
+        from transformers import TrainingArguments as arguments_class
+    known = {f.name for f in dataclasses.fields(arguments_class)}
+    out = dict(args)
+    for new, old in (("activation_checkpointing", "gradient_checkpointing"),
+                     ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")):
+        if new in out and new not in known:
+            out[old] = out.pop(new)
+    return out
+
+
 def base_args(cfg, kind: str, plan: dict, out: Path, batch: int, grad_acc: int) -> dict:
     """TrainingArguments for the whole stage: ONE schedule over max_steps (sub-stages stop early, see StopAt)."""
     tc = getattr(cfg, kind)
-    return dict(output_dir=str(out), max_steps=tc.max_steps, learning_rate=tc.learning_rate,
+    return for_installed_transformers(dict(output_dir=str(out), max_steps=tc.max_steps, learning_rate=tc.learning_rate,
                 per_device_train_batch_size=batch, gradient_accumulation_steps=grad_acc,
                 warmup_steps=tc.warmup_ratio, logging_steps=tc.logging_steps, save_strategy="steps",
                 save_steps=tc.save_steps, save_total_limit=tc.save_total_limit, optim=optimizer_for(tc, plan)[0],
@@ -164,7 +179,7 @@ def base_args(cfg, kind: str, plan: dict, out: Path, batch: int, grad_acc: int) 
                 deepspeed=str(cfg.data_path(cfg.runtime.deepspeed_config))   # the plan refuses ZeRO-3
                 if cfg.runtime.deepspeed_config and not plan.get("rehearsal") else None,
                 dataloader_num_workers=0,
-                include_num_input_tokens_seen="all", disable_tqdm=False, **precision_args(plan))
+                include_num_input_tokens_seen="all", disable_tqdm=False, **precision_args(plan)))
 
 
 def make_callbacks(cfg, kind: str, stop_at: int):

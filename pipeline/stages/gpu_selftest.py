@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline import hardware, models
 from pipeline import training as T
+from pipeline.training import for_installed_transformers
 from pipeline.engine import SkipStage
 from pipeline.settings import GPU_TIERS, HUB_MODELS
 
@@ -154,18 +155,6 @@ def rows(kind: str, n: int, tok, ids: list[int], length: int) -> list[dict]:
 
 
 # --- one trainer --------------------------------------------------------------------------------------
-def for_installed_transformers(args: dict) -> dict:
-    """transformers before the activation_checkpointing rename (5.17 has gradient_checkpointing only)."""
-    from transformers import TrainingArguments
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    out = dict(args)
-    for new, old in (("activation_checkpointing", "gradient_checkpointing"),
-                     ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")):
-        if new in out and new not in known:
-            out[old] = out.pop(new)
-    return out
-
-
 def build(kind: str, cfg, plan: dict, base: str, tok, dataset, args: dict, length: int):
     """The trainer the stage builds; DPO/SimPO/KTO get a fresh trainable LoRA where the stages load SFT's."""
     from peft import LoraConfig, get_peft_model
@@ -320,7 +309,7 @@ def trial(kind: str, cfg, plan: dict, base: str, tok, ids: list[int], out, log=p
         torch.cuda.reset_peak_memory_stats()
     trainer, m, config, t0 = None, None, None, time.monotonic()
     try:
-        trainer = build(kind, cfg, plan, base, tok, data, for_installed_transformers(args), length)
+        trainer = build(kind, cfg, plan, base, tok, data, args, length)
         rec["build_s"] = round(time.monotonic() - t0, 2)   # model load + the trainer's own data preparation
         config = trainer.model.config
         rec["trainable_dtype"] = models.fix_trainable_dtype(trainer.model, plan)

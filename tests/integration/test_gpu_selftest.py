@@ -161,9 +161,7 @@ def test_the_random_init_model_is_built_in_memory_by_the_pipelines_loader(tmp_pa
     assert [p for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")] == []   # torch's cache
 
 
-def test_older_transformers_get_the_gradient_checkpointing_names(monkeypatch):
-    import transformers
-
+def test_older_transformers_get_the_gradient_checkpointing_names():
     @dataclasses.dataclass
     class Before:   # transformers 5.17: gradient_checkpointing only
         gradient_checkpointing: bool = False
@@ -175,11 +173,10 @@ def test_older_transformers_get_the_gradient_checkpointing_names(monkeypatch):
         activation_checkpointing_kwargs: dict | None = None
     args = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False},
             "seed": 1}
-    monkeypatch.setattr(transformers, "TrainingArguments", Before)
-    assert S.for_installed_transformers(args) == {"gradient_checkpointing": True, "seed": 1,
-                                                   "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    monkeypatch.setattr(transformers, "TrainingArguments", After)
-    assert S.for_installed_transformers(args) == args
+    assert S.for_installed_transformers(args, Before) == {"gradient_checkpointing": True, "seed": 1,
+                                                           "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    assert S.for_installed_transformers(args, After) == args
+    assert S.for_installed_transformers(args) == args   # the pinned transformers 5.24 has the new names
 
 
 def test_the_device_script_runs_the_stage_and_writes_its_figures_flat_into_out(tiny_env):
