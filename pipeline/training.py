@@ -363,7 +363,6 @@ def training_evidence(ctx, kind: str, res: dict, base: str, extra: dict) -> dict
     tokens, token_source = state.get("num_input_tokens_seen") or 0, "trainer num_input_tokens_seen"
     per_sample = extra.pop("tokens_per_sample_estimate", None)
     if not tokens and per_sample:
-        tc = getattr(cfg, kind)
         tokens = per_sample * res["batch_size"] * res["grad_acc"] * cfg.runtime.nproc * state["global_step"]
         token_source = "estimate: mean tokenized sample length x effective batch x steps"
     reward_keys = [k for k in series if k.startswith(("rewards/", "logps/", "kl"))]

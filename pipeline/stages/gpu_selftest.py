@@ -12,7 +12,6 @@ Docs: docs/GPU_SELFTEST.md.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import shutil
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 
 from pipeline import hardware, models
 from pipeline import training as T
-from pipeline.training import for_installed_transformers
 from pipeline.engine import SkipStage
 from pipeline.settings import GPU_TIERS, HUB_MODELS
 

@@ -181,7 +181,6 @@ def test_switched_adapters_give_what_a_fresh_load_gives(evaluated):
 def test_an_adapter_that_fails_to_load_leaves_no_half_loaded_model(evaluated, tmp_path):
     import shutil
     import torch
-    from pipeline import models
     from pipeline.variants import Variants, base_model_path, verified_adapter
     ctx = _ctx()
     bad = tmp_path / "bad"

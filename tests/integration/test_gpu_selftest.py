@@ -19,6 +19,7 @@ from pipeline import evidence as ev
 from pipeline import hardware, models
 from pipeline.__main__ import main
 from pipeline.settings import load_config
+from pipeline import training as T
 from pipeline.stages import gpu_selftest as S
 
 EVIDENCE = "reports/migration/gpu_selftest.json"
@@ -173,10 +174,10 @@ def test_older_transformers_get_the_gradient_checkpointing_names():
         activation_checkpointing_kwargs: dict | None = None
     args = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False},
             "seed": 1}
-    assert S.for_installed_transformers(args, Before) == {"gradient_checkpointing": True, "seed": 1,
+    assert T.for_installed_transformers(args, Before) == {"gradient_checkpointing": True, "seed": 1,
                                                            "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    assert S.for_installed_transformers(args, After) == args
-    assert S.for_installed_transformers(args) == args   # the pinned transformers 5.24 has the new names
+    assert T.for_installed_transformers(args, After) == args
+    assert T.for_installed_transformers(args) == args   # the pinned transformers 5.24 has the new names
 
 
 def test_the_device_script_runs_the_stage_and_writes_its_figures_flat_into_out(tiny_env):
