@@ -118,8 +118,8 @@ def maybe_distributed(ctx, kind: str) -> dict | None:
     work.mkdir(parents=True, exist_ok=True)
     config_file, result_file, oom_file = work / "config.json", work / "result.json", work / "oom.json"
     tc = getattr(cfg, kind)
-    batch, grad_acc, _ = T.first_batch(kind, tc.batch_size, tc.grad_acc)
-    retries = []
+    first = T.first_batch(kind, tc.batch_size, tc.grad_acc)
+    batch, grad_acc, retries = first[0], first[1], []
     while True:
         result_file.unlink(missing_ok=True)
         oom_file.unlink(missing_ok=True)
@@ -132,11 +132,8 @@ def maybe_distributed(ctx, kind: str) -> dict | None:
         oom = ev.read_json(oom_file)
         if not oom:
             break
-        if batch // 2 < T.MIN_BATCH.get(kind, 1) or len(retries) >= tc.max_oom_retries:
-            raise StageFailed(f"CUDA out of memory on rank {oom.get('rank')} at step {oom.get('step')} with "
-                              f"per-device batch {batch} (after {len(retries)} retries of all {n} ranks): shorten "
-                              "max_length, turn on QLoRA (QLORA=true), or use bigger GPUs")
-        batch, grad_acc = batch // 2, grad_acc * 2
+        batch, grad_acc = T.halved_after_oom(kind, tc, batch, grad_acc, len(retries),
+                                             f"on rank {oom.get('rank')} of {n} at step {oom.get('step')}")
         retries.append({"attempt": len(retries) + 1, "batch_size": batch, "grad_acc": grad_acc, "step": oom.get("step"),
                         "error": f"rank {oom.get('rank')}: {oom.get('error')}",
                         "action": f"all {n} ranks stopped; relaunched with half the batch, resumed"})
@@ -154,9 +151,8 @@ def maybe_distributed(ctx, kind: str) -> dict | None:
     if retries:   # the ranks saw only their last launch: put the relaunches in front
         evidence["oom_retries"] = retries + evidence.get("oom_retries", [])
         evidence["batch"] = {"requested": {"per_device": tc.batch_size, "grad_acc": tc.grad_acc},
-                             "attempts": [{"attempt": 1, "per_device": T.first_batch(kind, tc.batch_size, tc.grad_acc)[0],
-                                           "grad_acc": T.first_batch(kind, tc.batch_size, tc.grad_acc)[1],
-                                           "reason": "as configured"}]
+                             "attempts": [{"attempt": 1, "per_device": first[0], "grad_acc": first[1],
+                                           "reason": first[2] or "as configured"}]
                              + [{"attempt": r["attempt"] + 1, "per_device": r["batch_size"], "grad_acc": r["grad_acc"],
                                  "reason": f"out of memory at step {r['step']} ({r['error'][:80]})"} for r in retries]
                              + evidence["batch"]["attempts"][1:]}

@@ -137,6 +137,15 @@ def first_batch(kind: str, batch: int, grad_acc: int) -> tuple[int, int, str | N
                             f">= {floor}), accumulation {grad_acc} -> {new_acc} to keep the effective batch")
 
 
+def halved_after_oom(kind: str, tc, batch: int, grad_acc: int, retries: int, where: str) -> tuple[int, int]:
+    """The batch to retry with after an out-of-memory error: half the per-device batch, twice the accumulation;
+    StageFailed at the trainer's minimum batch or after max_oom_retries. In process (fit) and for DDP (launch)."""
+    if batch // 2 < MIN_BATCH.get(kind, 1) or retries >= tc.max_oom_retries:
+        raise StageFailed(f"CUDA out of memory {where} with per-device batch {batch} (after {retries} retries): "
+                          "shorten max_length, turn on QLoRA (QLORA=true), or use a bigger GPU")
+    return batch // 2, grad_acc * 2
+
+
 def precision_args(plan: dict) -> dict:
     on_cpu = plan["device"] == "cpu"
     return {"use_cpu": on_cpu, "bf16": plan["precision"] == "bf16", "fp16": plan["precision"] == "fp16"}
@@ -261,14 +270,7 @@ def fit(ctx, kind: str, build_trainer) -> dict:
             model = None
             models.release()
             launch.oom_unless_alone(kind, failure, batch, grad_acc)   # [launch hook] DDP: every rank stops, parent retries
-            floor = MIN_BATCH.get(kind, 1)
-            if batch // 2 < floor or len(oom) >= tc.max_oom_retries:
-                oom.append({"attempt": len(oom) + 1, "batch_size": batch, "grad_acc": grad_acc, **failure,
-                            "action": "gave up"})
-                raise StageFailed(f"CUDA out of memory at step {failure['step']} with per-device batch {batch} "
-                                  f"(after {len(oom) - 1} retries): shorten max_length, turn on QLoRA "
-                                  f"(QLORA=true), or use a bigger GPU")
-            batch, grad_acc = batch // 2, grad_acc * 2
+            batch, grad_acc = halved_after_oom(kind, tc, batch, grad_acc, len(oom), f"at step {failure['step']}")
             oom.append({"attempt": len(oom) + 1, "batch_size": batch, "grad_acc": grad_acc, **failure,
                         "action": "halved batch, doubled accumulation, resumed"})
             attempts.append({"attempt": len(attempts) + 1, "per_device": batch, "grad_acc": grad_acc,
@@ -292,8 +294,7 @@ def fit(ctx, kind: str, build_trainer) -> dict:
             "resumed_from": resumed_from, "runtime_s": runtime, "final": final, "model": model,
             "batch_size": batch, "grad_acc": grad_acc, "trainable_dtype": trainable,
             "batch": {"requested": {"per_device": tc.batch_size, "grad_acc": tc.grad_acc}, "attempts": attempts},
-            "optimizer": {"configured": tc.optimizer, "used": optimizer_for(tc, plan)[0],
-                          "substitute_reason": optimizer_for(tc, plan)[1]}}
+            "optimizer": dict(zip(("configured", "used", "substitute_reason"), (tc.optimizer, *optimizer_for(tc, plan))))}
 
 
 # --- evidence --------------------------------------------------------------------------------------
