@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pin_visible_devices(cfg)   # before anything imports torch and CUDA starts
     from pipeline import engine
+    from pipeline.stages import REGISTRY
     if args.cmd == "run":
-        return engine.run(args.targets, cfg, console, force=args.force, with_needs=not args.no_deps)
+        return engine.run(args.targets, cfg, console, REGISTRY, force=args.force, with_needs=not args.no_deps)
     if args.cmd == "ls":
-        engine.print_table(cfg, console)
+        engine.print_table(cfg, console, REGISTRY)
         return 0
     if args.cmd == "config":
         print(json.dumps(cfg.to_dict(), indent=2, default=str))

@@ -40,9 +40,8 @@ def _blocked(id_: str, by: str, why: str, evidence: str) -> dict:
 
 
 def evidence_path(cfg: Config, stage: str) -> str:
-    from pipeline.engine import STAGE_BY_NAME, stages
-    stages()
-    return STAGE_BY_NAME[stage].evidence(cfg)
+    from pipeline.stages import REGISTRY
+    return REGISTRY[stage].evidence(cfg)
 
 
 def checkpoint_path(cfg: Config, stage: str) -> str:
@@ -381,15 +380,16 @@ def check_judges(cfg: Config) -> list[dict]:
 
 
 def check_chain(cfg: Config) -> list[dict]:
-    from pipeline.engine import fingerprint, stages, status_of
+    from pipeline.engine import fingerprint, status_of
+    from pipeline.stages import REGISTRY
     root = Path(cfg.root)
     markers = sorted(p.relative_to(root).as_posix() for p in (root / "reports/.incomplete").glob("*") if p.is_file())
     out = [_result("chain.no_incomplete", [f"a stage was interrupted and left its marker: {', '.join(markers)}"] if markers else [],
                    "no stage left an incomplete marker", "reports/.incomplete/")]
     found: dict[str, list[str]] = {"stale": [], "tampered": []}
     unfinished = []
-    for stage in (s for s in stages() if s.in_all):
-        state = status_of(stage, cfg, fingerprint(stage, cfg)[0])
+    for stage in (s for s in REGISTRY.stages if s.in_all):
+        state = status_of(stage, cfg, fingerprint(stage, cfg, REGISTRY)[0])
         found.get(state, []).append(stage.name)
         if not stage.training and state not in ("ok", "skipped", "stale", "tampered"):
             unfinished.append(f"{stage.name} is {state} ({stage.evidence(cfg)})")

@@ -429,3 +429,18 @@ def prompt_overlap(train_texts: list[str], eval_texts: list[str]) -> dict:
     hits = [t for t in eval_texts if _normalise(t) in train]
     return {"n_train": len(train_texts), "n_eval": len(eval_texts), "n_overlap": len(hits),
             "examples": [_normalise(t)[:200] for t in hits[:5]]}
+
+
+# --- what a stage declares it reads ----------------------------------------------------------------------
+def files(*keys: str):
+    """A stage's `inputs`: the data files named by these data.* keys (unset keys are left out)."""
+    def inputs(cfg) -> list[Path]:
+        return [cfg.data_path(getattr(cfg.data, k)) for k in keys if getattr(cfg.data, k)]
+    return inputs
+
+
+def eval_files(cfg) -> list[Path]:
+    """The benchmark files eval scores (every CSV of the CMMLU folder)."""
+    cmmlu = sorted(cfg.data_path(cfg.data.cmmlu_dir).glob("*.csv"))
+    return [cfg.data_path(cfg.data.medqa_path), cfg.data_path(cfg.data.pubmedqa_path),
+            cfg.data_path(cfg.data.pubmedqa_test_ids), *cmmlu]

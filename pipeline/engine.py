@@ -1,7 +1,9 @@
 """The stage engine: fingerprint -> skip when fresh -> marker -> run -> validate -> atomic evidence.
 
-A stage is a module in pipeline/stages with `run(ctx) -> dict`; the registry (pipeline/stages/__init__.py)
-is a plain list of `Stage` records. Idempotence lives here, not in Make timestamps.
+A stage is a module in pipeline/stages with its declaration `STAGE`, `run(ctx) -> dict` and `checks`; the
+engine is handed a `core.Registry` of them (pipeline/stages/__init__.py builds the real one). Idempotence lives
+here, not in Make timestamps. The fingerprint is made from the stage's declaration, and the stage's context
+(core.ScopedCfg) refuses any read outside it, so "up to date" means nothing the stage reads has changed.
 """
 from __future__ import annotations
 
@@ -10,48 +12,22 @@ import datetime as dt
 import faulthandler
 import functools
 import fcntl
-import importlib
 import os
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from pipeline import evidence as ev
+from pipeline.core import Ctx, Registry, ScopedCfg, SkipStage, Stage, StageFailed, config_part
 from pipeline.settings import REPO, Config, secret
+
+__all__ = ["Ctx", "Registry", "SkipStage", "Stage", "StageFailed", "run", "run_stage", "fingerprint", "status_of"]
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "openai",
             "tokenizers", "safetensors", "jsonschema")
-
-
-class SkipStage(Exception):
-    """Raise with a reason: the stage writes `skipped` evidence (or `failed` where skips are not allowed)."""
-
-
-class StageFailed(Exception):
-    """Raise with a one-line reason for the user: the stage writes `failed` evidence and the run exits non-zero."""
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    needs: tuple[str, ...]
-    evidence: Callable[[Config], str]                   # evidence path relative to the output root
-    inputs: Callable[[Config], list] = lambda cfg: []   # data files whose sha256 enter the fingerprint
-    sections: tuple[str, ...] = ()                      # config sections that enter the fingerprint
-    in_all: bool = True                                 # part of `run all`
-    training: bool = False                              # a skip is a failure when ALLOW_SKIP_TRAINING=false
-    runs_after_skip: bool = False                       # still runs when a need was skipped (eval lists it)
-    done_status: str = "ok"
-    always_run: bool = False                            # machine-dependent (the hardware probe): never "up to date"
-
-    @property
-    def module(self):
-        return importlib.import_module(f"pipeline.stages.{self.name}")
 
 
 def now() -> str:
@@ -80,97 +56,29 @@ def git_commit() -> str | None:
         return None
 
 
-class Ctx:
-    """What a stage sees: config, output root, upstream evidence, the hardware plan, secrets, console."""
-
-    def __init__(self, cfg: Config, stage: Stage, console, fingerprint: str = ""):
-        self.cfg, self.stage, self.console, self.fingerprint = cfg, stage, console, fingerprint
-        self.root = Path(cfg.root)
-        self.name = stage.name
-
-    def path(self, rel: str) -> Path:
-        p = self.root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def evidence(self, stage: str) -> dict | None:
-        return ev.read_json(self.root / STAGE_BY_NAME[stage].evidence(self.cfg))
-
-    @property
-    def plan(self) -> dict:
-        """The plan this process executes: gpu_check's plan, or in a rehearsal its CPU run_plan."""
-        check = self.evidence("gpu_check")
-        if not check or "plan" not in check:
-            raise StageFailed("no hardware plan: run `make gpu-check` (python -m pipeline run gpu_check) first")
-        return check.get("run_plan") or check["plan"]
-
-    def secret(self, name: str) -> str | None:
-        return secret(name)
-
-    def log(self, msg: str) -> None:
-        self.console.print(f"[dim]{self.name}:[/] {msg}")
-
-    def progress(self, iterable, total=None, description=""):
-        from rich.progress import track
-        return track(iterable, total=total, description=description or self.name, console=self.console,
-                     transient=False)
-
-
-# --- registry helpers ----------------------------------------------------------------------------
-def _registry():
-    from pipeline.stages import STAGES
-    return STAGES
-
-
-STAGE_BY_NAME: dict[str, Stage] = {}
-
-
-def stages() -> list[Stage]:
-    if not STAGE_BY_NAME:
-        STAGE_BY_NAME.update({s.name: s for s in _registry()})
-    return list(STAGE_BY_NAME.values())
-
-
-def plan_order(targets: list[str], cfg: Config, with_needs: bool = True) -> list[Stage]:
-    """Targets plus their needs, in registry order. 'all' = every in_all stage (dry-run: up to dry_run)."""
-    all_stages = stages()
-    if targets == ["all"]:
-        if cfg.runtime.dry_run:
-            targets = ["gpu_bootstrap", "gpu_check", "dry_run"]
-        else:
-            targets = [s.name for s in all_stages if s.in_all]
-    wanted: set[str] = set()
-
-    def add(name):
-        if name not in STAGE_BY_NAME:
-            raise SystemExit(f"unknown stage {name!r}: choose one of {', '.join(STAGE_BY_NAME)} or 'all'")
-        if name not in wanted:
-            wanted.add(name)
-            for n in STAGE_BY_NAME[name].needs if with_needs else ():
-                add(n)
-    for t in targets:
-        add(t)
-    return [s for s in all_stages if s.name in wanted]
-
-
 # --- fingerprint and freshness -------------------------------------------------------------------
-def fingerprint(stage: Stage, cfg: Config) -> tuple[str, dict]:
+def input_files(stage: Stage, cfg: Config) -> list[Path]:
+    """The files the stage declares (its `inputs`), computed from the keys it declares."""
+    if stage.inputs is None:
+        return []
+    return [Path(p) for p in stage.inputs(ScopedCfg(cfg, stage))]
+
+
+def declared_config(stage: Stage, cfg: Config) -> dict:
+    """The fingerprinted part of the config: exactly the keys the stage declares it reads."""
+    return {key: config_part(cfg, key) for key in sorted(stage.reads)}
+
+
+def fingerprint(stage: Stage, cfg: Config, registry: Registry) -> tuple[str, dict]:
     root = Path(cfg.root)
-    inputs = {_rel(p): ev.sha256_file(p) for p in map(Path, stage.inputs(cfg)) if p.is_file()}
+    inputs = {_rel(p): ev.sha256_file(p) for p in input_files(stage, cfg) if p.is_file()}
     upstream = {}
     for need in stage.needs:
-        up = ev.read_json(root / STAGE_BY_NAME[need].evidence(cfg)) or {}
+        up = ev.read_json(root / registry[need].evidence(cfg)) or {}
         upstream[need] = {"status": up.get("status"), "fingerprint": up.get("fingerprint"), "outputs": up.get("outputs")}
-    material = {"stage": stage.name, "tier": cfg.tier, "model": cfg.section("model"),
-                "config": {s: _config_part(cfg, s) for s in stage.sections}, "inputs": inputs,
+    material = {"stage": stage.name, "tier": cfg.tier, "config": declared_config(stage, cfg), "inputs": inputs,
                 "upstream": upstream, "versions": versions()}
     return ev.sha256_json(material), inputs
-
-
-def _config_part(cfg: Config, name: str):
-    """A whole section ("sft") or one field of it ("runtime.nproc")."""
-    section, _, key = name.partition(".")
-    return getattr(getattr(cfg, section), key) if key else cfg.section(section)
 
 
 def _rel(p: Path) -> str:
@@ -258,9 +166,9 @@ def tee_output(log_path: Path, header: str):
 
 
 # --- running -------------------------------------------------------------------------------------
-def run_stage(stage: Stage, cfg: Config, console, force: bool = False) -> str:
+def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: bool = False) -> str:
     root = Path(cfg.root)
-    fp, inputs = fingerprint(stage, cfg)
+    fp, inputs = fingerprint(stage, cfg, registry)
     current = status_of(stage, cfg, fp)
     if current == stage.done_status and not force and not stage.always_run:
         console.print(f"[green]✓ {stage.name}[/]: up to date")
@@ -269,10 +177,10 @@ def run_stage(stage: Stage, cfg: Config, console, force: bool = False) -> str:
         console.print(f"[yellow]{stage.name}[/]: an earlier run did not finish (marker left); running it again")
     skipped_need = None
     for need in stage.needs:
-        up = ev.read_json(root / STAGE_BY_NAME[need].evidence(cfg)) or {}
+        up = ev.read_json(root / registry[need].evidence(cfg)) or {}
         if up.get("status") == "skipped" and not stage.runs_after_skip:
             skipped_need = SkipStage(f"needs {need}, which was skipped: {up.get('reason')}")
-        elif up.get("status") not in ("ok", "skipped", STAGE_BY_NAME[need].done_status):
+        elif up.get("status") not in ("ok", "skipped", registry[need].done_status):
             console.print(f"[red]✗ {stage.name}[/]: not run: it needs {need}, whose status is {up.get('status', 'missing')}")
             return "blocked"
     console.rule(f"[bold]{stage.name}")
@@ -282,11 +190,12 @@ def run_stage(stage: Stage, cfg: Config, console, force: bool = False) -> str:
         os.replace(evidence_file, evidence_file.with_suffix(".previous.json"))
     if skipped_need:
         return _finish(stage, cfg, console, fp, inputs, now(), skipped_need)
+    reads: set = set()
     started, t0 = now(), time.monotonic()
     _fresh_process_state()
     with tee_output(root / "reports" / "logs" / f"{stage.name}_full.log", f"{stage.name} attempt at {started} (pid {os.getpid()})"):
         try:
-            result = stage.module.run(Ctx(cfg, stage, console, fp))
+            result = stage.run(make_ctx(stage, cfg, console, registry, fp, reads))
             if not isinstance(result, dict):
                 raise StageFailed(f"run() returned {type(result).__name__}, not a dict of evidence fields: "
                                   f"end pipeline/stages/{stage.name}.py's run() with `return {{...}}`")
@@ -296,7 +205,13 @@ def run_stage(stage: Stage, cfg: Config, console, force: bool = False) -> str:
             import traceback
             traceback.print_exc()
             result = StageFailed(f"{type(exc).__name__}: {exc}")
-    return _finish(stage, cfg, console, fp, inputs, started, result, time.monotonic() - t0)
+    return _finish(stage, cfg, console, fp, inputs, started, result, time.monotonic() - t0, reads)
+
+
+def make_ctx(stage: Stage, cfg: Config, console, registry: Registry, fp: str = "", reads: set | None = None) -> Ctx:
+    """The context a stage runs with: its declared config keys, files and upstream evidence, nothing more."""
+    scoped = ScopedCfg(cfg, stage, inputs=input_files(stage, cfg), reads=reads)
+    return Ctx(scoped, stage, console, registry, fp, read_evidence=ev.read_json, secrets=secret)
 
 
 def _fresh_process_state() -> None:
@@ -309,7 +224,7 @@ def _fresh_process_state() -> None:
         sys.modules["torch"].cuda.reset_peak_memory_stats()
 
 
-def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0) -> str:
+def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0, reads: set | None = None) -> str:
     root = Path(cfg.root)
     fields: dict = {}
     if isinstance(result, SkipStage):
@@ -329,9 +244,10 @@ def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0) -> s
     inputs = {**inputs, **ev.hash_paths(root, fields.pop("inputs", []) or [])}
     doc = {"stage": stage.name, "status": status, "skipped": status == "skipped", "reason": reason,
            "started_at": started, "finished_at": now(), "duration_s": round(duration, 3), "git_commit": git_commit(),
-           "config_hash": ev.sha256_json({s: _config_part(cfg, s) for s in stage.sections}), "fingerprint": fp,
+           "config_hash": ev.sha256_json(declared_config(stage, cfg)), "fingerprint": fp,
+           "config_read": sorted(reads or ()),
            "versions": versions(), "inputs": inputs, "outputs": outputs, "model_tier": cfg.tier, **fields}
-    errors = ev.validate(stage.name, doc)
+    errors = ev.validate(stage.schema or stage.name, doc)
     if errors:
         doc.update(status="failed", skipped=False, reason=f"evidence does not match its schema: {errors[0]}",
                    schema_errors=errors[:20])
@@ -344,29 +260,40 @@ def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0) -> s
     return doc["status"]
 
 
-def run(targets: list[str], cfg: Config, console, force: bool = False, with_needs: bool = True) -> int:
-    order = plan_order(targets, cfg, with_needs)
+def run(targets: list[str], cfg: Config, console, registry: Registry, force: bool = False,
+        with_needs: bool = True) -> int:
+    """Run the targets and their needs. Under DRY_RUN=true only the stages that train nothing run (the probe,
+    the dry run); every other stage of the plan is listed with what it would do, and nothing of it is written."""
+    dry = cfg.runtime.dry_run
+    order = registry.order(targets, dry_run=dry, with_needs=with_needs)
     results = {}
     forced = [s.name for s in order] if targets == ["all"] else targets   # --force: the named stages, or all
     with pipeline_lock(Path(cfg.root), console):
         for stage in order:
-            results[stage.name] = run_stage(stage, cfg, console, force=force and stage.name in forced)
+            if dry and not stage.in_dry_run:
+                fp, _ = fingerprint(stage, cfg, registry)
+                current = status_of(stage, cfg, fp)
+                results[stage.name] = "dry_run"
+                what = "up to date, would be skipped" if current == stage.done_status else f"{current}: would run"
+                console.print(f"[cyan]dry run[/] {stage.name}: {what} (DRY_RUN=true: nothing trained or written)")
+                continue
+            results[stage.name] = run_stage(stage, cfg, console, registry, force=force and stage.name in forced)
     if len(order) > 1:
-        print_table(cfg, console, order)
+        print_table(cfg, console, registry, order)
     bad = [n for n, s in results.items() if s not in ("ok", "skipped", "dry_run")]
     return 1 if bad else 0
 
 
-def print_table(cfg: Config, console, order: list[Stage] | None = None) -> None:
+def print_table(cfg: Config, console, registry: Registry, order: list[Stage] | None = None) -> None:
+    from rich.markup import escape
     from rich.table import Table
     table = Table(title=f"pipeline status (tier {cfg.tier}, root {cfg.root})")
     for col in ("stage", "needs", "status", "reason", "evidence"):
         table.add_column(col)
-    for stage in order or stages():
-        fp, _ = fingerprint(stage, cfg)
+    for stage in order or registry.stages:
+        fp, _ = fingerprint(stage, cfg, registry)
         st = status_of(stage, cfg, fp)
         doc = ev.read_json(Path(cfg.root) / stage.evidence(cfg)) or {}
-        from rich.markup import escape
         reason = escape((doc.get("reason") or "")[:80]) if st not in ("ok", "missing") else ""
         table.add_row(stage.name, ",".join(stage.needs), st, reason, stage.evidence(cfg))
     console.print(table)

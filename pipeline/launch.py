@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline import evidence as ev
 from pipeline import training as T
-from pipeline.engine import SkipStage, StageFailed
+from pipeline.core import SkipStage, StageFailed
 from pipeline.settings import REPO, SECTIONS, Config
 
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}

@@ -37,6 +37,11 @@ def scored(eval_doc: dict | None) -> list[str]:
     return [v for v, e in variants.items() if e.get("status") == "scored"]
 
 
+def reference_files(cfg) -> list[Path]:
+    """The reports stage's declared input: the published figures it quotes."""
+    return [REFERENCES]
+
+
 def load_references(path: str | Path = REFERENCES) -> list[dict]:
     """Published figures from a YAML list under `references:`; an entry without paper, table, setting,
     benchmark, number and a url or doi is an error naming the file, the entry and the missing field."""
@@ -137,9 +142,7 @@ def eval_markdown(doc: dict, cfg, commit: str | None) -> str:
 
 # --- reports/thesis_support/ ------------------------------------------------------------------------
 def _train_docs(ctx) -> dict:
-    from pipeline.engine import STAGE_BY_NAME, stages
-    stages()
-    return {k: (ctx.evidence(k), STAGE_BY_NAME[k].evidence(ctx.cfg)) for k in ("sft", "dpo", "simpo", "kto")}
+    return {k: (ctx.evidence(k), ctx.registry[k].evidence(ctx.cfg)) for k in ctx.registry.methods}
 
 
 def thesis_draft(ctx, eval_doc: dict | None, judge_doc: dict | None) -> str:
@@ -240,7 +243,7 @@ def experiment_record(ctx, judge_doc: dict | None) -> dict:
     if config["judge"].get("base_url"):
         config["judge"]["base_url"] = judgekit.endpoint_host(config["judge"]["base_url"])
     stage_rec = {}
-    for s in engine.stages():
+    for s in (ctx.registry[n] for n in ctx.registry.upstream(ctx.name)):   # what this report was made from
         doc = ctx.evidence(s.name) or {}
         stage_rec[s.name] = {"evidence": s.evidence(cfg), "status": doc.get("status", "missing"),
                              "fingerprint": doc.get("fingerprint"), "duration_s": doc.get("duration_s"),

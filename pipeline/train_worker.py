@@ -22,15 +22,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import engine, launch
     from pipeline import evidence as ev
+    from pipeline.stages import REGISTRY
     cfg = launch.config_from_dict(json.loads(Path(config_file).read_text()))
-    engine.stages()
-    ctx = engine.Ctx(cfg, engine.STAGE_BY_NAME[kind], Console(highlight=False), fingerprint)
+    ctx = engine.make_ctx(REGISTRY[kind], cfg, Console(highlight=False), REGISTRY, fingerprint)
     # before any Trainer: the process group the TrainingArguments will join (gloo on a CPU, nccl on GPUs);
     # inside it launch.maybe_distributed returns None, so the stage trains in this process
     state = PartialState(cpu=ctx.plan["device"] == "cpu")
     rank = f"train_worker rank {state.process_index} of {state.num_processes}"
     try:
-        outcome = {"evidence": ctx.stage.module.run(ctx)}
+        outcome = {"evidence": ctx.stage.run(ctx)}
     except launch.RankDone:
         print(f"{rank}: training done; rank 0 copies the final and writes the evidence", flush=True)
         return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline import data as D
 from pipeline import evidence as ev
-from pipeline.engine import SkipStage, StageFailed
+from pipeline.core import SkipStage, StageFailed
 
 OUTPUT_DIRS = {"sft": "checkpoints/layer_b/{slug}_sft", "dpo": "checkpoints/dpo-real-baseline",
                "simpo": "checkpoints/simpo-real-baseline", "kto": "checkpoints/kto-real-baseline"}

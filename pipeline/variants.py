@@ -10,7 +10,7 @@ import contextlib
 from pathlib import Path
 
 from pipeline import evidence as ev
-from pipeline.engine import StageFailed
+from pipeline.core import StageFailed
 
 VARIANTS = ("base", "sft", "dpo", "simpo", "kto")
 TRAINED = VARIANTS[1:]

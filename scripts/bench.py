@@ -131,10 +131,12 @@ def run_pipeline(args: list[str], env: dict, log: Path, probe: Path | None = Non
 
 
 def stage_durations(root: Path, env: dict) -> dict:
-    from pipeline import engine, evidence
+    from pipeline import evidence
     from pipeline.settings import load_config
+    from pipeline.stages import REGISTRY
     cfg = load_config(env=env)
-    return {s.name: (evidence.read_json(root / s.evidence(cfg)) or {}).get("duration_s") for s in engine.stages() if s.in_all}
+    return {s.name: (evidence.read_json(root / s.evidence(cfg)) or {}).get("duration_s") for s in REGISTRY.stages
+            if s.in_all}
 
 
 def fake_server(**kw):

@@ -140,10 +140,10 @@ def kill_trials(base: dict, stages: list[str], n: int, rng: random.Random, overr
     from pipeline import checker, engine, training
     from pipeline import evidence as ev
     root, env, cfg = base["root"], base["env"], load_cfg(base)
-    engine.stages()
+    from pipeline.stages import REGISTRY
     out = {}
     for stage in stages:
-        st = engine.STAGE_BY_NAME[stage]
+        st = REGISTRY[stage]
         evid, marker = root / st.evidence(cfg), engine.marker_path(st, cfg)
         expected = (ev.read_json(evid) or {}).get("duration_s") or 30.0
         folder = root / training.output_dir(cfg, stage)

@@ -3,6 +3,12 @@
 Writes checkpoints/dpo-real-baseline/final and reports/training/dpo_metrics.json.
 """
 from pipeline import training as T
+from pipeline import data as D
+from pipeline.core import Method, Stage
+
+STAGE = Stage("dpo", "reports/training/dpo_metrics.json", needs=("sft",), reads=("*",),
+              inputs=D.files("preference_path"), training=True,
+              method=Method("checkpoints/dpo-real-baseline", sequences_per_example=2, trainer="DPOTrainer"))
 
 
 def run(ctx) -> dict:

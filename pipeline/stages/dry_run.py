@@ -13,8 +13,13 @@ from pathlib import Path
 
 from pipeline import data as D
 from pipeline import training as T
-from pipeline.engine import StageFailed
+from pipeline.core import StageFailed
 from pipeline.settings import GPU_TIERS
+from pipeline.core import Stage
+
+STAGE = Stage("dry_run", "reports/migration/dry_run.json", needs=("gpu_check",), reads=("*",), in_all=False,
+              in_dry_run=True, done_status="dry_run",
+              inputs=lambda cfg: D.files("sft_path", "preference_path", "kto_path")(cfg) + D.eval_files(cfg))
 
 TOKENIZER_FILES = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "config.json"]   # never *.safetensors / *.bin

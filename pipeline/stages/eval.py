@@ -17,8 +17,13 @@ from pipeline import data as D
 from pipeline import evalkit, judgekit, models
 from pipeline import evidence as ev
 from pipeline import reporting as R
-from pipeline.engine import SkipStage, git_commit
+from pipeline.core import SkipStage
+from pipeline.engine import git_commit
 from pipeline.variants import ALIGNED, Variants, base_model_path, decoding, generate, variant_table
+from pipeline.core import Stage
+
+STAGE = Stage("eval", "reports/eval/eval_default.json", needs=("sft",), needs_methods=True, reads=("*",),
+              inputs=D.eval_files, runs_after_skip=True)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 

@@ -13,7 +13,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipeline.engine import StageFailed
+from pipeline.core import StageFailed
+from pipeline.core import Stage
+
+STAGE = Stage("gpu_bootstrap", "reports/migration/gpu_bootstrap.json", reads=("*",), in_all=False,
+              in_dry_run=True)
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED_IMPORTS = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "openai")

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from pipeline import hardware as hw
 from pipeline.settings import HUB_MODELS, TRAIN_STAGES
+from pipeline.core import Stage
+
+STAGE = Stage("gpu_check", "reports/migration/gpu_check.json", reads=("*",), always_run=True, in_dry_run=True,
+              inputs=lambda cfg: [cfg.data_path(p) for p in (cfg.runtime.gpu_probe_file, cfg.runtime.deepspeed_config) if p])
 
 
 def stage_inputs(cfg) -> dict:
@@ -59,7 +63,7 @@ def describe(probe_: dict, plan: dict, tier: str) -> list[str]:
 
 
 def run(ctx) -> dict:
-    from pipeline.engine import StageFailed
+    from pipeline.core import StageFailed
     cfg, rt = ctx.cfg, ctx.cfg.runtime
     if rt.rehearsal and not rt.gpu_probe_file:
         raise StageFailed("REHEARSAL=true needs GPU_PROBE_FILE=<probe.json> (configs/probes/*.json): "

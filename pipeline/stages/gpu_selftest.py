@@ -20,8 +20,13 @@ from pathlib import Path
 
 from pipeline import hardware, models
 from pipeline import training as T
-from pipeline.engine import SkipStage
+from pipeline.core import SkipStage
 from pipeline.settings import GPU_TIERS, HUB_MODELS
+from pipeline import data as D
+from pipeline.core import Stage
+
+STAGE = Stage("gpu_selftest", "reports/migration/gpu_selftest.json", needs=("gpu_check",), reads=("*",),
+              in_all=False, inputs=D.files("sft_path"))
 
 RANDOM_INIT = "random-init"   # MODEL_NAME value: the tier's shape with random weights
 STEPS = 3                     # optimizer steps per trainer; the first is the warm-up, tokens/s is the rest's

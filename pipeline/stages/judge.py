@@ -14,8 +14,13 @@ import json
 
 from pipeline import evalkit, judgekit, models, training
 from pipeline import evidence as ev
-from pipeline.engine import SkipStage, StageFailed
+from pipeline.core import SkipStage, StageFailed
 from pipeline.variants import ALIGNED, Variants, base_model_path, decoding, generate, variant_table
+from pipeline import data as D
+from pipeline.core import Stage
+
+STAGE = Stage("judge", "reports/judge/judge_summary.json", needs=("sft",), needs_methods=True, reads=("*",),
+              inputs=D.files("sft_path"), runs_after_skip=True)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 FLAGS = {"pairwise": ("enabled", "ENABLE_LLM_JUDGE"), "risk": ("risk_enabled", "ENABLE_LLM_RISK_JUDGE")}

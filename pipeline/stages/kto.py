@@ -3,6 +3,12 @@
 Writes checkpoints/kto-real-baseline/final and reports/training/kto_metrics.json.
 """
 from pipeline import training as T
+from pipeline import data as D
+from pipeline.core import Method, Stage
+
+STAGE = Stage("kto", "reports/training/kto_metrics.json", needs=("sft",), reads=("*",),
+              inputs=D.files("preference_path", "kto_path"), training=True,
+              method=Method("checkpoints/kto-real-baseline", min_batch=2, trainer="KTOTrainer"))
 
 
 def run(ctx) -> dict:

@@ -11,6 +11,10 @@ import json
 from pipeline import evidence as ev
 from pipeline import reporting as R
 from pipeline.variants import ALIGNED
+from pipeline.core import Stage
+
+STAGE = Stage("reports", "reports/thesis_support/reports_manifest.json", needs=("eval", "judge"), reads=("*",),
+              inputs=R.reference_files, runs_after_skip=True)
 
 FILES = {"sota": "reports/sota_compare.md", "errors": "reports/error_analysis.md",
          "draft": "reports/thesis_support/thesis_draft_material.md",

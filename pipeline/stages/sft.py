@@ -5,6 +5,12 @@ Writes checkpoints/layer_b/<slug>_sft/final and reports/training/layer_b_<slug>_
 from __future__ import annotations
 
 from pipeline import training as T
+from pipeline import data as D
+from pipeline.core import Method, Stage
+
+STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", needs=("gpu_check",), reads=("*",),
+              inputs=D.files("sft_path"), training=True, schema="sft",
+              method=Method("checkpoints/layer_b/{slug}_sft", start="base", trainer="SFTTrainer", reference="none"))
 
 
 def run(ctx) -> dict:

@@ -3,6 +3,13 @@
 Writes checkpoints/simpo-real-baseline/final and reports/training/simpo_metrics.json.
 """
 from pipeline import training as T
+from pipeline import data as D
+from pipeline.core import Method, Stage
+
+STAGE = Stage("simpo", "reports/training/simpo_metrics.json", needs=("sft",), reads=("*",),
+              inputs=D.files("preference_path"), training=True,
+              method=Method("checkpoints/simpo-real-baseline", sequences_per_example=2, full_logits=True,
+                            trainer="CPOTrainer (loss_type=simpo, cpo_alpha=0)", reference="none"))
 
 
 def run(ctx) -> dict:

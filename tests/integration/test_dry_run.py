@@ -10,6 +10,7 @@ import json
 import pytest
 from rich.console import Console
 
+from pipeline.stages import REGISTRY
 from pipeline import engine
 from pipeline import evidence as ev
 from pipeline.settings import REPO, load_config
@@ -22,7 +23,7 @@ EVIDENCE = "reports/migration/dry_run.json"
 
 def dry_run(root, *overrides) -> tuple[int, dict | None, str]:
     out = io.StringIO()
-    code = engine.run(["all"], load_config(overrides=list(overrides)), Console(file=out, width=250))
+    code = engine.run(["all"], load_config(overrides=list(overrides)), Console(file=out, width=250), REGISTRY)
     return code, ev.read_json(root / EVIDENCE), out.getvalue()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.stages import REGISTRY
 from pipeline import evidence as ev
 from pipeline.__main__ import main
 
@@ -30,8 +31,7 @@ def run_stage(name: str, force: bool = False) -> str:
     from rich.console import Console
     from pipeline import engine
     from pipeline.settings import load_config
-    engine.stages()
-    return engine.run_stage(engine.STAGE_BY_NAME[name], load_config(overrides=ARGS), Console(), force=force)
+    return engine.run_stage(REGISTRY[name], load_config(overrides=ARGS), Console(), REGISTRY, force=force)
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +141,7 @@ def _ctx():
     from rich.console import Console
     from pipeline import engine
     from pipeline.settings import load_config
-    engine.stages()
-    return engine.Ctx(load_config(overrides=ARGS), engine.STAGE_BY_NAME["eval"], Console())
+    return engine.make_ctx(REGISTRY["eval"], load_config(overrides=ARGS), Console(), REGISTRY)
 
 
 def _logits(model, tok):

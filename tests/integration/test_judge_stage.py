@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.stages import REGISTRY
 from pipeline import evidence as ev
 from pipeline.__main__ import main
 from tests.fakes import FAKE_KEY, start_fake_openai
@@ -28,8 +29,7 @@ def run_judge(force: bool = False) -> str:
     from rich.console import Console
     from pipeline import engine
     from pipeline.settings import load_config
-    engine.stages()
-    return engine.run_stage(engine.STAGE_BY_NAME["judge"], load_config(overrides=ARGS), Console(), force=force)
+    return engine.run_stage(REGISTRY["judge"], load_config(overrides=ARGS), Console(), REGISTRY, force=force)
 
 
 @pytest.fixture(scope="module")

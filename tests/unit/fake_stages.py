@@ -1,16 +1,16 @@
 """Fake stages for the engine tests: fake_a -> fake_b (training) -> fake_c, no model anywhere.
 
-In-process: `install(monkeypatch, data_file)` swaps them into the registry. As a script (for the kill, log
+In-process: `install(data_file)` returns a fake registry that the tests hand to the engine. As a script (for the kill, log
 and lock tests, which need a second process):  python tests/unit/fake_stages.py ROOT DATA_FILE BEHAVIOUR [N]
 runs `engine.run(["fake_a"])` N times (forced after the first) with fake_a doing BEHAVIOUR.
 """
 from __future__ import annotations
 
 import os
+import dataclasses
 import subprocess
 import sys
 import time
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +18,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline import engine  # noqa: E402
-from pipeline.engine import SkipStage, Stage  # noqa: E402
+from pipeline.core import Registry, SkipStage, Stage  # noqa: E402
 
 NAMES = ("fake_a", "fake_b", "fake_c")
 CALLS: Counter = Counter()      # run() calls per stage
@@ -30,12 +30,21 @@ def evidence_rel(name: str) -> str:
     return f"reports/fake/{name}.json"
 
 
-def registry(data_file: Path) -> list[Stage]:
-    return [
-        Stage("fake_a", (), lambda c: evidence_rel("fake_a"), inputs=lambda c: [data_file], sections=("sft",)),
-        Stage("fake_b", ("fake_a",), lambda c: evidence_rel("fake_b"), sections=("dpo",), training=True),
-        Stage("fake_c", ("fake_b",), lambda c: evidence_rel("fake_c"), sections=("eval",)),
+def _run(name: str):
+    def run(ctx):
+        CALLS[name] += 1
+        return BEHAVIOUR.get(name, default_run)(ctx)
+    return run
+
+
+def registry(data_file: Path, **changes) -> Registry:
+    """A registry of three fake stages; `changes` = {stage name: {field: value}} alters a declaration."""
+    stages = [
+        Stage("fake_a", evidence_rel("fake_a"), inputs=lambda c: [data_file], reads=("sft",), run=_run("fake_a")),
+        Stage("fake_b", evidence_rel("fake_b"), needs=("fake_a",), reads=("dpo",), training=True, run=_run("fake_b")),
+        Stage("fake_c", evidence_rel("fake_c"), needs=("fake_b",), reads=("eval",), run=_run("fake_c")),
     ]
+    return Registry([dataclasses.replace(s, **changes.get(s.name, {})) for s in stages])
 
 
 def default_run(ctx) -> dict:
@@ -44,26 +53,10 @@ def default_run(ctx) -> dict:
     return {"outputs": [f"out/{ctx.name}.txt"], "answer": 42}
 
 
-def _module(name: str) -> types.ModuleType:
-    module = types.ModuleType(f"pipeline.stages.{name}", f"fake stage {name}")
-
-    def run(ctx):
-        CALLS[name] += 1
-        return BEHAVIOUR.get(name, default_run)(ctx)
-    module.run = run
-    return module
-
-
-def install(monkeypatch, data_file: Path) -> list[Stage]:
-    """Make the engine see only the fake stages (undone by monkeypatch at test end)."""
-    import pipeline.stages
-    stages = registry(data_file)
-    monkeypatch.setattr(engine, "STAGE_BY_NAME", {s.name: s for s in stages})
-    monkeypatch.setattr(pipeline.stages, "STAGES", stages)
-    for name in NAMES:
-        monkeypatch.setitem(sys.modules, f"pipeline.stages.{name}", _module(name))
+def install(data_file: Path, **changes) -> Registry:
+    """A fresh fake registry with the call counters cleared (the engine is handed it; nothing is patched)."""
     CALLS.clear(), BEHAVIOUR.clear(), OUTPUT_TEXT.clear()
-    return stages
+    return registry(data_file, **changes)
 
 
 # --- behaviours used from the script ---------------------------------------------------------------
@@ -89,16 +82,10 @@ def main(root: str, data_file: str, behaviour: str, times: int = 1) -> int:
     from rich.console import Console
     from pipeline.settings import load_config
 
-    class _Patch:   # the two monkeypatch calls install() makes, without pytest
-        setattr = staticmethod(setattr)
-
-        @staticmethod
-        def setitem(mapping, key, value):
-            mapping[key] = value
-    install(_Patch, Path(data_file))
+    reg = install(Path(data_file))
     BEHAVIOUR["fake_a"] = globals()[behaviour]
     cfg = load_config(env={"PIPELINE_ROOT": root, "MODEL_TIER": "tiny"})
-    codes = [engine.run(["fake_a"], cfg, Console(), force=i > 0) for i in range(times)]
+    codes = [engine.run(["fake_a"], cfg, Console(), reg, force=i > 0) for i in range(times)]
     return max(codes)
 
 

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pipeline import checker, engine  # noqa: E402
 from pipeline import evidence as ev  # noqa: E402
 from pipeline.settings import load_config  # noqa: E402
+from pipeline.stages import REGISTRY  # noqa: E402
 
 SFT = "checkpoints/layer_b/tiny_sft/final"
 FINALS = {"sft": SFT, "dpo": "checkpoints/dpo-real-baseline/final",
@@ -23,8 +24,7 @@ METRICS = {"sft": "reports/training/layer_b_tiny_sft_metrics.json", "dpo": "repo
 
 
 def common(cfg, stage, **fields):
-    engine.stages()
-    fp, inputs = engine.fingerprint(engine.STAGE_BY_NAME[stage], cfg)
+    fp, inputs = engine.fingerprint(REGISTRY[stage], cfg, REGISTRY)
     doc = {"stage": stage, "status": "ok", "skipped": False, "reason": None, "started_at": "2025-01-01T00:00:00+00:00",
            "finished_at": "2025-01-01T00:01:00+00:00", "duration_s": 60.0, "git_commit": None,
            "config_hash": "0" * 64, "fingerprint": fp, "versions": {}, "inputs": inputs, "outputs": {},
@@ -33,7 +33,7 @@ def common(cfg, stage, **fields):
 
 
 def write(root, cfg, stage, doc):
-    ev.atomic_write_json(root / engine.STAGE_BY_NAME[stage].evidence(cfg), doc)
+    ev.atomic_write_json(root / REGISTRY[stage].evidence(cfg), doc)
 
 
 def train(root, cfg, stage, seed=0):

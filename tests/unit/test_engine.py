@@ -29,8 +29,9 @@ SCRIPT = Path(fake_stages.__file__)
 class Harness:
     """The fake registry on a tiny-tier config rooted at tmp_path, with a console we can read."""
 
-    def __init__(self, root: Path, data: Path, stages):
-        self.root, self.data, self.by_name = root, data, {s.name: s for s in stages}
+    def __init__(self, root: Path, data: Path, registry):
+        self.root, self.data, self.registry = root, data, registry
+        self.by_name = registry.by_name
         self.out = io.StringIO()
         self.console = Console(file=self.out, width=250, highlight=False)
         self.cfg = load_config()
@@ -38,14 +39,14 @@ class Harness:
     def run(self, *targets, overrides=(), force=False) -> int:
         if overrides:
             self.cfg = load_config(overrides=list(overrides))
-        return engine.run(list(targets), self.cfg, self.console, force=force)
+        return engine.run(list(targets), self.cfg, self.console, self.registry, force=force)
 
     def doc(self, name: str) -> dict | None:
         return ev.read_json(self.root / evidence_rel(name))
 
     def status(self, name: str) -> str:
         stage = self.by_name[name]
-        return engine.status_of(stage, self.cfg, engine.fingerprint(stage, self.cfg)[0])
+        return engine.status_of(stage, self.cfg, engine.fingerprint(stage, self.cfg, self.registry)[0])
 
     def marker(self, name: str) -> Path:
         return engine.marker_path(self.by_name[name], self.cfg)
@@ -55,10 +56,10 @@ class Harness:
 
 
 @pytest.fixture
-def fake(tiny_env, monkeypatch):
+def fake(tiny_env):
     data = tiny_env / "data.txt"
     data.write_text("row 1\n")
-    return Harness(tiny_env, data, fake_stages.install(monkeypatch, data))
+    return Harness(tiny_env, data, fake_stages.install(data))
 
 
 def script(h: Harness, behaviour: str, times: int = 1, **popen) -> subprocess.Popen:
@@ -112,9 +113,8 @@ def test_force_all_reruns_every_stage(fake):
     assert dict(CALLS) == {"fake_a": 2, "fake_b": 2, "fake_c": 2}
 
 
-def test_an_always_run_stage_is_never_up_to_date(fake, monkeypatch):
-    monkeypatch.setitem(engine.STAGE_BY_NAME, "fake_a",
-                        dataclasses.replace(fake.by_name["fake_a"], always_run=True))
+def test_an_always_run_stage_is_never_up_to_date(fake):
+    fake.registry = fake_stages.registry(fake.data, fake_a={"always_run": True})
     fake.run("fake_a")
     fake.run("fake_a")
     assert CALLS["fake_a"] == 2
@@ -126,7 +126,7 @@ def test_a_change_in_a_fingerprinted_section_reruns_and_elsewhere_does_not(fake)
     assert CALLS["fake_a"] == 1
     fake.run("fake_a", overrides=["sft.learning_rate=0.001"])
     assert CALLS["fake_a"] == 2
-    assert fake.doc("fake_a")["fingerprint"] == engine.fingerprint(fake.by_name["fake_a"], fake.cfg)[0]
+    assert fake.doc("fake_a")["fingerprint"] == engine.fingerprint(fake.by_name["fake_a"], fake.cfg, fake.registry)[0]
 
 
 def test_a_changed_input_file_reruns(fake):
@@ -237,7 +237,7 @@ def test_a_leftover_marker_means_incomplete_and_the_next_run_reruns(fake):
     ev.atomic_write_json(fake.marker("fake_a"), {"stage": "fake_a", "pid": 1})   # as a killed run leaves it
     os.replace(evidence_file, evidence_file.with_suffix(".previous.json"))
     assert fake.status("fake_a") == "incomplete"
-    engine.print_table(fake.cfg, fake.console)
+    engine.print_table(fake.cfg, fake.console, fake.registry)
     assert any("fake_a" in line and "incomplete" in line for line in fake.said().splitlines())
     assert fake.run("fake_a") == 0
     assert CALLS["fake_a"] == 2 and fake.status("fake_a") == "ok" and not fake.marker("fake_a").exists()
@@ -316,7 +316,7 @@ def test_a_tampered_output_is_detected_and_rerun(tamper, fake):
     out = fake.root / "out/fake_a.txt"
     out.write_text("edited by hand\n") if tamper == "edit" else out.unlink()
     assert fake.status("fake_a") == "tampered"
-    engine.print_table(fake.cfg, fake.console)
+    engine.print_table(fake.cfg, fake.console, fake.registry)
     assert any("fake_a" in line and "tampered" in line for line in fake.said().splitlines())
     fake.run("fake_a")
     assert CALLS["fake_a"] == 2 and fake.status("fake_a") == "ok"
@@ -359,10 +359,10 @@ def test_a_failed_evidence_write_keeps_the_old_file_and_no_temp_file(tmp_path, m
 
 # --- planning and listing -------------------------------------------------------------------------
 def test_plan_adds_needs_in_registry_order_and_names_unknown_stages(fake):
-    assert [s.name for s in engine.plan_order(["fake_c"], fake.cfg)] == ["fake_a", "fake_b", "fake_c"]
-    assert [s.name for s in engine.plan_order(["all"], fake.cfg)] == ["fake_a", "fake_b", "fake_c"]
+    assert [s.name for s in fake.registry.order(["fake_c"])] == ["fake_a", "fake_b", "fake_c"]
+    assert [s.name for s in fake.registry.order(["all"])] == ["fake_a", "fake_b", "fake_c"]
     with pytest.raises(SystemExit, match="unknown stage 'fake_z'.*fake_a, fake_b, fake_c"):
-        engine.plan_order(["fake_z"], fake.cfg)
+        fake.registry.order(["fake_z"])
 
 
 def test_ls_shows_each_status(fake):
@@ -370,13 +370,14 @@ def test_ls_shows_each_status(fake):
     fake.run("fake_c")
     fake.data.write_text("new data\n")
     fake.out.seek(0), fake.out.truncate()
-    engine.print_table(fake.cfg, fake.console)
+    engine.print_table(fake.cfg, fake.console, fake.registry)
     rows = {line.split("│")[1].strip(): line for line in fake.said().splitlines() if "│ fake_" in line}
     assert "stale" in rows["fake_a"] and "ok" in rows["fake_b"] and "skipped" in rows["fake_c"]
 
 
 def test_cli_ls_lists_every_registered_stage(tiny_env):
-    from pipeline.stages import STAGES
+    from pipeline.stages import REGISTRY
+    STAGES = REGISTRY.stages
     env = {**os.environ, "COLUMNS": "250"}
     done = subprocess.run([sys.executable, "-m", "pipeline", "ls"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
@@ -396,7 +397,7 @@ def test_a_reason_with_brackets_is_printed_not_parsed_as_markup(tmp_path):
     from pipeline import engine
     from pipeline.settings import load_config
     cfg = load_config(env={"MODEL_TIER": "tiny", "PIPELINE_ROOT": str(tmp_path)})
-    stage = engine.Stage("gpu_check", (), lambda c: "reports/x.json")
+    stage = engine.Stage("gpu_check", "reports/x.json")
     console = Console(file=io.StringIO(), width=300)
     reason = "RuntimeError: [/__w/pytorch/third_party/gloo/pair.cc:553] Connection closed by peer"
     engine._finish(stage, cfg, console, "0" * 64, {}, engine.now(), engine.StageFailed(reason))

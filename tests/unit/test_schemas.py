@@ -12,9 +12,9 @@ import jsonschema
 import pytest
 
 from pipeline import evidence as ev
-from pipeline.stages import STAGES
+from pipeline.stages import REGISTRY
 
-NAMES = [s.name for s in STAGES]
+NAMES = [s.name for s in REGISTRY.stages]
 HEX = "0" * 63 + "a"
 SCHEMA_FILES = sorted(p.name for p in resources.files(ev.SCHEMA_PKG).iterdir() if p.name.endswith(".schema.json"))
 
