@@ -60,7 +60,8 @@ class Stage:
     name: str
     evidence_path: str                               # relative to the output root; {slug} is the tier's slug
     needs: tuple[str, ...] = ()
-    reads: tuple[str, ...] = ()                      # config sections ("sft"), keys ("runtime.seed") or "*"
+    reads: tuple[str, ...] = ()                      # config sections ("sft"), keys ("runtime.seed"), "*", or
+                                                     # "@methods.<key>": that key of every training method
     untracked: tuple[str, ...] = ()                  # read but not fingerprinted: cannot change the result
     inputs: Callable | None = None                   # cfg -> files whose sha256 enter the fingerprint
     in_all: bool = True                              # part of `run all`
@@ -87,10 +88,14 @@ class Registry:
 
     def __init__(self, stages: list[Stage]):
         methods = tuple(s.name for s in stages if s.method)
+
+        def expand(keys):   # "@methods.batch_size" -> "sft.batch_size", "dpo.batch_size", ...
+            return tuple(dict.fromkeys(k for key in keys for k in (
+                [f"{m}.{key.partition('.')[2]}" for m in methods] if key.startswith("@methods.") else [key])))
         resolved = []
         for s in stages:
-            if s.needs_methods:
-                s = dataclasses.replace(s, needs=tuple(dict.fromkeys(s.needs + methods)))
+            s = dataclasses.replace(s, reads=expand(s.reads), untracked=expand(s.untracked),
+                                    needs=tuple(dict.fromkeys(s.needs + (methods if s.needs_methods else ()))))
             resolved.append(s)
         self.stages = tuple(resolved)
         self.by_name = {s.name: s for s in self.stages}
@@ -206,7 +211,7 @@ class ScopedCfg:
         raise StageFailed(f"stage {self._stage.name} tried to change the config ({name}): stages read it only")
 
     def section(self, name: str) -> dict:
-        if not declared(self._allowed, name) or (name not in self._allowed and "*" not in self._allowed):
+        if name not in self._allowed and "*" not in self._allowed:
             self._deny(name, "config section")
         self.reads.update(f"{name}.{f.name}" for f in dataclasses.fields(getattr(self._cfg, name)))
         return self._cfg.section(name)

@@ -16,6 +16,21 @@ from pipeline import data as D
 from pipeline import evidence as ev
 from pipeline.core import SkipStage, StageFailed
 
+# --- what a training stage reads (its declaration: pipeline/stages/<method>.py) ---------------------------
+TRAIN_KEYS = ("max_steps", "learning_rate", "batch_size", "grad_acc", "max_length", "warmup_ratio", "logging_steps",
+              "save_steps", "save_total_limit", "optimizer", "activation_checkpointing", "max_oom_retries", "curriculum")
+RUN_KEYS = ("model.name", "model.tiny_seed", "runtime.seed", "runtime.nproc", "runtime.deepspeed_config",
+            "runtime.force_skip_training", "runtime.rehearsal", "runtime.rehearsal_fraction")
+UNTRACKED = ("runtime.report_to", "runtime.inject_oom_at_step", "runtime.inject_oom_rank")   # log sinks, test hooks
+SFT_DATA = ("data.sft_path", "data.sft_format", "data.max_sft_rows", "data.on_bad_row", "data.seed",
+            "data.sft_eval_size", "data.judge_heldout_size")
+PREFERENCE_DATA = ("data.preference_path", "data.preference_format", "data.max_preference_rows", "data.on_bad_row")
+
+
+def reads(kind: str, *own: str, data: tuple[str, ...] = PREFERENCE_DATA) -> tuple[str, ...]:
+    """The config keys a training stage reads: the run's shared keys, its data keys, its own section's keys."""
+    return RUN_KEYS + data + tuple(f"{kind}.{k}" for k in TRAIN_KEYS + own)
+
 OUTPUT_DIRS = {"sft": "checkpoints/layer_b/{slug}_sft", "dpo": "checkpoints/dpo-real-baseline",
                "simpo": "checkpoints/simpo-real-baseline", "kto": "checkpoints/kto-real-baseline"}
 STATE_FILE = "trainer_state.json"

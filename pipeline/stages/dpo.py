@@ -6,7 +6,7 @@ from pipeline import training as T
 from pipeline import data as D
 from pipeline.core import Method, Stage
 
-STAGE = Stage("dpo", "reports/training/dpo_metrics.json", needs=("sft",), reads=("*",),
+STAGE = Stage("dpo", "reports/training/dpo_metrics.json", needs=("sft",), reads=T.reads("dpo", "beta"), untracked=T.UNTRACKED,
               inputs=D.files("preference_path"), training=True,
               method=Method("checkpoints/dpo-real-baseline", sequences_per_example=2, trainer="DPOTrainer"))
 

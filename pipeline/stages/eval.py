@@ -22,7 +22,10 @@ from pipeline.engine import git_commit
 from pipeline.variants import ALIGNED, Variants, base_model_path, decoding, generate, variant_table
 from pipeline.core import Stage
 
-STAGE = Stage("eval", "reports/eval/eval_default.json", needs=("sft",), needs_methods=True, reads=("*",),
+STAGE = Stage("eval", "reports/eval/eval_default.json", needs=("sft",), needs_methods=True, reads=(
+    "data.medqa_path", "data.pubmedqa_path", "data.pubmedqa_test_ids", "data.cmmlu_dir", "data.on_bad_row", "eval",
+    "judge.model", "judge.base_url", "judge.concurrency", "judge.timeout_s", "judge.max_retries", "judge.max_reasks",
+    "model.name", "model.tiny_seed", "runtime.force_skip_training", "runtime.rehearsal"),
               inputs=D.eval_files, runs_after_skip=True)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.core import StageFailed
 from pipeline.core import Stage
 
-STAGE = Stage("gpu_bootstrap", "reports/migration/gpu_bootstrap.json", reads=("*",), in_all=False,
+STAGE = Stage("gpu_bootstrap", "reports/migration/gpu_bootstrap.json", reads=("model.qlora", "runtime.hf_home"), in_all=False,
               in_dry_run=True)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,12 @@ from pipeline import hardware as hw
 from pipeline.settings import HUB_MODELS, TRAIN_STAGES
 from pipeline.core import Stage
 
-STAGE = Stage("gpu_check", "reports/migration/gpu_check.json", reads=("*",), always_run=True, in_dry_run=True,
-              inputs=lambda cfg: [cfg.data_path(p) for p in (cfg.runtime.gpu_probe_file, cfg.runtime.deepspeed_config) if p])
+STAGE = Stage("gpu_check", "reports/migration/gpu_check.json", always_run=True, in_dry_run=True, reads=(
+    "lora.r", "lora.target_modules", "model.flash_attn", "model.qlora", "model.tiny_seed", "runtime.deepspeed_config",
+    "runtime.gpu_probe_file", "runtime.min_cuda_mem_gb_7b", "runtime.min_cuda_mem_gb_14b", "runtime.nproc",
+    "runtime.rehearsal", "runtime.rehearsal_changes", "@methods.activation_checkpointing", "@methods.batch_size",
+    "@methods.curriculum", "@methods.max_length", "@methods.optimizer"),
+    inputs=lambda cfg: [cfg.data_path(p) for p in (cfg.runtime.gpu_probe_file, cfg.runtime.deepspeed_config) if p])
 
 
 def stage_inputs(cfg) -> dict:

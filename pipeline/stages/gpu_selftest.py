@@ -25,8 +25,10 @@ from pipeline.settings import GPU_TIERS, HUB_MODELS
 from pipeline import data as D
 from pipeline.core import Stage
 
-STAGE = Stage("gpu_selftest", "reports/migration/gpu_selftest.json", needs=("gpu_check",), reads=("*",),
-              in_all=False, inputs=D.files("sft_path"))
+STAGE = Stage("gpu_selftest", "reports/migration/gpu_selftest.json", needs=("gpu_check",), in_all=False,
+              inputs=D.files("sft_path"), untracked=T.UNTRACKED, reads=(
+    *T.RUN_KEYS, *T.SFT_DATA, "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "sft.packing",
+    *(f"@methods.{k}" for k in T.TRAIN_KEYS), "dpo.beta", "simpo.beta", "simpo.simpo_gamma", "kto.beta"))
 
 RANDOM_INIT = "random-init"   # MODEL_NAME value: the tier's shape with random weights
 STEPS = 3                     # optimizer steps per trainer; the first is the warm-up, tokens/s is the rest's

@@ -19,7 +19,9 @@ from pipeline.variants import ALIGNED, Variants, base_model_path, decoding, gene
 from pipeline import data as D
 from pipeline.core import Stage
 
-STAGE = Stage("judge", "reports/judge/judge_summary.json", needs=("sft",), needs_methods=True, reads=("*",),
+STAGE = Stage("judge", "reports/judge/judge_summary.json", needs=("sft",), needs_methods=True, reads=(
+    *training.SFT_DATA, "judge", "eval.batch_size", "model.name", "model.tiny_seed", "runtime.force_skip_training",
+    "runtime.rehearsal"),
               inputs=D.files("sft_path"), runs_after_skip=True)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"

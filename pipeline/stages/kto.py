@@ -6,7 +6,8 @@ from pipeline import training as T
 from pipeline import data as D
 from pipeline.core import Method, Stage
 
-STAGE = Stage("kto", "reports/training/kto_metrics.json", needs=("sft",), reads=("*",),
+STAGE = Stage("kto", "reports/training/kto_metrics.json", needs=("sft",), untracked=T.UNTRACKED,
+              reads=T.reads("kto", "beta", data=T.PREFERENCE_DATA + ("data.kto_path",)),
               inputs=D.files("preference_path", "kto_path"), training=True,
               method=Method("checkpoints/kto-real-baseline", min_batch=2, trainer="KTOTrainer"))
 

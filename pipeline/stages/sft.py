@@ -8,7 +8,9 @@ from pipeline import training as T
 from pipeline import data as D
 from pipeline.core import Method, Stage
 
-STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", needs=("gpu_check",), reads=("*",),
+STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", needs=("gpu_check",),
+              reads=T.reads("sft", "eval_steps", "packing", data=T.SFT_DATA)
+              + ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"), untracked=T.UNTRACKED,
               inputs=D.files("sft_path"), training=True, schema="sft",
               method=Method("checkpoints/layer_b/{slug}_sft", start="base", trainer="SFTTrainer", reference="none"))
 
