@@ -39,7 +39,6 @@ class ModelCfg:
     name: str | None = None          # MODEL_NAME: a local folder (or a hub name on a machine that can reach one)
     qlora: bool = False              # 4-bit QLoRA where the hardware plan allows it
     flash_attn: bool = True          # use flash_attention_2 when installed, Ampere+, not 4-bit
-    merge_final: bool = False        # also save merged weights next to the final adapter
     tiny_seed: int = 0               # seed of the locally built tiny model
 
 
@@ -62,7 +61,8 @@ OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "adamw_8bit", "sgd")
 
 @dataclass
 class TrainCfg:
-    """One training stage (sft, dpo, simpo, kto). max_steps is the plan; curriculum is cumulative."""
+    """What every training method has. max_steps is the plan; curriculum is cumulative. Each method's section is
+    a subclass with only the knobs that method reads (SFTCfg, PreferenceCfg, SimPOCfg): no dead keys."""
     max_steps: int = 100
     learning_rate: float = 2e-4
     batch_size: int = 1
@@ -71,13 +71,9 @@ class TrainCfg:
     warmup_ratio: float = 0.03
     logging_steps: int = 1
     save_steps: int = 25
-    eval_steps: int = 25
     save_total_limit: int = 2
     optimizer: str = "adamw_torch"
     activation_checkpointing: bool = True
-    packing: bool = False
-    beta: float = 0.1                # DPO/SimPO/KTO beta
-    simpo_gamma: float = 0.5         # SimPO target reward margin (gamma_beta_ratio = gamma / beta)
     max_oom_retries: int = 3
     curriculum: list[dict] = field(default_factory=list)   # [{"max_length": 512, "until_step": 40}, ...]
 
@@ -87,8 +83,7 @@ class TrainCfg:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_acc >= 1, f"grad_acc must be >= 1, got {self.grad_acc}")
         _check(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
-        _check(self.save_steps >= 1 and self.logging_steps >= 1 and self.eval_steps >= 1,
-               "save_steps, logging_steps and eval_steps must be >= 1")
+        _check(self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be >= 1")
         _check(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         last = 0
         for i, sub in enumerate(self.curriculum):
@@ -102,6 +97,30 @@ class TrainCfg:
         if self.curriculum:
             _check(last == self.max_steps,
                    f"curriculum ends at step {last} but max_steps is {self.max_steps}: make the last until_step equal max_steps")
+
+
+@dataclass
+class SFTCfg(TrainCfg):
+    eval_steps: int = 25             # held-out eval_loss every this many steps
+    packing: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.eval_steps >= 1, f"eval_steps must be >= 1, got {self.eval_steps}")
+
+
+@dataclass
+class PreferenceCfg(TrainCfg):
+    beta: float = 0.1                # DPO/KTO beta (ORPO: its lambda)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+
+
+@dataclass
+class SimPOCfg(PreferenceCfg):
+    simpo_gamma: float = 0.5         # SimPO target reward margin (gamma_beta_ratio = gamma / beta)
 
 
 @dataclass
@@ -190,8 +209,8 @@ class RuntimeCfg:
         _check(self.rehearsal_steps >= 2, f"rehearsal_steps must be >= 2, got {self.rehearsal_steps}")
 
 
-SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "sft": TrainCfg, "dpo": TrainCfg,
-            "simpo": TrainCfg, "kto": TrainCfg, "eval": EvalCfg, "judge": JudgeCfg, "runtime": RuntimeCfg}
+SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "sft": SFTCfg, "dpo": PreferenceCfg,
+            "simpo": SimPOCfg, "kto": PreferenceCfg, "eval": EvalCfg, "judge": JudgeCfg, "runtime": RuntimeCfg}
 
 
 @dataclass
@@ -202,10 +221,10 @@ class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     lora: LoraCfg = field(default_factory=LoraCfg)
     data: DataCfg = field(default_factory=DataCfg)
-    sft: TrainCfg = field(default_factory=TrainCfg)
-    dpo: TrainCfg = field(default_factory=TrainCfg)
-    simpo: TrainCfg = field(default_factory=TrainCfg)
-    kto: TrainCfg = field(default_factory=TrainCfg)
+    sft: SFTCfg = field(default_factory=SFTCfg)
+    dpo: PreferenceCfg = field(default_factory=PreferenceCfg)
+    simpo: SimPOCfg = field(default_factory=SimPOCfg)
+    kto: PreferenceCfg = field(default_factory=PreferenceCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     judge: JudgeCfg = field(default_factory=JudgeCfg)
     runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
@@ -462,7 +481,7 @@ def scaled_steps(tc: TrainCfg, steps: int) -> dict:
         last = b
     first = bounds[0]
     every = max(1, min(first, round(tc.save_steps * total / tc.max_steps)))
-    return {"max_steps": total, "save_steps": every, "eval_steps": every,
+    return {"max_steps": total, "save_steps": every, **({"eval_steps": every} if hasattr(tc, "eval_steps") else {}),
             "curriculum": [{"max_length": s["max_length"], "until_step": b} for s, b in zip(subs, bounds)]
             if tc.curriculum else []}
 
@@ -490,9 +509,7 @@ def _rehearse(cfg: Config, origin: dict) -> None:
         changes.append(f"{stage}: {before[0]} -> {tc.max_steps} steps (curriculum boundaries "
                        f"{[c['until_step'] for c in tc.curriculum] or 'none'}, save every {tc.save_steps}); "
                        f"learning rate {before[1]:g} -> {tc.learning_rate:g} (the stand-in's, configs/tiers/tiny.yaml)")
-    for stage in TRAIN_STAGES:   # the held-out eval_loss runs twice per stage, not at every save
-        tc = getattr(cfg, stage)
-        tc.eval_steps = max(tc.save_steps, tc.max_steps // 2)
+    cfg.sft.eval_steps = max(cfg.sft.save_steps, cfg.sft.max_steps // 2)   # held-out eval_loss twice, not every save
     cfg.runtime.rehearsal_fraction = cfg.sft.max_steps / sft_steps
     changes.append(f"training rows scaled like the steps (x{cfg.runtime.rehearsal_fraction:.3g}): each row is seen "
                    "about as often as in the tier's run")

@@ -95,3 +95,14 @@ def test_7b_on_a_cpu_succeeds_without_checking_the_tokenizer_or_touching_the_hub
                             "weight_files": [], "weights_gb": None}
     assert doc["splits"]["sft_train"] == 1000 - 30 - 50
     assert not (dry_env / "checkpoints").exists() and not (dry_env / ".cache").exists()
+
+
+def test_dry_run_is_a_mode_for_every_target_and_run_sft_trains_nothing(dry_env):
+    """`DRY_RUN=true python -m pipeline run sft` trained for real: DRY_RUN only changed what `all` meant."""
+    out = io.StringIO()
+    code = engine.run(["sft"], load_config(), Console(file=out, width=250), REGISTRY)
+    assert code == 0, out.getvalue()
+    assert not (dry_env / "checkpoints").exists()
+    assert not (dry_env / REGISTRY["sft"].evidence(load_config())).exists()
+    assert ev.read_json(dry_env / EVIDENCE)["status"] == "dry_run"
+    assert "dry run sft" in out.getvalue() and "would run" in out.getvalue()
