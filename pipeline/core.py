@@ -49,7 +49,8 @@ class Method:
     checkpoint: str                  # CONTRACT folder of its checkpoints ({slug} is filled in), final under /final
     start: str = "sft"               # "base" (SFT) or "sft": trains on from the SFT final
     sequences_per_example: int = 1   # 2 for paired preference data (chosen + rejected)
-    full_logits: bool = False        # the trainer keeps the full-vocabulary logits (CPOTrainer)
+    full_logits: bool = False        # the trainer materialises the full-vocabulary logits (CPOTrainer)
+    casts_adapters_bf16: bool = True  # under QLoRA the trainer casts the trainable params to bf16
     min_batch: int = 1               # KTO refuses a per-device batch of 1
     trainer: str = ""                # TRL trainer class, for reports
     reference: str = "frozen SFT adapter"   # what the loss compares against: "none" for reference-free methods

@@ -35,17 +35,23 @@ NF4_BYTES = 0.55          # 4-bit weights + blockwise quantization constants (do
 OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2, "sgd": 0}   # per trainable param
 CUDA_CONTEXT_GB = 0.75    # CUDA context + cuBLAS/cuDNN workspaces: 0.5-1 GB in practice
 FRAGMENTATION = 0.05      # the caching allocator keeps ~5% more than is live (with expandable_segments)
-# sequences through the model per example: DPO and SimPO concatenate chosen + rejected into one batch
-SEQUENCES_PER_EXAMPLE = {"sft": 1, "dpo": 2, "simpo": 2, "kto": 1}
 # TRL 1.16's fused LM head (trl/trainer/utils.py:1548; SFT, DPO and KTO use it) projects [tokens x vocab]
 # in tiles of TOKEN_CHUNK_SIZE x _CHUNKED_LOGPROB_CHUNK_SIZE (trl/kernels/chunked_logprob.py:31,
 # trl/trainer/utils.py:1506)
 LOGPROB_TILE = (4096, 32768)
-FULL_LOGITS_STAGES = ("simpo",)   # CPOTrainer takes outputs.logits (trl/experimental/cpo/cpo_trainer.py:824)
-# QLoRA: these trainers cast the trainable params to bf16 (trl/trainer/sft_trainer.py:908-911,
-# dpo_trainer.py:726-729, kto_trainer.py:777-780); CPOTrainer keeps a PeftModel's fp32 adapters. Under an fp16
-# plan pipeline.models.fix_trainable_dtype casts them back to fp32 (GradScaler), so only bf16 plans keep bf16.
-BF16_ADAPTER_STAGES = ("sft", "dpo", "kto")
+# Per training method (its core.Method declaration in pipeline/stages/<method>.py): the sequences per example
+# (chosen + rejected concatenated), whether the trainer materialises the full logits, whether it casts QLoRA's
+# trainable params to bf16. Under an fp16 plan pipeline.models.fix_trainable_dtype casts them back to fp32.
+
+
+def traits(stage: str) -> dict:
+    """What the memory estimate needs to know about a training method, from the registry."""
+    from pipeline.stages import REGISTRY
+    m = REGISTRY[stage].method if stage in REGISTRY else None
+    if m is None:
+        raise ValueError(f"estimate_memory: stage {stage!r} is not one of {', '.join(REGISTRY.methods)}")
+    return {"sequences_per_example": m.sequences_per_example, "full_logits": m.full_logits,
+            "casts_adapters_bf16": m.casts_adapters_bf16}
 ARCH_INDEXES = {  # which PyTorch wheel index still (or already) has kernels for a GPU generation
     "old": ("https://download.pytorch.org/whl/cu126", "cu126 builds still carry sm_50-sm_90; "
             "CUDA 12.8+/13 builds dropped Maxwell, Pascal and Volta"),
@@ -295,16 +301,15 @@ def estimate_memory(shape: dict, *, lora_r: int, target_modules: list[str], prec
     """Peak training memory of LoRA/QLoRA on one device for one training stage, in GB, by part; the parts
     add up to total_gb. stage sets the sequences per example (chosen + rejected) and how the loss head
     runs."""
-    if stage not in SEQUENCES_PER_EXAMPLE:
-        raise ValueError(f"estimate_memory: stage {stage!r} is not one of {', '.join(SEQUENCES_PER_EXAMPLE)}")
+    t = traits(stage)
     h, n_layers, vocab = shape["hidden"], shape["layers"], shape["vocab"]
-    sequences = batch * SEQUENCES_PER_EXAMPLE[stage]
+    sequences = batch * t["sequences_per_example"]
     tokens = seq_len * sequences
     params = shape.get("params") or count_params(shape)
     act_bytes = PARAM_BYTES.get(precision, 2) if quantization is None else 2   # QLoRA computes in 16-bit
     dims = _linear_dims(shape)
     embed = _embed_params(shape)
-    paired = " x chosen + rejected" if SEQUENCES_PER_EXAMPLE[stage] == 2 else ""
+    paired = " x chosen + rejected" if t["sequences_per_example"] == 2 else ""
     assumptions = [f"{stage}: {sequences} sequence(s) of {seq_len} tokens per micro-batch "
                    f"(batch {batch}{paired})."]
 
@@ -328,7 +333,7 @@ def estimate_memory(shape: dict, *, lora_r: int, target_modules: list[str], prec
         raise ValueError(f"lora.target_modules names {unknown}, which are not linears of a Qwen2/Llama block "
                          f"({', '.join(dims)}): fix lora.target_modules in the config")
     trainable = lora_r * sum(sum(dims[m]) for m in names) * n_layers
-    bf16_lora = quantization is not None and stage in BF16_ADAPTER_STAGES and precision != "fp16"
+    bf16_lora = quantization is not None and t["casts_adapters_bf16"] and precision != "fp16"
     lora_bytes = 2 if bf16_lora else 4
     adapters = trainable * lora_bytes
     dtype = "bf16 (TRL's trainer casts QLoRA's trainable params to bf16)" if bf16_lora else "fp32"
@@ -358,7 +363,7 @@ def estimate_memory(shape: dict, *, lora_r: int, target_modules: list[str], prec
                            "add nothing to the peak.")
 
     # the loss head
-    if stage in FULL_LOGITS_STAGES:
+    if t["full_logits"]:
         loss_head = tokens * vocab * 8
         assumptions.append("loss head: SimPO (CPOTrainer) materialises the logits, which accelerate converts "
                            "to fp32 (convert_outputs_to_fp32), plus their fp32 gradient: 8 bytes x vocab x "

@@ -123,7 +123,7 @@ def maybe_distributed(ctx, kind: str) -> dict | None:
     while True:
         result_file.unlink(missing_ok=True)
         oom_file.unlink(missing_ok=True)
-        run_cfg = config_from_dict(cfg.to_dict())   # the parent's config; only this stage's batch may change
+        run_cfg = config_from_dict(cfg.unscoped().to_dict())   # the workers see it scoped again; only the batch changes
         getattr(run_cfg, kind).batch_size, getattr(run_cfg, kind).grad_acc = batch, grad_acc
         ev.atomic_write_json(config_file, run_cfg.to_dict())
         cmd = command(n, plan, kind, ctx.fingerprint, config_file, result_file)

@@ -250,7 +250,7 @@ class Config:
 
 
 # --- environment -------------------------------------------------------------------------------
-TRAIN_STAGES = ("sft", "dpo", "simpo", "kto")
+TRAIN_STAGES = tuple(k for k, cls in SECTIONS.items() if issubclass(cls, TrainCfg))   # the methods' sections
 ENV_MAP: dict[str, tuple[str, ...]] = {
     "MODEL_TIER": ("tier",), "PIPELINE_ROOT": ("root",), "MODEL_NAME": ("model.name",),
     "ALLOW_SKIP_TRAINING": ("runtime.allow_skip_training",), "FORCE_SKIP_TRAINING": ("runtime.force_skip_training",),

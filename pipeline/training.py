@@ -25,19 +25,23 @@ UNTRACKED = ("runtime.report_to", "runtime.inject_oom_at_step", "runtime.inject_
 SFT_DATA = ("data.sft_path", "data.sft_format", "data.max_sft_rows", "data.on_bad_row", "data.seed",
             "data.sft_eval_size", "data.judge_heldout_size")
 PREFERENCE_DATA = ("data.preference_path", "data.preference_format", "data.max_preference_rows", "data.on_bad_row")
+STATE_FILE = "trainer_state.json"
 
 
 def reads(kind: str, *own: str, data: tuple[str, ...] = PREFERENCE_DATA) -> tuple[str, ...]:
     """The config keys a training stage reads: the run's shared keys, its data keys, its own section's keys."""
     return RUN_KEYS + data + tuple(f"{kind}.{k}" for k in TRAIN_KEYS + own)
 
-OUTPUT_DIRS = {"sft": "checkpoints/layer_b/{slug}_sft", "dpo": "checkpoints/dpo-real-baseline",
-               "simpo": "checkpoints/simpo-real-baseline", "kto": "checkpoints/kto-real-baseline"}
-STATE_FILE = "trainer_state.json"
+
+def method(kind: str):
+    """A training method's declaration (core.Method) from the registry: checkpoint folder, minimum batch, ..."""
+    from pipeline.stages import REGISTRY   # here, not at the top: the stage modules import this module
+    return REGISTRY[kind].method
 
 
 def output_dir(cfg, kind: str) -> str:
-    return OUTPUT_DIRS[kind].format(slug=cfg.slug)
+    """The CONTRACT folder of a method's checkpoints (its final is <folder>/final)."""
+    return method(kind).checkpoint.format(slug=cfg.slug)
 
 
 # --- gating ----------------------------------------------------------------------------------------
@@ -130,7 +134,6 @@ def claim_output_dir(ctx, out: Path) -> None:
 
 
 # --- the training loop around TRL -------------------------------------------------------------------
-MIN_BATCH = {"kto": 2}   # TRL's KTOTrainer refuses a per-device batch of 1 (trl/trainer/kto_trainer.py:844-847)
 # allocation failures that are not torch.OutOfMemoryError: cuBLAS/cuDNN workspaces and bitsandbytes raise RuntimeError
 OOM_TEXT = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation",
             "CUDA error: out of memory")
@@ -144,7 +147,7 @@ def is_oom(exc: BaseException) -> bool:
 
 def first_batch(kind: str, batch: int, grad_acc: int) -> tuple[int, int, str | None]:
     """The per-device batch a stage can start with: raised to the trainer's minimum, the effective batch kept."""
-    floor = MIN_BATCH.get(kind, 1)
+    floor = method(kind).min_batch
     if batch >= floor:
         return batch, grad_acc, None
     new_acc = max(1, math.ceil(batch * grad_acc / floor))
@@ -155,7 +158,7 @@ def first_batch(kind: str, batch: int, grad_acc: int) -> tuple[int, int, str | N
 def halved_after_oom(kind: str, tc, batch: int, grad_acc: int, retries: int, where: str) -> tuple[int, int]:
     """The batch to retry with after an out-of-memory error: half the per-device batch, twice the accumulation;
     StageFailed at the trainer's minimum batch or after max_oom_retries. In process (fit) and for DDP (launch)."""
-    if batch // 2 < MIN_BATCH.get(kind, 1) or retries >= tc.max_oom_retries:
+    if batch // 2 < method(kind).min_batch or retries >= tc.max_oom_retries:
         raise StageFailed(f"CUDA out of memory {where} with per-device batch {batch} (after {retries} retries): "
                           "shorten max_length, turn on QLoRA (QLORA=true), or use a bigger GPU")
     return batch // 2, grad_acc * 2

@@ -12,11 +12,6 @@ from pathlib import Path
 from pipeline import evidence as ev
 from pipeline.core import StageFailed
 
-VARIANTS = ("base", "sft", "dpo", "simpo", "kto")
-TRAINED = VARIANTS[1:]
-ALIGNED = ("dpo", "simpo", "kto")
-
-
 def _entry(status: str, reason: str | None = None, checkpoint_dir=None, checkpoint_sha256=None) -> dict:
     return {"status": status, "reason": reason, "checkpoint_dir": checkpoint_dir, "checkpoint_sha256": checkpoint_sha256}
 
@@ -28,7 +23,7 @@ def variant_table(ctx) -> dict:
         table = {"base": _entry("scored")}
     else:
         table = {"base": _entry("skipped", f"hardware plan: {plan.get('feasible_reason', 'not feasible')}")}
-    for name in TRAINED:
+    for name in ctx.registry.methods:
         doc = ctx.evidence(name)
         if not isinstance(doc, dict):
             table[name] = _entry("skipped", f"no {name} metrics: run `python -m pipeline run {name}`")
@@ -101,8 +96,8 @@ class Variants:
 
     def use(self, name: str):
         """(model, tokenizer) of a variant: the base alone, or the base + the variant's verified final adapter."""
-        if name not in VARIANTS:
-            raise ValueError(f"Variants.use: unknown variant {name!r}; use one of {', '.join(VARIANTS)}")
+        if name not in self.ctx.registry.variants:
+            raise ValueError(f"Variants.use: unknown variant {name!r}; use one of {', '.join(self.ctx.registry.variants)}")
         adapter = None if name == "base" else verified_adapter(self.ctx, name)
         return self.load(base_model_path(self.ctx), adapter, name)
 

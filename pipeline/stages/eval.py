@@ -19,7 +19,7 @@ from pipeline import evidence as ev
 from pipeline import reporting as R
 from pipeline.core import SkipStage
 from pipeline.engine import git_commit
-from pipeline.variants import ALIGNED, Variants, base_model_path, decoding, generate, variant_table
+from pipeline.variants import Variants, base_model_path, decoding, generate, variant_table
 from pipeline.core import Stage
 
 STAGE = Stage("eval", "reports/eval/eval_default.json", needs=("sft",), needs_methods=True, reads=(
@@ -119,10 +119,10 @@ def summarize(preds: list[dict], cfg) -> dict:
     return out
 
 
-def paired_tests(preds: dict, sets: list[str]) -> list[dict]:
+def paired_tests(preds: dict, sets: list[str], aligned: tuple[str, ...]) -> list[dict]:
     """McNemar exact of SFT and each aligned variant against SFT and against base, on the same ids."""
     out = []
-    for a in ("sft", *ALIGNED):
+    for a in ("sft", *aligned):
         for b in ("sft", "base"):
             if a == b or a not in preds or b not in preds:
                 continue
@@ -177,7 +177,7 @@ def run(ctx) -> dict:
         memory = vs.memory()
     fb = {k: v for k, v in fb.items() if not k.startswith("_")}
     doc = {"model_name": models.display_name(cfg.tier, base := base_model_path(ctx)), "base_model": base,
-           "variants": table, "results": results, "paired": paired_tests(preds, cfg.eval.sets),
+           "variants": table, "results": results, "paired": paired_tests(preds, cfg.eval.sets, ctx.registry.aligned),
            "sets": {s: {"planned_n": len(r), "full_size": full, "question_ids": [x["id"] for x in r], "seed": cfg.eval.seed}
                     for s, (r, full) in sets.items()},
            "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens, "n_bootstrap": cfg.eval.n_bootstrap,

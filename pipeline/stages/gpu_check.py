@@ -9,7 +9,7 @@ the evidence also has run_plan, the CPU plan the rehearsal executes, and rehears
 from __future__ import annotations
 
 from pipeline import hardware as hw
-from pipeline.settings import HUB_MODELS, TRAIN_STAGES
+from pipeline.settings import HUB_MODELS
 from pipeline.core import Stage
 
 STAGE = Stage("gpu_check", "reports/migration/gpu_check.json", always_run=True, in_dry_run=True, reads=(
@@ -22,8 +22,9 @@ STAGE = Stage("gpu_check", "reports/migration/gpu_check.json", always_run=True, 
 
 def stage_inputs(cfg) -> dict:
     """Per training stage: its longest sequence (max_length or a longer curriculum step) and its batch."""
+    from pipeline.stages import REGISTRY
     out = {}
-    for stage in TRAIN_STAGES:
+    for stage in REGISTRY.methods:
         tc = getattr(cfg, stage)
         out[stage] = {"seq_len": max([tc.max_length] + [c["max_length"] for c in tc.curriculum]),
                       "batch": tc.batch_size, "optimizer": tc.optimizer,
@@ -84,7 +85,7 @@ def run(ctx) -> dict:
     out = {"probe": found, "plan": plan, "messages": messages}
     if rt.rehearsal:
         run_plan, differences = hw.rehearsal_plan(plan, found, optimizers={s: getattr(cfg, s).optimizer
-                                                                           for s in TRAIN_STAGES})
+                                                                           for s in ctx.registry.methods})
         out["run_plan"] = run_plan
         differences = differences + rt.rehearsal_changes   # the config's scaled steps, rows, rates, eval caps
         out["rehearsal"] = {"probe": rt.gpu_probe_file, "differences": differences,

@@ -294,7 +294,7 @@ def configuration(kind: str, cfg) -> dict:
     batch, grad_acc, raised = T.first_batch(kind, tc.batch_size, tc.grad_acc)
     return {"max_length": max([tc.max_length] + [c["max_length"] for c in tc.curriculum]),
             "per_device_batch": batch, "grad_acc": 1, "grad_acc_planned": grad_acc, "batch_note": raised,
-            "sequences_per_example": hardware.SEQUENCES_PER_EXAMPLE[kind]}
+            "sequences_per_example": T.method(kind).sequences_per_example}
 
 
 def trial(kind: str, cfg, plan: dict, base: str, tok, ids: list[int], out, log=print) -> dict:

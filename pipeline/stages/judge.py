@@ -15,7 +15,7 @@ import json
 from pipeline import evalkit, judgekit, models, training
 from pipeline import evidence as ev
 from pipeline.core import SkipStage, StageFailed
-from pipeline.variants import ALIGNED, Variants, base_model_path, decoding, generate, variant_table
+from pipeline.variants import Variants, base_model_path, decoding, generate, variant_table
 from pipeline import data as D
 from pipeline.core import Stage
 
@@ -148,7 +148,7 @@ def run(ctx) -> dict:
     if "pairwise" in on:
         items = [{"question_id": q, "variant": v, "question": text[q], "order": o,
                   "answer_a": a if o == "ab" else s, "answer_b": s if o == "ab" else a}
-                 for v in ALIGNED if v in scored for q, a, s in zip(ans["_ids"], ans[v], ans["sft"]) for o in ("ab", "ba")]
+                 for v in ctx.registry.aligned if v in scored for q, a, s in zip(ans["_ids"], ans[v], ans["sft"]) for o in ("ab", "ba")]
         outs["pairwise"] = out = judge(ctx, "pairwise", items, url, key)
         doc["pairwise"] = coverage(len(items), out["n_judged"]) | {"per_variant": pairwise_summary(items, out, ans)}
     if "risk" in on:

@@ -11,7 +11,6 @@ import json
 from pipeline import data as D
 from pipeline import evidence as ev
 from pipeline import reporting as R
-from pipeline.variants import ALIGNED
 from pipeline.core import Stage
 
 STAGE = Stage("reports", "reports/thesis_support/reports_manifest.json", needs=("eval", "judge"), reads=("*",),
@@ -73,7 +72,7 @@ def error_analysis(ctx, eval_doc, judge_doc) -> str:
                   + (f" (first: {', '.join(wrong[:10])})" if wrong else "") + f". {src}", ""]
     if "sft" in preds:
         rows = []
-        for v in (a for a in ALIGNED if a in preds):
+        for v in (a for a in ctx.registry.aligned if a in preds):
             for s in eval_doc["sets"]:
                 pairs = [(p, q) for p, q in zip(preds["sft"], preds[v]) if p["set"] == s]
                 helped = [q["id"] for p, q in pairs if q["correct"] and not p["correct"]]

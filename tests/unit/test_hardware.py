@@ -193,7 +193,8 @@ def fake_ctx(tmp_path, tier="tiny"):
     from pipeline.settings import Config
     cfg = Config(tier=tier, root=str(tmp_path))
     cfg.runtime.hf_home = str(tmp_path / "hf")
-    return SimpleNamespace(cfg=cfg, root=tmp_path, console=Console(file=io.StringIO()))
+    from pipeline.stages import REGISTRY
+    return SimpleNamespace(cfg=cfg, root=tmp_path, console=Console(file=io.StringIO()), registry=REGISTRY)
 
 
 def test_gpu_check_on_this_machine_records_an_infeasible_gpu_tier_without_failing(tmp_path):
