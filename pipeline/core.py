@@ -162,8 +162,10 @@ class Registry:
                     add(n)
         for t in targets:
             add(t)
-        if dry_run:   # a dry run always ends with the dry-run report of what would run
-            wanted.update(s.name for s in self.stages if s.in_dry_run and s.done_status == "dry_run")
+        if dry_run and any(not self.by_name[n].in_dry_run for n in wanted):
+            for s in self.stages:   # what would really run is replaced by the dry-run report (and its needs)
+                if s.in_dry_run and s.done_status == "dry_run":
+                    add(s.name)
         return [s for s in self.stages if s.name in wanted]
 
 

@@ -20,7 +20,7 @@ from pipeline.core import Stage
 STAGE = Stage("dry_run", "reports/migration/dry_run.json", needs=("gpu_check",), reads=(
     *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", "data.medqa_path", "data.pubmedqa_path", "data.pubmedqa_test_ids",
     "data.cmmlu_dir", "eval.sets", "model.name", "model.tiny_seed", "runtime.force_skip_training", "runtime.nproc",
-    "runtime.rehearsal", "@methods.batch_size", "@methods.curriculum", "@methods.grad_acc", "@methods.learning_rate",
+    "runtime.rehearsal", "runtime.rehearsal_fraction", "@methods.batch_size", "@methods.curriculum", "@methods.grad_acc", "@methods.learning_rate",
     "@methods.max_length", "@methods.max_steps", "@methods.optimizer"), in_all=False,
               in_dry_run=True, done_status="dry_run",
               inputs=lambda cfg: D.files("sft_path", "preference_path", "kto_path")(cfg) + D.eval_files(cfg))
