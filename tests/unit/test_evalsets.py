@@ -27,7 +27,7 @@ def sha(prompt: list[dict]) -> str:
     return hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest()
 
 
-# --- the prompts and extraction before the move (stages/eval.py messages() / extract(), copied verbatim) ---------
+# --- the prompts and extraction before the move (stages/eval.py messages(), extract(), copied verbatim) -----
 def old_messages(row: dict) -> list[dict]:
     if row["set"] == "pubmedqa":
         question, _, context = row["question"].partition("\n\n")
