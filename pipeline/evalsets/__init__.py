@@ -32,8 +32,9 @@ def of(row: dict):
 
 
 def files(cfg) -> list[Path]:
-    """The data files of the configured sets (cfg.eval.sets), in set order."""
-    return [p for name in cfg.eval.sets for p in SETS[name].files(cfg)]
+    """The data files of the configured sets (cfg.eval.sets), in set order. A name no module has (settings refuses
+    it; a test may hash such a config) has no files."""
+    return [p for name in cfg.eval.sets if name in SETS for p in SETS[name].files(cfg)]
 
 
 def reads() -> tuple[str, ...]:
