@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -20,6 +23,8 @@ from pipeline.settings import ConfigError, load_config
 from pipeline.stages import REGISTRY
 from pipeline.stages import dry_run as DR
 from pipeline.stages import eval as E
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sha(prompt: list[dict]) -> str:
@@ -193,3 +198,10 @@ def test_the_eval_schema_takes_any_set_name_a_module_can_have():
     jsonschema.validate({name: entry for name in (*evalsets.NAMES, "usmle_mini")}, sets_schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"Not A Module": entry}, sets_schema)
+
+
+def test_settings_and_the_set_modules_import_no_torch():
+    code = ("import sys, pipeline.settings, pipeline.evalsets\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
