@@ -32,8 +32,8 @@ def of(row: dict):
 
 
 def files(cfg) -> list[Path]:
-    """The data files of the configured sets (cfg.eval.sets), in set order. A name no module has (settings refuses
-    it; a test may hash such a config) has no files."""
+    """The data files of the configured sets (cfg.eval.sets), in set order. A name no module has (settings
+    refuses it; a test may hash such a config) has no files."""
     return [p for name in cfg.eval.sets if name in SETS for p in SETS[name].files(cfg)]
 
 

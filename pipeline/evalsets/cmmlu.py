@@ -1,4 +1,4 @@
-"""CMMLU, its medical subjects (Chinese): every CSV in data.cmmlu_dir, pipeline.data.load_cmmlu, letter answers."""
+"""CMMLU, its medical subjects (Chinese): every CSV in data.cmmlu_dir (pipeline.data.load_cmmlu), letters."""
 from __future__ import annotations
 
 from pathlib import Path

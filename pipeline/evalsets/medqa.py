@@ -16,5 +16,6 @@ def files(cfg) -> list[Path]:
 
 
 def load(cfg) -> tuple[list[dict], list]:
-    rows, report = D.load_medqa(cfg.data_path(cfg.data.medqa_path), cfg.data.on_bad_row, source="data.medqa_path")
+    path = cfg.data_path(cfg.data.medqa_path)
+    rows, report = D.load_medqa(path, cfg.data.on_bad_row, source="data.medqa_path")
     return rows, [report]

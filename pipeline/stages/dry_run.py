@@ -19,9 +19,10 @@ from pipeline.settings import GPU_TIERS
 from pipeline.core import Stage
 
 STAGE = Stage("dry_run", "reports/migration/dry_run.json", needs=("gpu_check",), reads=(
-    *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", *evalsets.reads(), "eval.sets", "model.name", "model.tiny_seed",
-    "runtime.force_skip_training", "runtime.nproc", "runtime.rehearsal", "@methods.batch_size", "@methods.curriculum",
-    "@methods.grad_acc", "@methods.learning_rate", "@methods.max_length", "@methods.max_steps", "@methods.optimizer"),
+    *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", *evalsets.reads(), "eval.sets", "model.name",
+    "model.tiny_seed", "runtime.force_skip_training", "runtime.nproc", "runtime.rehearsal", "@methods.batch_size",
+    "@methods.curriculum", "@methods.grad_acc", "@methods.learning_rate", "@methods.max_length",
+    "@methods.max_steps", "@methods.optimizer"),
               in_all=False, in_dry_run=True, done_status="dry_run", inputs=lambda cfg: D.files(
                   "sft_path", "preference_path", "kto_path")(cfg) + evalsets.files(cfg))
 
@@ -53,7 +54,8 @@ def load_all(cfg) -> dict:
                "kto": kto_report.to_dict() if kto_report else "unpaired from the preference pairs"}
     for name, (rows, rep) in loaded.items():
         reports[name] = {"n_rows": len(rows), "n_skipped": sum(r.n_skipped for r in rep), "files": [r.to_dict() for r in rep]}
-    return {"split": split, "pairs": pairs, "kto": kto, "eval": {k: v[0] for k, v in loaded.items()}, "reports": reports}
+    return {"split": split, "pairs": pairs, "kto": kto, "eval": {k: v[0] for k, v in loaded.items()},
+            "reports": reports}
 
 
 def overlaps(loaded: dict) -> dict:
