@@ -437,10 +437,3 @@ def files(*keys: str):
     def inputs(cfg) -> list[Path]:
         return [cfg.data_path(getattr(cfg.data, k)) for k in keys if getattr(cfg.data, k)]
     return inputs
-
-
-def eval_files(cfg) -> list[Path]:
-    """The benchmark files eval scores (every CSV of the CMMLU folder)."""
-    cmmlu = sorted(cfg.data_path(cfg.data.cmmlu_dir).glob("*.csv"))
-    return [cfg.data_path(cfg.data.medqa_path), cfg.data_path(cfg.data.pubmedqa_path),
-            cfg.data_path(cfg.data.pubmedqa_test_ids), *cmmlu]

@@ -219,7 +219,7 @@ def experiment_record(ctx, judge_doc: dict | None) -> dict:
     import sys
     from importlib import metadata
 
-    from pipeline import engine, judgekit, settings
+    from pipeline import engine, evalsets, judgekit, settings
     from pipeline.evidence import sha256_file
     cfg = ctx.cfg
     commit = engine.git_commit() or ""
@@ -234,9 +234,8 @@ def experiment_record(ctx, judge_doc: dict | None) -> dict:
             extra[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             extra[pkg] = None
-    paths = [cfg.data.sft_path, cfg.data.preference_path, cfg.data.kto_path, cfg.data.medqa_path,
-             cfg.data.pubmedqa_path, cfg.data.pubmedqa_test_ids]
-    files = [cfg.data_path(p) for p in paths if p] + sorted(cfg.data_path(cfg.data.cmmlu_dir).glob("*.csv"))
+    paths = [cfg.data.sft_path, cfg.data.preference_path, cfg.data.kto_path]
+    files = [cfg.data_path(p) for p in paths if p] + evalsets.files(cfg)
     check = ctx.evidence("gpu_check") or {}
     sft = ctx.evidence("sft") or {}
     config = cfg.to_dict()

@@ -146,10 +146,24 @@ class DataCfg:
         _check(self.sft_eval_size >= 1 and self.judge_heldout_size >= 0, "sft_eval_size must be >= 1, judge_heldout_size >= 0")
 
 
+def _eval_sets() -> tuple[str, ...]:
+    """The eval sets pipeline/evalsets/ lists (a light import: no torch)."""
+    from pipeline import evalsets
+    return evalsets.names()
+
+
+def _all_sets() -> list[str]:
+    return list(_eval_sets())
+
+
+def _full_sizes() -> dict:
+    return dict.fromkeys(_eval_sets())
+
+
 @dataclass
 class EvalCfg:
-    sets: list[str] = field(default_factory=lambda: ["medqa", "pubmedqa", "cmmlu"])
-    sample_sizes: dict = field(default_factory=lambda: {"medqa": None, "pubmedqa": None, "cmmlu": None})
+    sets: list[str] = field(default_factory=_all_sets)   # names: pipeline/evalsets/__init__.py NAMES
+    sample_sizes: dict = field(default_factory=_full_sizes)   # None: the full set
     seed: int = 1234
     batch_size: int = 8
     max_new_tokens: int = 32
@@ -157,10 +171,11 @@ class EvalCfg:
     n_bootstrap: int = 2000
 
     def __post_init__(self):
-        bad = [s for s in self.sets if s not in ("medqa", "pubmedqa", "cmmlu")]
-        _check(not bad, f"eval.sets has unknown set(s) {bad}: use medqa, pubmedqa, cmmlu")
-        bad = [s for s in self.sample_sizes if s not in ("medqa", "pubmedqa", "cmmlu")]
-        _check(not bad, f"eval.sample_sizes has unknown set(s) {bad}: use medqa, pubmedqa, cmmlu")
+        known = _eval_sets()
+        bad = [s for s in self.sets if s not in known]
+        _check(not bad, f"eval.sets has unknown set(s) {bad}: use {', '.join(known)}")
+        bad = [s for s in self.sample_sizes if s not in known]
+        _check(not bad, f"eval.sample_sizes has unknown set(s) {bad}: use {', '.join(known)}")
         _check(self.batch_size >= 1 and self.max_new_tokens >= 1, "eval.batch_size and eval.max_new_tokens must be >= 1")
 
 

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import evalsets
+
 REPO = Path(__file__).resolve().parents[1]
 ALL = ("day1", "sft", "eval", "judge", "cuda")
 # Variables that change the resolved config or hold secrets: a developer's shell must not leak into a child run.
@@ -37,7 +39,8 @@ CLEARED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "MODEL_NAME", "ALLOW_SKIP_TRAINI
 # Smallest settings for --quick (and the soak's quick base run): every stage still runs, for a few steps.
 QUICK_OVERRIDES = ["sft.max_steps=6", "sft.curriculum=[]", "sft.save_steps=2", "sft.eval_steps=3",
                    *[f"{s}.{k}={v}" for s in ("dpo", "simpo", "kto") for k, v in (("max_steps", 4), ("save_steps", 2))],
-                   "eval.sample_sizes={medqa: 2, pubmedqa: 2, cmmlu: 2}", "eval.n_bootstrap=50"]
+                   "eval.sample_sizes={%s}" % ", ".join(f"{name}: 2" for name in evalsets.names()),
+                   "eval.n_bootstrap=50"]
 
 # Runs `python -m pipeline ARGS` and records, at exit, what it imported and loaded (argv[1]: the JSON to write).
 PROBE = r'''

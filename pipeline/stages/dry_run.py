@@ -12,18 +12,20 @@ import statistics
 from pathlib import Path
 
 from pipeline import data as D
+from pipeline import evalsets
 from pipeline import training as T
 from pipeline.core import StageFailed
 from pipeline.settings import GPU_TIERS
 from pipeline.core import Stage
 
 STAGE = Stage("dry_run", "reports/migration/dry_run.json", needs=("gpu_check",), reads=(
-    *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", "data.medqa_path", "data.pubmedqa_path", "data.pubmedqa_test_ids",
-    "data.cmmlu_dir", "eval.sets", "model.name", "model.tiny_seed", "runtime.force_skip_training", "runtime.nproc",
-    "runtime.rehearsal", "runtime.rehearsal_fraction", "@methods.batch_size", "@methods.curriculum", "@methods.grad_acc", "@methods.learning_rate",
-    "@methods.max_length", "@methods.max_steps", "@methods.optimizer"), in_all=False,
-              in_dry_run=True, done_status="dry_run",
-              inputs=lambda cfg: D.files("sft_path", "preference_path", "kto_path")(cfg) + D.eval_files(cfg))
+    *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", *evalsets.reads(), "eval.sets", "model.name",
+    "model.tiny_seed", "runtime.force_skip_training", "runtime.nproc", "runtime.rehearsal",
+    "runtime.rehearsal_fraction", "@methods.batch_size",
+    "@methods.curriculum", "@methods.grad_acc", "@methods.learning_rate", "@methods.max_length",
+    "@methods.max_steps", "@methods.optimizer"),
+              in_all=False, in_dry_run=True, done_status="dry_run", inputs=lambda cfg: D.files(
+                  "sft_path", "preference_path", "kto_path")(cfg) + evalsets.files(cfg))
 
 TOKENIZER_FILES = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "config.json"]   # never *.safetensors / *.bin
@@ -45,22 +47,15 @@ def load_all(cfg) -> dict:
         pairs, pref_report = T.preference_rows(cfg)
         kto, kto_report = (D.load_kto(path(d.kto_path), d.on_bad_row, source="data.kto_path") if d.kto_path
                            else (D.unpair(pairs), None))
-        evalsets = {}
-        if "medqa" in cfg.eval.sets:
-            evalsets["medqa"] = D.load_medqa(path(d.medqa_path), d.on_bad_row, source="data.medqa_path")
-        if "pubmedqa" in cfg.eval.sets:
-            evalsets["pubmedqa"] = D.load_pubmedqa(path(d.pubmedqa_path), path(d.pubmedqa_test_ids), d.on_bad_row,
-                                                   source="data.pubmedqa_path")
-        if "cmmlu" in cfg.eval.sets:
-            evalsets["cmmlu"] = D.load_cmmlu(path(d.cmmlu_dir), d.on_bad_row, source="data.cmmlu_dir")
+        loaded = {name: evalsets.SETS[name].load(cfg) for name in cfg.eval.sets}
     except D.DataError as exc:
         raise StageFailed(str(exc)) from None
     reports = {"sft": split["report"], "preferences": pref_report,
                "kto": kto_report.to_dict() if kto_report else "unpaired from the preference pairs"}
-    for name, (rows, rep) in evalsets.items():
-        rep = rep if isinstance(rep, list) else [rep]
+    for name, (rows, rep) in loaded.items():
         reports[name] = {"n_rows": len(rows), "n_skipped": sum(r.n_skipped for r in rep), "files": [r.to_dict() for r in rep]}
-    return {"split": split, "pairs": pairs, "kto": kto, "eval": {k: v[0] for k, v in evalsets.items()}, "reports": reports}
+    return {"split": split, "pairs": pairs, "kto": kto, "eval": {k: v[0] for k, v in loaded.items()},
+            "reports": reports}
 
 
 def overlaps(loaded: dict) -> dict:

@@ -14,7 +14,7 @@ import json
 from collections import Counter
 
 from pipeline import data as D
-from pipeline import evalkit, judgekit, models
+from pipeline import evalkit, evalsets, judgekit, models
 from pipeline import evidence as ev
 from pipeline import reporting as R
 from pipeline.core import SkipStage
@@ -23,43 +23,30 @@ from pipeline.variants import Variants, base_model_path, decoding, generate, var
 from pipeline.core import Stage
 
 STAGE = Stage("eval", "reports/eval/eval_default.json", needs=("sft",), needs_methods=True, reads=(
-    "data.medqa_path", "data.pubmedqa_path", "data.pubmedqa_test_ids", "data.cmmlu_dir", "data.on_bad_row", "eval",
-    "judge.model", "judge.base_url", "judge.concurrency", "judge.timeout_s", "judge.max_retries", "judge.max_reasks",
-    "model.name", "model.tiny_seed", "runtime.force_skip_training", "runtime.rehearsal"),
-              inputs=D.eval_files, runs_after_skip=True)
+    *evalsets.reads(), "eval", "judge.model", "judge.base_url", "judge.concurrency", "judge.timeout_s",
+    "judge.max_retries", "judge.max_reasks", "model.name", "model.tiny_seed", "runtime.force_skip_training",
+    "runtime.rehearsal"), inputs=evalsets.files, runs_after_skip=True)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 def load_sets(cfg) -> dict:
     """{set: (sampled rows, full size)}: the seeded sample every variant answers."""
-    p, bad = cfg.data_path, cfg.data.on_bad_row
-    loaders = {"medqa": lambda: D.load_medqa(p(cfg.data.medqa_path), bad, source="data.medqa_path")[0],
-               "pubmedqa": lambda: D.load_pubmedqa(p(cfg.data.pubmedqa_path), p(cfg.data.pubmedqa_test_ids), bad,
-                                                   source="data.pubmedqa_path")[0],
-               "cmmlu": lambda: D.load_cmmlu(p(cfg.data.cmmlu_dir), bad, source="data.cmmlu_dir")[0]}
     out = {}
     for name in cfg.eval.sets:
-        rows = loaders[name]()
+        rows = evalsets.SETS[name].load(cfg)[0]
         out[name] = (D.sample_rows(rows, cfg.eval.sample_sizes.get(name), cfg.eval.seed), len(rows))
     return out
 
 
 def messages(row: dict) -> list[dict]:
-    if row["set"] == "pubmedqa":
-        question, _, context = row["question"].partition("\n\n")
-        text = f"Context: {context}\n\nQuestion: {question}\n\nAnswer yes, no or maybe."
-    else:
-        options = "\n".join(f"{k}. {v}" for k, v in row["options"].items())
-        tail = "请只回答选项字母。" if row["lang"] == "zh" else "Answer with the letter only."
-        text = f"{row['question']}\n\n{options}\n\n{tail}"
-    return [{"role": "user", "content": text}]
+    """The prompt of the row's set (pipeline/evalsets/<set>.py)."""
+    return evalsets.of(row).prompt(row)
 
 
 def extract(row: dict, raw: str) -> tuple[str | None, str]:
-    if row["set"] == "pubmedqa":
-        return evalkit.extract_yes_no_maybe(raw)
-    return evalkit.extract_choice(raw, "ABCD", options=row["options"])
+    """The answer the output commits to, by the rules of the row's set."""
+    return evalsets.of(row).extract(row, raw)
 
 
 def fallback_setup(ctx) -> dict:
@@ -75,12 +62,16 @@ def fallback_setup(ctx) -> dict:
     return fb | {"available": why is None, "reason": why, "endpoint": judgekit.endpoint_host(url), "_url": url, "_key": key}
 
 
+def allowed(row: dict) -> list[str]:
+    """The answers a row accepts: its option letters (A-D) or its option words (yes, no, maybe)."""
+    return list(row["options"])
+
+
 def apply_fallback(ctx, fb: dict, variant: str, preds: list[dict], rows: list[dict]) -> None:
     """Answers the rules could not parse go to the LLM for extraction only; tagged method llm_fallback."""
     todo = [(p, r) for p, r in zip(preds, rows) if p["extracted"] is None]
     if not todo or not fb["available"]:
         return
-    allowed = lambda r: list(r["options"]) if r["set"] == "pubmedqa" else list("ABCD")   # noqa: E731
     items = [{"question_id": r["id"], "variant": variant, "answer": p["raw"],
               "question": messages(r)[0]["content"] + f"\n\nAllowed answers: {', '.join(allowed(r))}, none"}
              for p, r in todo]
@@ -93,7 +84,7 @@ def apply_fallback(ctx, fb: dict, variant: str, preds: list[dict], rows: list[di
               n_cached=fb["n_cached"] + out["n_cached"])
     for (p, r), res in zip(todo, out["results"]):
         answer = (res.get("verdict") or {}).get("answer", "")
-        answer = answer.lower() if r["set"] == "pubmedqa" else answer.upper()
+        answer = {a.casefold(): a for a in allowed(r)}.get(answer.casefold(), answer)
         if answer in allowed(r):
             p.update(extracted=answer, method="llm_fallback", correct=answer == r["answer"])
             fb["n_resolved"] += 1

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 
 from pipeline import data as D
+from pipeline import evalsets
 from pipeline import evidence as ev
 from pipeline import reporting as R
 from pipeline.core import Stage
 
 STAGE = Stage("reports", "reports/thesis_support/reports_manifest.json", needs=("eval", "judge"), reads=("*",),
               inputs=lambda cfg: R.reference_files(cfg) + D.files("sft_path", "preference_path", "kto_path")(cfg)
-              + D.eval_files(cfg), runs_after_skip=True)
+              + evalsets.files(cfg), runs_after_skip=True)
 
 FILES = {"sota": "reports/sota_compare.md", "errors": "reports/error_analysis.md",
          "draft": "reports/thesis_support/thesis_draft_material.md",

@@ -1,0 +1,29 @@
+"""PubMedQA-L, the official test PMIDs (English): the abstract as context, yes / no / maybe answers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import data as D
+from pipeline import evalkit
+
+NAME = "pubmedqa"
+reads = ("data.pubmedqa_path", "data.pubmedqa_test_ids", "data.on_bad_row")
+
+
+def files(cfg) -> list[Path]:
+    return [cfg.data_path(cfg.data.pubmedqa_path), cfg.data_path(cfg.data.pubmedqa_test_ids)]
+
+
+def load(cfg) -> tuple[list[dict], list]:
+    return D.load_pubmedqa(cfg.data_path(cfg.data.pubmedqa_path), cfg.data_path(cfg.data.pubmedqa_test_ids),
+                           cfg.data.on_bad_row, source="data.pubmedqa_path")
+
+
+def prompt(row: dict) -> list[dict]:
+    question, _, context = row["question"].partition("\n\n")
+    text = f"Context: {context}\n\nQuestion: {question}\n\nAnswer yes, no or maybe."
+    return [{"role": "user", "content": text}]
+
+
+def extract(row: dict, raw: str) -> tuple[str | None, str]:
+    return evalkit.extract_yes_no_maybe(raw)
