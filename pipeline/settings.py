@@ -75,7 +75,8 @@ class TrainCfg:
     optimizer: str = "adamw_torch"
     activation_checkpointing: bool = True
     max_oom_retries: int = 3
-    curriculum: list[dict] = field(default_factory=list)   # [{"max_length": 512, "until_step": 40}, ...]
+    curriculum: list[dict] = field(default_factory=list)
+    trl: dict = field(default_factory=dict)   # passed verbatim to the TRL config class, which validates them   # [{"max_length": 512, "until_step": 40}, ...]
 
     def __post_init__(self):
         _check(self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
@@ -343,14 +344,19 @@ def _yaml_with_lines(path: Path) -> tuple[dict, dict]:
 
 
 def _flatten(d: dict) -> dict:
-    """{"sft": {"max_steps": 5}, "tier": "tiny"} -> {"sft.max_steps": 5, "tier": "tiny"}."""
-    out = {}
+    """{"sft": {"max_steps": 5}, "tier": "tiny"} -> {"sft.max_steps": 5, "tier": "tiny"}. A `methods:` block
+    sets a default for every training method that has the key, before the file's own method sections."""
+    shared, out = {}, {}
     for k, v in d.items():
-        if k in SECTIONS and isinstance(v, dict):
-            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        if k == "methods" and isinstance(v, dict):
+            for kk, vv in v.items():
+                owners = [m for m in TRAIN_STAGES if kk in {f.name for f in dataclasses.fields(SECTIONS[m])}]
+                shared.update({f"{m}.{kk}": (vv, f"methods.{kk}") for m in owners} or {f"methods.{kk}": (vv, None)})
+        elif k in SECTIONS and isinstance(v, dict):
+            out.update({f"{k}.{kk}": (vv, None) for kk, vv in v.items()})
         else:
-            out[str(k)] = v
-    return out
+            out[str(k)] = (v, None)
+    return {**shared, **out}
 
 
 def _field_types(cls) -> dict:
@@ -439,8 +445,8 @@ def load_config(tier: str | None = None, overrides: list[str] | None = None,
         data, lines = _yaml_with_lines(path)
         if section:
             data, lines = {section: data}, {f"{section}.{k}": v for k, v in lines.items()}
-        for key, raw in _flatten(data).items():
-            put(key, raw, f"{path}:{lines.get(key, 1)}: key '{key}'")
+        for key, (raw, written) in _flatten(data).items():
+            put(key, raw, f"{path}:{lines.get(written or key, 1)}: key '{written or key}'")
 
     # 1. the tier decides which tier file applies; it comes from args > env > YAML base > default
     arg_pairs = []
@@ -520,7 +526,8 @@ def _rehearse(cfg: Config, origin: dict) -> None:
             setattr(tc, k, v)
         # the tier's rates are tuned for a pretrained 7B/14B; on the random-init stand-in they would not move the
         # loss in a few steps, so the gate's "loss went down" would be noise: the stand-in trains at its own rates
-        tc.learning_rate = float(tiny.get(stage, {}).get("learning_rate", tc.learning_rate))
+        tc.learning_rate = float(tiny.get(stage, {}).get("learning_rate",
+                                                         tiny.get("methods", {}).get("learning_rate", tc.learning_rate)))
         changes.append(f"{stage}: {before[0]} -> {tc.max_steps} steps (curriculum boundaries "
                        f"{[c['until_step'] for c in tc.curriculum] or 'none'}, save every {tc.save_steps}); "
                        f"learning rate {before[1]:g} -> {tc.learning_rate:g} (the stand-in's, configs/tiers/tiny.yaml)")

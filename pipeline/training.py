@@ -18,7 +18,8 @@ from pipeline.core import SkipStage, StageFailed
 
 # --- what a training stage reads (its declaration: pipeline/stages/<method>.py) ---------------------------
 TRAIN_KEYS = ("max_steps", "learning_rate", "batch_size", "grad_acc", "max_length", "warmup_ratio", "logging_steps",
-              "save_steps", "save_total_limit", "optimizer", "activation_checkpointing", "max_oom_retries", "curriculum")
+              "save_steps", "save_total_limit", "optimizer", "activation_checkpointing", "max_oom_retries", "curriculum",
+              "trl")
 RUN_KEYS = ("model.name", "model.tiny_seed", "runtime.seed", "runtime.nproc", "runtime.deepspeed_config",
             "runtime.force_skip_training", "runtime.rehearsal", "runtime.rehearsal_fraction")
 UNTRACKED = ("runtime.report_to", "runtime.inject_oom_at_step", "runtime.inject_oom_rank")   # log sinks, test hooks
@@ -207,6 +208,25 @@ def base_args(cfg, kind: str, plan: dict, out: Path, batch: int, grad_acc: int) 
                 if cfg.runtime.deepspeed_config and not plan.get("rehearsal") else None,
                 dataloader_num_workers=0,
                 include_num_input_tokens_seen="all", disable_tqdm=False, **precision_args(plan)))
+
+
+def trl_config(config_cls, kind: str, tc, **ours):
+    """The TRL config: our arguments plus `<kind>.trl` verbatim (TRL's config class validates their values); a key
+    the class does not know, or one the pipeline sets from its own keys, is a one-line error naming it."""
+    import dataclasses
+    extra = dict(tc.trl)
+    unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(config_cls)})
+    if unknown:
+        raise StageFailed(f"{kind}.trl: {config_cls.__name__} has no field {', '.join(unknown)}: use its field names "
+                          f"(TRL's {config_cls.__name__} docs) or remove them from {kind}.trl")
+    clash = sorted(set(extra) & set(ours))
+    if clash:
+        raise StageFailed(f"{kind}.trl sets {', '.join(clash)}, which the pipeline sets from its {kind}.* keys "
+                          f"(batch_size, grad_acc, max_length, ...): set them there, not under {kind}.trl")
+    try:
+        return config_cls(**ours, **extra)
+    except (TypeError, ValueError) as exc:
+        raise StageFailed(f"{kind}.trl: {config_cls.__name__} refused the values: {exc}") from None
 
 
 def make_callbacks(cfg, kind: str, stop_at: int):
@@ -444,9 +464,9 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
     dataset = Dataset.from_list(rows)
 
     def build(max_length: int, args: dict):
+        targs = trl_config(config_cls, kind, tc, **args, max_length=max_length, beta=tc.beta, **extra_args)
         model = models.load_model(base, plan, adapter=str(sft_dir), trainable=True,
                                   activation_checkpointing=tc.activation_checkpointing)
-        targs = config_cls(**args, max_length=max_length, beta=tc.beta, **extra_args)
         return trainer_cls(model=model, args=targs, train_dataset=dataset, processing_class=tok)
 
     res = fit(ctx, kind, build)

@@ -48,10 +48,10 @@ def run(ctx) -> dict:
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
 
     def build(max_length: int, args: dict):
+        sargs = T.trl_config(SFTConfig, "sft", cfg.sft, **args, max_length=max_length, assistant_only_loss=True,
+                             packing=cfg.sft.packing, eval_strategy="steps", eval_steps=cfg.sft.eval_steps,
+                             per_device_eval_batch_size=args["per_device_train_batch_size"], dataset_num_proc=None)
         model = models.load_model(base, plan, trainable=True, activation_checkpointing=cfg.sft.activation_checkpointing)
-        sargs = SFTConfig(**args, max_length=max_length, assistant_only_loss=True, packing=cfg.sft.packing,
-                          eval_strategy="steps", eval_steps=cfg.sft.eval_steps, per_device_eval_batch_size=args[
-                              "per_device_train_batch_size"], dataset_num_proc=None)
         return SFTTrainer(model=model, args=sargs, train_dataset=train, eval_dataset=held,
                           processing_class=tok, peft_config=lora)
 
