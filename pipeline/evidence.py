@@ -71,7 +71,23 @@ def read_json(path: str | Path):
         return None
 
 
+def _registry_names(node):
+    """Schemas name the registry's lists, never copy them: "@methods" / "@variants" become its current lists."""
+    if isinstance(node, dict):
+        return {k: _registry_names(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_registry_names(v) for v in node]
+    if node in ("@methods", "@variants"):
+        from pipeline.stages import REGISTRY
+        return list(REGISTRY.methods if node == "@methods" else REGISTRY.variants)
+    return node
+
+
 def load_schema(stage: str) -> dict:
+    return _registry_names(_load_schema(stage))
+
+
+def _load_schema(stage: str) -> dict:
     common = json.loads(resources.files(SCHEMA_PKG).joinpath("_common.schema.json").read_text())
     own_file = resources.files(SCHEMA_PKG).joinpath(f"{stage}.schema.json")
     if not own_file.is_file():
