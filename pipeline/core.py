@@ -62,7 +62,8 @@ class Stage:
     evidence_path: str                               # relative to the output root; {slug} is the tier's slug
     needs: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()                      # config sections ("sft"), keys ("runtime.seed"), "*", or
-                                                     # "@methods.<key>": that key of every training method
+                                                     # "@methods.<key>": that key of every training method;
+                                                     # "@aligned": the sections of the methods trained from SFT
     untracked: tuple[str, ...] = ()                  # read but not fingerprinted: cannot change the result
     inputs: Callable | None = None                   # cfg -> files whose sha256 enter the fingerprint
     in_all: bool = True                              # part of `run all`
@@ -76,6 +77,8 @@ class Stage:
     schema: str | None = None                        # schema file name (default: the stage name)
     run: Callable | None = None                      # run(ctx) -> dict of evidence fields
     checks: Callable | None = None                   # checks(gate_ctx, doc) -> list[Check]
+    trainer: Callable | None = None                  # trainer(cfg) -> (TRL config class, trainer class, paired,
+                                                     #   extra config arguments): a method trained from SFT
 
     def evidence(self, cfg) -> str:
         return self.evidence_path.format(slug=cfg.slug)
@@ -89,10 +92,14 @@ class Registry:
 
     def __init__(self, stages: list[Stage]):
         methods = tuple(s.name for s in stages if s.method)
+        groups = {"@methods": methods, "@aligned": tuple(s.name for s in stages if s.method and s.method.start == "sft")}
 
-        def expand(keys):   # "@methods.batch_size" -> "sft.batch_size", "dpo.batch_size", ...
-            return tuple(dict.fromkeys(k for key in keys for k in (
-                [f"{m}.{key.partition('.')[2]}" for m in methods] if key.startswith("@methods.") else [key])))
+        def expand(keys):   # "@methods.batch_size" -> "sft.batch_size", ...; "@aligned" -> "dpo", "simpo", ...
+            out = []
+            for key in keys:
+                group, dot, rest = key.partition(".")
+                out += [f"{m}{dot}{rest}" for m in groups[group]] if group in groups else [key]
+            return tuple(dict.fromkeys(out))
         resolved = []
         for s in stages:
             s = dataclasses.replace(s, reads=expand(s.reads), untracked=expand(s.untracked),
@@ -111,7 +118,8 @@ class Registry:
         stages = []
         for name in names:
             mod = importlib.import_module(f"{package}.{name}")
-            stages.append(dataclasses.replace(mod.STAGE, run=mod.run, checks=getattr(mod, "checks", None)))
+            stages.append(dataclasses.replace(mod.STAGE, run=mod.run, checks=getattr(mod, "checks", None),
+                                              trainer=getattr(mod, "trainer", None)))
         return cls(stages)
 
     def __getitem__(self, name: str) -> Stage:

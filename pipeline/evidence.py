@@ -75,12 +75,17 @@ def _registry_names(node):
     """Schemas name the registry's lists, never copy them: "@methods" / "@variants" become its current lists."""
     if isinstance(node, dict):
         return {k: _registry_names(v) for k, v in node.items()}
+    if node in (["@methods"], ["@variants"]):
+        from pipeline.stages import REGISTRY
+        return list(REGISTRY.methods if node == ["@methods"] else REGISTRY.variants)
     if isinstance(node, list):
         return [_registry_names(v) for v in node]
-    if node in ("@methods", "@variants"):
-        from pipeline.stages import REGISTRY
-        return list(REGISTRY.methods if node == "@methods" else REGISTRY.variants)
     return node
+
+
+def schema_file(name: str) -> dict:
+    """One schema file as the validator sees it (the registry's names filled in), without the common part."""
+    return _registry_names(json.loads(resources.files(SCHEMA_PKG).joinpath(f"{name}.schema.json").read_text()))
 
 
 def load_schema(stage: str) -> dict:

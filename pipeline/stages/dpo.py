@@ -12,6 +12,10 @@ STAGE = Stage("dpo", "reports/training/dpo_metrics.json", needs=("sft",), traini
               method=Method("checkpoints/dpo-real-baseline", sequences_per_example=2, trainer="DPOTrainer"))
 
 
-def run(ctx) -> dict:
+def trainer(cfg):
     from trl import DPOConfig, DPOTrainer
-    return T.train_preference(ctx, "dpo", DPOConfig, DPOTrainer, paired=True, extra_args={})
+    return DPOConfig, DPOTrainer, True, {}
+
+
+def run(ctx) -> dict:
+    return T.train_preference(ctx, "dpo", *trainer(ctx.cfg))

@@ -28,11 +28,10 @@ from pipeline.core import Stage
 STAGE = Stage("gpu_selftest", "reports/migration/gpu_selftest.json", needs=("gpu_check",), in_all=False,
               inputs=D.files("sft_path"), untracked=T.UNTRACKED, reads=(
     *T.RUN_KEYS, *T.SFT_DATA, "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "sft.packing",
-    *(f"@methods.{k}" for k in T.TRAIN_KEYS), "dpo.beta", "simpo.beta", "simpo.simpo_gamma", "kto.beta"))
+    *(f"@methods.{k}" for k in T.TRAIN_KEYS), "@aligned"))
 
 RANDOM_INIT = "random-init"   # MODEL_NAME value: the tier's shape with random weights
 STEPS = 3                     # optimizer steps per trainer; the first is the warm-up, tokens/s is the rest's
-KINDS = ("sft", "dpo", "simpo", "kto")
 GIB = 2**30
 TOKENS_COUNTED = ("attention-mask sum (no padding) of every forward that builds a graph; the reference and "
                   "KTO's KL forwards run without grad and are not counted; per optimizer step, between the "
@@ -151,7 +150,7 @@ def rows(kind: str, n: int, tok, ids: list[int], length: int) -> list[dict]:
         reply = [{"role": "assistant", "content": piece(3 * i + 1, length + 64)}]
         if kind == "sft":
             out.append({"messages": prompt + reply})
-        elif kind == "kto":
+        elif T.method(kind).sequences_per_example == 1:   # unpaired (KTO)
             out.append({"prompt": prompt, "completion": reply, "label": i % 2 == 0})
         else:
             out.append({"prompt": prompt, "chosen": reply,
@@ -174,15 +173,8 @@ def build(kind: str, cfg, plan: dict, base: str, tok, dataset, args: dict, lengt
                           dataset_num_proc=None)
         return SFTTrainer(model=model, args=sargs, train_dataset=dataset, processing_class=tok,
                           peft_config=lora)
-    extra = {}
-    if kind == "dpo":
-        from trl import DPOConfig as Config, DPOTrainer as Trainer
-    elif kind == "kto":
-        from trl import KTOConfig as Config, KTOTrainer as Trainer
-    else:   # as pipeline/stages/simpo.py
-        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
-        extra = {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": cfg.simpo.simpo_gamma,
-                 "remove_unused_columns": False}
+    from pipeline.stages import REGISTRY
+    Config, Trainer, _, extra = REGISTRY[kind].trainer(cfg)   # the classes and arguments the stage itself uses
     targs = Config(**args, max_length=length, beta=tc.beta, **extra)
     return Trainer(model=get_peft_model(model, lora), args=targs, train_dataset=dataset,
                    processing_class=tok)
@@ -379,7 +371,7 @@ def run(ctx) -> dict:
     work = ctx.root / "checkpoints" / ".gpu_selftest"
     config = random_config(src["shape"], tok) if src["source"] == RANDOM_INIT else None
     with random_weights(config) if config is not None else contextlib.nullcontext():
-        records = {k: trial(k, cfg, plan, src["base"], tok, ids, work / k, ctx.log) for k in KINDS}
+        records = {k: trial(k, cfg, plan, src["base"], tok, ids, work / k, ctx.log) for k in ctx.registry.methods}
     shutil.rmtree(work, ignore_errors=True)
     status, reason = verdict(records)
     return {"status": status, "reason": reason, "device": plan["device"], "stand_in": src["stand_in"],

@@ -14,6 +14,10 @@ STAGE = Stage("kto", "reports/training/kto_metrics.json", needs=("sft",), traini
               method=Method("checkpoints/kto-real-baseline", min_batch=2, trainer="KTOTrainer"))
 
 
-def run(ctx) -> dict:
+def trainer(cfg):
     from trl import KTOConfig, KTOTrainer
-    return T.train_preference(ctx, "kto", KTOConfig, KTOTrainer, paired=False, extra_args={})
+    return KTOConfig, KTOTrainer, False, {}
+
+
+def run(ctx) -> dict:
+    return T.train_preference(ctx, "kto", *trainer(ctx.cfg))

@@ -14,8 +14,11 @@ STAGE = Stage("simpo", "reports/training/simpo_metrics.json", needs=("sft",), tr
                             reference="none"))
 
 
-def run(ctx) -> dict:
+def trainer(cfg):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
-    return T.train_preference(ctx, "simpo", CPOConfig, CPOTrainer, paired=True, extra_args={
-        "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": ctx.cfg.simpo.simpo_gamma,
-        "remove_unused_columns": False})
+    return CPOConfig, CPOTrainer, True, {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": cfg.simpo.simpo_gamma,
+                                         "remove_unused_columns": False}
+
+
+def run(ctx) -> dict:
+    return T.train_preference(ctx, "simpo", *trainer(ctx.cfg))

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.stages import REGISTRY
 from pipeline import evidence as ev
 from pipeline.settings import REPO
 
-TRAINED = ("sft", "dpo", "simpo", "kto")
+TRAINED = REGISTRY.methods
 # name: (probe, tier, env template, what the plan must say)
 CASES = {
     "7b_rtx4090": ("rtx4090_24g", "7b", None, {"precision": "bf16", "quantization": None, "nproc": 1}),

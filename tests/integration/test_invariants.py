@@ -11,22 +11,23 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from pipeline.stages import REGISTRY
 from pipeline import evidence as ev
 from pipeline.__main__ import main
 from pipeline.settings import REPO
 
-METRICS = {"sft": "layer_b_tiny_sft_metrics.json", "dpo": "dpo_metrics.json",
-           "simpo": "simpo_metrics.json", "kto": "kto_metrics.json"}
+METRICS = {m: Path(REGISTRY[m].evidence_path.format(slug="tiny")).name for m in REGISTRY.methods}
 
 
 def metrics(root, stage):
     return json.loads((root / "reports/training" / METRICS[stage]).read_text())
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "simpo", "kto"])
+@pytest.mark.parametrize("stage", REGISTRY.methods)
 def test_one_live_model_in_every_training_stage(day1_env, stage):
     m = metrics(day1_env, stage)
     assert m["memory"]["max_live_models"] == 1, m["memory"]

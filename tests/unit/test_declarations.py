@@ -167,3 +167,21 @@ def test_the_registry_expands_method_keys_and_needs():
     assert reg["uses"].needs == ("m1", "m2")
     assert reg["uses"].reads == ("m1.batch_size", "m2.batch_size", "eval")
     assert reg.variants == ("base", "m1", "m2") and reg.aligned == ("m1", "m2")
+
+
+def test_a_methods_trl_block_passes_verbatim_and_unknown_or_clashing_keys_are_one_line_errors():
+    from pipeline import training as T
+
+    @dataclasses.dataclass
+    class FakeConfig:   # stands in for a TRL config class (no TRL import in a unit test)
+        learning_rate: float = 1.0
+        neftune_noise_alpha: float | None = None
+
+    cfg = load_config(tier="tiny", overrides=["sft.trl={neftune_noise_alpha: 5}"])
+    assert T.trl_config(FakeConfig, "sft", cfg.sft, learning_rate=0.1).neftune_noise_alpha == 5
+    bad = load_config(tier="tiny", overrides=["sft.trl={neftune_alpha: 5}"])
+    with pytest.raises(core.StageFailed, match=r"sft\.trl: FakeConfig has no field neftune_alpha"):
+        T.trl_config(FakeConfig, "sft", bad.sft, learning_rate=0.1)
+    clash = load_config(tier="tiny", overrides=["sft.trl={learning_rate: 5}"])
+    with pytest.raises(core.StageFailed, match=r"sft\.trl sets learning_rate"):
+        T.trl_config(FakeConfig, "sft", clash.sft, learning_rate=0.1)

@@ -9,7 +9,9 @@ import jsonschema
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from pipeline.stages import REGISTRY
 from pipeline import hardware as hw  # noqa: E402
+from pipeline import evidence as ev  # noqa: E402
 
 MIN_MEM = {"7b": 18.0, "14b": 36.0}
 LORA = {"lora_r": 16,
@@ -162,7 +164,7 @@ def test_probe_on_this_machine_does_not_raise_and_plans_cpu():
         assert found["devices"] == [] and plan(found, tier="tiny")["device"] == "cpu"
     p = plan(found, tier="tiny")
     evidence = {"status": "ok", "probe": found, "plan": p, "messages": []}
-    jsonschema.validate(evidence, json.loads((SCHEMAS / "gpu_check.schema.json").read_text()))
+    jsonschema.validate(evidence, ev.schema_file("gpu_check"))
 
 
 def test_probe_records_a_broken_nvidia_smi(monkeypatch, tmp_path):
@@ -200,7 +202,7 @@ def fake_ctx(tmp_path, tier="tiny"):
 def test_gpu_check_on_this_machine_records_an_infeasible_gpu_tier_without_failing(tmp_path):
     from pipeline.stages import gpu_check
     out = gpu_check.run(fake_ctx(tmp_path, tier="7b"))
-    jsonschema.validate({"status": "ok", **out}, json.loads((SCHEMAS / "gpu_check.schema.json").read_text()))
+    jsonschema.validate({"status": "ok", **out}, ev.schema_file("gpu_check"))
     if not out["probe"]["cuda_available"]:
         assert out["plan"]["feasible"] is False and any("NOT feasible" in m for m in out["messages"])
 
@@ -224,7 +226,7 @@ def test_gpu_bootstrap_passes_and_warns_about_a_readable_env_file(tmp_path, monk
     env.write_text("OPENAI_API_KEY=sk-test\n")
     env.chmod(0o644)
     out = gpu_bootstrap.run(fake_ctx(tmp_path))
-    schema = json.loads((SCHEMAS / "gpu_bootstrap.schema.json").read_text())
+    schema = ev.schema_file("gpu_bootstrap")
     jsonschema.validate({"status": "ok", **out}, schema)
     assert out["env_file"] == {"path": str(env), "present": True, "mode": "0644", "private": False}
     assert any("chmod 600" in w for w in out["warnings"])
@@ -241,7 +243,7 @@ SHIPPED = ["rtx4090_24g.json", "a100_40g.json", "a100_80g.json", "v100x2_32g.jso
            "h100_80g.json"]
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
 CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
-GPU_CHECK_SCHEMA = json.loads((SCHEMAS / "gpu_check.schema.json").read_text())
+GPU_CHECK_SCHEMA = ev.schema_file("gpu_check")
 
 
 def probe_doc(**over):
@@ -460,7 +462,7 @@ def test_paired_stages_count_two_sequences_per_example_and_kto_one():
     kto = hw.estimate_memory(shape, precision="bf16", quantization=None, stage="kto", **LORA)
     assert any("KL" in a and "no_grad" in a for a in kto["assumptions"])
     with pytest.raises(ValueError, match="stage"):
-        hw.estimate_memory(shape, precision="bf16", quantization=None, stage="orpo", **LORA)
+        hw.estimate_memory(shape, precision="bf16", quantization=None, stage="no_such_method", **LORA)
 
 
 STAGES = {"sft": {"seq_len": 2048, "batch": 1}, "dpo": {"seq_len": 1024, "batch": 1},
@@ -512,8 +514,8 @@ def env_plan(name, tmp_path):
 def test_runtime_env_comments_quote_the_current_estimate(name, tmp_path):
     import re
     _, p, text = env_plan(name, tmp_path)
-    quoted = dict(re.findall(r"estimate (sft|dpo|simpo|kto) (\d+\.\d) GB", text))
-    assert set(quoted) == {"sft", "dpo", "simpo", "kto"}, f"{name}: quote 'estimate <stage> <N> GB' per stage"
+    quoted = dict(re.findall(r"estimate (\w+) (\d+\.\d) GB", text))
+    assert set(quoted) == set(REGISTRY.methods), f"{name}: quote 'estimate <stage> <N> GB' per stage"
     for stage, gb in quoted.items():
         assert float(gb) == pytest.approx(p["memory_estimates"][stage]["total_gb"], abs=0.051), (name, stage)
     assert p["feasible"], p["feasible_reason"]
@@ -523,8 +525,8 @@ def test_v100_doc_table_quotes_the_current_estimate(tmp_path):
     import re
     _, p, _ = env_plan("v100_dual_32g.env", tmp_path)
     doc = (REPO / "docs" / "V100_DUAL_CARD_TEMPLATE.md").read_text()
-    rows = re.findall(r"^\| (sft|dpo|simpo|kto) \| (\d+) \| (\d+) \| (\d+\.\d) \|", doc, flags=re.M)
-    assert {r[0] for r in rows} == {"sft", "dpo", "simpo", "kto"}
+    rows = re.findall(r"^\| (\w+) \| (\d+) \| (\d+) \| (\d+\.\d) \|", doc, flags=re.M)
+    assert {r[0] for r in rows} == set(REGISTRY.methods)
     for stage, seq, seqs, gb in rows:
         e = p["memory_estimates"][stage]
         assert (int(seq), int(seqs)) == (e["seq_len"], e["sequences"]), stage
@@ -630,7 +632,7 @@ def test_gpu_check_plans_from_the_probe_file(tmp_path):
     assert out["probe"]["source"] == "file" and out["probe"]["file"] == "configs/probes/a100_80g.json"
     p = out["plan"]
     assert (p["device"], p["precision"], p["feasible"]) == ("cuda", "bf16", True)
-    assert set(out["plan"]["memory_estimates"]) == {"sft", "dpo", "simpo", "kto"}
+    assert set(out["plan"]["memory_estimates"]) == set(REGISTRY.methods)
     assert "run_plan" not in out and "rehearsal" not in out
     assert any("configs/probes/a100_80g.json" in m for m in out["messages"])
 
@@ -674,5 +676,5 @@ def test_gpu_check_rehearsal_records_plan_run_plan_and_the_differences(tmp_path)
     assert reh["stand_in"] == "tiny Qwen2 (random init, seed 0) in place of Qwen/Qwen2.5-7B-Instruct"
     assert reh["differences"] == hw.rehearsal_plan(out["plan"], out["probe"],
                                                    optimizers={s: getattr(ctx.cfg, s).optimizer
-                                                               for s in ("sft", "dpo", "simpo", "kto")})[1]
+                                                               for s in REGISTRY.methods})[1]
     assert any("NCCL -> gloo" in m for m in out["messages"])

@@ -72,6 +72,11 @@ def test_every_value_in_a_shipped_tier_file_reaches_the_config(tier, tmp_path):
     assert shipped, f"configs/tiers/{tier}.yaml is empty"
     for section, values in shipped.items():
         for key, value in values.items():
+            if section == "methods":   # every method's default, unless its own block in the file overrides it
+                for m in settings.TRAIN_STAGES:
+                    if key in cfg.section(m) and key not in (shipped.get(m) or {}):
+                        assert cfg.section(m)[key] == value, f"tiers/{tier}.yaml methods.{key} -> {m}"
+                continue
             assert cfg.section(section)[key] == value, f"tiers/{tier}.yaml {section}.{key}"
     for sec in TRAIN:
         train = getattr(cfg, sec)
@@ -238,3 +243,16 @@ def test_smoke_tiers_judge_only_with_a_key_unless_a_flag_is_explicit():
     explicit = load_config(tier="tiny", env={"ENABLE_LLM_RISK_JUDGE": "true"})
     assert explicit.judge.risk_enabled            # an explicit flag wins, and then fails loudly without a key
     assert load_config(tier="7b", env={}).judge.risk_enabled   # thesis tiers keep the CONTRACT default
+
+
+def test_a_methods_block_sets_every_method_and_a_method_block_overrides_it(tmp_path):
+    cfg = load_config(env=env(tmp_path, MODEL_TIER="tiny"))
+    assert {m: getattr(cfg, m).max_length for m in settings.TRAIN_STAGES if m != "sft"} == {
+        m: 256 for m in settings.TRAIN_STAGES if m != "sft"}
+    assert cfg.simpo.learning_rate == 2.0e-3 and cfg.dpo.learning_rate == 5.0e-3 and cfg.sft.learning_rate == 3.0e-2
+
+
+def test_a_methods_key_no_method_has_is_an_error_naming_the_file(cfg_dir):
+    cfg_dir("tiers/tiny.yaml", "methods: {no_such_knob: 3}\n")
+    with pytest.raises(ConfigError, match=r"tiny\.yaml:1: key 'methods\.no_such_knob'.*unknown key"):
+        load_config(tier="tiny", env={})
