@@ -226,7 +226,8 @@ class RuntimeCfg:
 
 
 SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "sft": SFTCfg, "dpo": PreferenceCfg,
-            "simpo": SimPOCfg, "kto": PreferenceCfg, "eval": EvalCfg, "judge": JudgeCfg, "runtime": RuntimeCfg}
+            "simpo": SimPOCfg, "kto": PreferenceCfg, "orpo": PreferenceCfg, "eval": EvalCfg, "judge": JudgeCfg,
+            "runtime": RuntimeCfg}
 
 
 @dataclass
@@ -241,6 +242,7 @@ class Config:
     dpo: PreferenceCfg = field(default_factory=PreferenceCfg)
     simpo: SimPOCfg = field(default_factory=SimPOCfg)
     kto: PreferenceCfg = field(default_factory=PreferenceCfg)
+    orpo: PreferenceCfg = field(default_factory=PreferenceCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     judge: JudgeCfg = field(default_factory=JudgeCfg)
     runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
