@@ -74,6 +74,7 @@ class Stage:
     done_status: str = "ok"
     always_run: bool = False                         # machine-dependent (the hardware probe): never "up to date"
     method: Method | None = None
+    config: type | None = None                       # a method's config section (settings.SFTCfg, ...)
     schema: str | None = None                        # schema file name (default: the stage name)
     run: Callable | None = None                      # run(ctx) -> dict of evidence fields
     checks: Callable | None = None                   # checks(gate_ctx, doc) -> list[Check]

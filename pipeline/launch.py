@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline import evidence as ev
 from pipeline import training as T
 from pipeline.core import SkipStage, StageFailed
-from pipeline.settings import REPO, SECTIONS, Config
+from pipeline.settings import REPO, config_from_dict
 
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
@@ -78,9 +78,7 @@ def stop_unless_main() -> None:
 
 
 # --- the launcher -------------------------------------------------------------------------------------
-def config_from_dict(d: dict) -> Config:
-    """The inverse of Config.to_dict(): the workers train with exactly the parent's resolved config."""
-    return Config(**{k: SECTIONS[k](**v) if k in SECTIONS else v for k, v in d.items()})
+__all__ = ["config_from_dict"]   # the workers' config (pipeline.settings.config_from_dict)
 
 
 def processes(cfg, plan: dict) -> int:

@@ -225,9 +225,27 @@ class RuntimeCfg:
         _check(self.rehearsal_steps >= 2, f"rehearsal_steps must be >= 2, got {self.rehearsal_steps}")
 
 
-SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "sft": SFTCfg, "dpo": PreferenceCfg,
-            "simpo": SimPOCfg, "kto": PreferenceCfg, "orpo": PreferenceCfg, "eval": EvalCfg, "judge": JudgeCfg,
-            "runtime": RuntimeCfg}
+BASE_SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "eval": EvalCfg, "judge": JudgeCfg,
+                 "runtime": RuntimeCfg}
+
+
+def method_sections() -> dict[str, type]:
+    """Each training method's config section, as its stage declares it (core.Stage.config): the registry is the
+    only list of methods, so a new method needs no edit here."""
+    from pipeline.stages import REGISTRY   # at call time: the stage modules import this module
+    return {s.name: s.config for s in REGISTRY.stages if s.method}
+
+
+def sections() -> dict[str, type]:
+    return {**BASE_SECTIONS, **method_sections()}
+
+
+def __getattr__(name: str):   # SECTIONS and TRAIN_STAGES are computed from the registry when first asked for
+    if name == "SECTIONS":
+        return sections()
+    if name == "TRAIN_STAGES":
+        return tuple(method_sections())
+    raise AttributeError(name)
 
 
 @dataclass
@@ -238,24 +256,28 @@ class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     lora: LoraCfg = field(default_factory=LoraCfg)
     data: DataCfg = field(default_factory=DataCfg)
-    sft: SFTCfg = field(default_factory=SFTCfg)
-    dpo: PreferenceCfg = field(default_factory=PreferenceCfg)
-    simpo: SimPOCfg = field(default_factory=SimPOCfg)
-    kto: PreferenceCfg = field(default_factory=PreferenceCfg)
-    orpo: PreferenceCfg = field(default_factory=PreferenceCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     judge: JudgeCfg = field(default_factory=JudgeCfg)
     runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
+    methods: dict = field(default_factory=lambda: {k: cls() for k, cls in method_sections().items()})
 
     def __post_init__(self):
         _check(self.tier in TIERS, f"tier {self.tier!r} is not one of {', '.join(TIERS)}")
+
+    def __getattr__(self, name: str):   # cfg.sft, cfg.dpo, ...: the methods' sections
+        methods = self.__dict__.get("methods") or {}
+        if name in methods:
+            return methods[name]
+        raise AttributeError(f"config has no section or key {name!r}")
 
     @property
     def slug(self) -> str:
         return SLUGS[self.tier]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every section at the top level (the methods' beside the others), as `python -m pipeline config` shows."""
+        out = dataclasses.asdict(self)
+        return {**{k: v for k, v in out.items() if k != "methods"}, **out["methods"]}
 
     def section(self, name: str) -> dict:
         value = getattr(self, name)
@@ -268,7 +290,6 @@ class Config:
 
 
 # --- environment -------------------------------------------------------------------------------
-TRAIN_STAGES = tuple(k for k, cls in SECTIONS.items() if issubclass(cls, TrainCfg))   # the methods' sections
 ENV_MAP: dict[str, tuple[str, ...]] = {
     "MODEL_TIER": ("tier",), "PIPELINE_ROOT": ("root",), "MODEL_NAME": ("model.name",),
     "ALLOW_SKIP_TRAINING": ("runtime.allow_skip_training",), "FORCE_SKIP_TRAINING": ("runtime.force_skip_training",),
@@ -276,7 +297,7 @@ ENV_MAP: dict[str, tuple[str, ...]] = {
     "ENABLE_V2_LLM_FALLBACK": ("eval.llm_fallback",), "OPENAI_BASE_URL": ("judge.base_url",),
     "JUDGE_MODEL": ("judge.model",), "MIN_CUDA_MEM_GB_7B": ("runtime.min_cuda_mem_gb_7b",),
     "MIN_CUDA_MEM_GB_14B": ("runtime.min_cuda_mem_gb_14b",),
-    "BATCH_SIZE": tuple(f"{s}.batch_size" for s in TRAIN_STAGES), "GRAD_ACC": tuple(f"{s}.grad_acc" for s in TRAIN_STAGES),
+    "BATCH_SIZE": ("@methods.batch_size",), "GRAD_ACC": ("@methods.grad_acc",),   # every training method
     "NPROC": ("runtime.nproc",), "DAY1_DRY_RUN": ("runtime.dry_run",), "DRY_RUN": ("runtime.dry_run",),
     "HF_HOME": ("runtime.hf_home",), "SEED": ("runtime.seed", "data.seed", "eval.seed"),
     "MEDLLM_CACHE": ("cache_dir",), "MEDLLM_INJECT_OOM_AT_STEP": ("runtime.inject_oom_at_step",),
@@ -352,9 +373,9 @@ def _flatten(d: dict) -> dict:
     for k, v in d.items():
         if k == "methods" and isinstance(v, dict):
             for kk, vv in v.items():
-                owners = [m for m in TRAIN_STAGES if kk in {f.name for f in dataclasses.fields(SECTIONS[m])}]
+                owners = [m for m, cls in method_sections().items() if kk in {f.name for f in dataclasses.fields(cls)}]
                 shared.update({f"{m}.{kk}": (vv, f"methods.{kk}") for m in owners} or {f"methods.{kk}": (vv, None)})
-        elif k in SECTIONS and isinstance(v, dict):
+        elif k in sections() and isinstance(v, dict):
             out.update({f"{k}.{kk}": (vv, None) for kk, vv in v.items()})
         else:
             out[str(k)] = (v, None)
@@ -367,8 +388,8 @@ def _field_types(cls) -> dict:
 
 
 def _known_keys() -> dict[str, type]:
-    known = {k: t for k, t in _field_types(Config).items() if k not in SECTIONS}
-    for sec, cls in SECTIONS.items():
+    known = {k: t for k, t in _field_types(Config).items() if k not in BASE_SECTIONS and k != "methods"}
+    for sec, cls in sections().items():
         for k, t in _field_types(cls).items():
             known[f"{sec}.{k}"] = t
     return known
@@ -458,7 +479,7 @@ def load_config(tier: str | None = None, overrides: list[str] | None = None,
         k, v = item.split("=", 1)
         arg_pairs.append((k.strip(), v))
     put_file(CONFIG_DIR / "base.yaml")
-    for sec in SECTIONS:
+    for sec in sections():
         put_file(CONFIG_DIR / f"{sec}.yaml", section=sec)
     arg_tier = next((v for k, v in arg_pairs if k == "tier"), None)
     chosen, where = next((v, w) for v, w in ((tier, "load_config(tier=...)"), (arg_tier, f"argument tier={arg_tier}"),
@@ -472,7 +493,9 @@ def load_config(tier: str | None = None, overrides: list[str] | None = None,
         if raw is None or raw == "":
             continue
         for key in keys:
-            put(key, raw, f"environment variable {var}")
+            for k in ([f"{m}.{key.partition('.')[2]}" for m in method_sections()] if key.startswith("@methods.")
+                      else [key]):
+                put(k, raw, f"environment variable {var}")
     for k, v in arg_pairs:
         put(k, v, f"argument {k}={v}")
     values["tier"] = chosen
@@ -489,6 +512,13 @@ def load_config(tier: str | None = None, overrides: list[str] | None = None,
             if not origin.get(key, "").startswith(("environment", "argument")):
                 setattr(cfg.judge, attr, False)
     return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """The inverse of Config.to_dict() (the training workers get the parent's resolved config this way)."""
+    methods = method_sections()
+    top = {k: BASE_SECTIONS[k](**v) if k in BASE_SECTIONS else v for k, v in d.items() if k not in methods}
+    return Config(**top, methods={k: cls(**d[k]) if k in d else cls() for k, cls in methods.items()})
 
 
 def scaled_steps(tc: TrainCfg, steps: int) -> dict:
@@ -520,7 +550,7 @@ def _rehearse(cfg: Config, origin: dict) -> None:
     sft_steps = cfg.sft.max_steps
     tiny, _ = _yaml_with_lines(CONFIG_DIR / "tiers" / "tiny.yaml")
     changes = []
-    for stage in TRAIN_STAGES:
+    for stage in method_sections():
         tc = getattr(cfg, stage)
         share = tc.max_steps / sft_steps   # the stages keep their proportions; sft gets rehearsal_steps
         before = (tc.max_steps, tc.learning_rate)
@@ -548,7 +578,7 @@ def _rehearse(cfg: Config, origin: dict) -> None:
 
 def _build(values: dict, origin: dict) -> Config:
     kwargs: dict = {}
-    for sec, cls in SECTIONS.items():
+    for sec, cls in sections().items():
         sub = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(sec + ".")}
         try:
             kwargs[sec] = cls(**sub)
@@ -558,7 +588,8 @@ def _build(values: dict, origin: dict) -> Config:
             msg = str(exc) if str(exc).startswith(sec + ".") else f"{sec}.{exc}"
             raise ConfigError(f"{where or 'config section ' + sec}: {msg}") from None
     top = {k: v for k, v in values.items() if "." not in k}
-    cfg = Config(**top, **kwargs)
+    methods = {k: kwargs.pop(k) for k in method_sections()}
+    cfg = Config(**top, **kwargs, methods=methods)
     cfg.root = str(Path(cfg.root).expanduser().resolve())
     if not cfg.cache_dir:
         cfg.cache_dir = str(Path(cfg.root) / ".cache")

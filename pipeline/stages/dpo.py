@@ -5,9 +5,11 @@ Writes checkpoints/dpo-real-baseline/final and reports/training/dpo_metrics.json
 from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
+from pipeline.settings import PreferenceCfg
 
 # chosen + rejected go through the model as one batch; QLoRA trainables cast to bf16 (trl/trainer/dpo_trainer.py:726-729)
-STAGE = Stage("dpo", "reports/training/dpo_metrics.json", needs=("sft",), training=True,
+STAGE = Stage("dpo", "reports/training/dpo_metrics.json", config=PreferenceCfg,
+              needs=("sft",), training=True,
               reads=T.reads("dpo", "beta"), untracked=T.UNTRACKED, inputs=D.files("preference_path"),
               method=Method("checkpoints/dpo-real-baseline", sequences_per_example=2, trainer="DPOTrainer"))
 

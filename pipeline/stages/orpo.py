@@ -6,10 +6,12 @@ Writes checkpoints/orpo-real-baseline/final and reports/training/orpo_metrics.js
 from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
+from pipeline.settings import PreferenceCfg
 
 # chosen + rejected in one batch; it takes outputs.logits (trl/experimental/orpo/orpo_trainer.py:777) and, given a
 # PeftModel without a peft_config, leaves the adapters' dtype alone (orpo_trainer.py:202-265)
-STAGE = Stage("orpo", "reports/training/orpo_metrics.json", needs=("sft",), training=True,
+STAGE = Stage("orpo", "reports/training/orpo_metrics.json", config=PreferenceCfg,
+              needs=("sft",), training=True,
               reads=T.reads("orpo", "beta"), untracked=T.UNTRACKED, inputs=D.files("preference_path"),
               method=Method("checkpoints/orpo-real-baseline", sequences_per_example=2, full_logits=True,
                             casts_adapters_bf16=False, trainer="ORPOTrainer", reference="none"))

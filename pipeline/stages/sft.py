@@ -7,9 +7,11 @@ from __future__ import annotations
 from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
+from pipeline.settings import SFTCfg
 
 # QLoRA trainables cast to bf16 (trl/trainer/sft_trainer.py:908-911)
-STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", needs=("gpu_check",), training=True,
+STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", config=SFTCfg,
+              needs=("gpu_check",), training=True,
               reads=T.reads("sft", "eval_steps", "packing", data=T.SFT_DATA)
               + ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"),
               untracked=T.UNTRACKED, inputs=D.files("sft_path"),
