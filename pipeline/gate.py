@@ -1,0 +1,223 @@
+"""The strict completion gate: a loop over the registry's stages calling each one's `checks`, plus the chain checks;
+strict_pass is their conjunction. Recomputed from the files on disk every time: no `strict_pass` or `passed` is
+ever read back from an earlier verdict.  Run: python -m pipeline check  (make gpu-complete-check; exit 0 iff pass)
+
+A stage module exports `checks(g, doc) -> list[core.Check]` beside its `run`; a training stage without its own gets
+pipeline.training_checks' (the one set every method shares). Advice for a failing check is keyed by its code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import evidence as ev
+from pipeline.core import Check, Registry, Stage
+
+GATE = "reports/migration/gpu_completion_check.json"
+GPU_CHECK = "reports/migration/gpu_check.json"
+
+
+def _registry(registry: Registry | None) -> Registry:
+    if registry is not None:
+        return registry
+    from pipeline.stages import REGISTRY
+    return REGISTRY
+
+
+@dataclass
+class Gate:
+    """What a stage's checks see: the config, the registry, the plan the run executed, the shared loaded-base
+    probe (variants.Variants, one base load for every checkpoint probe) and the stage being checked."""
+    cfg: object
+    registry: Registry
+    plan: dict
+    vs: object = None
+    stage: Stage | None = None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.cfg.root)
+
+    @property
+    def rel(self) -> str:
+        return self.stage.evidence(self.cfg) if self.stage else "reports/"
+
+    def of(self, stage: Stage) -> "Gate":
+        return dataclasses.replace(self, stage=stage)
+
+    def doc(self, name: str):
+        """A stage's evidence as it is on disk (None when missing or not JSON)."""
+        return ev.read_json(self.root / self.registry[name].evidence(self.cfg))
+
+    def result(self, what: str, problems: list[str], ok_detail: str, evidence: str | None = None,
+               code: str | None = None, blocked_by: str | None = None) -> Check:
+        prefix = self.stage.name if self.stage else "chain"
+        return Check(f"{prefix}.{what}", not problems, "; ".join(problems) if problems else ok_detail,
+                     evidence or self.rel, code if problems else None, blocked_by)
+
+    def blocked(self, what: str, by: str, evidence: str | None = None) -> Check:
+        by_id = f"{self.stage.name}.{by}"
+        return self.result(what, [f"not checked: {by_id} failed"], "", evidence, blocked_by=by_id)
+
+
+def probe_plan(root: Path) -> dict:
+    """The plan the run executed (gpu_check's run_plan in a rehearsal, else its plan) where it is a CUDA plan or
+    a rehearsal's CPU one (the tier's precision and quantization), else the CPU plan."""
+    from pipeline.training_checks import CPU_PLAN
+    check = ev.read_json(Path(root) / GPU_CHECK) or {}
+    plan = check.get("run_plan") or check.get("plan") or {}
+    if plan.get("rehearsal"):
+        return {k: plan.get(k) for k in (*CPU_PLAN, "rehearsal")}
+    if plan.get("device") == "cuda":
+        return {k: plan.get(k) for k in CPU_PLAN}
+    return dict(CPU_PLAN)
+
+
+def checks_of(stage: Stage):
+    """The stage's checks function: its module's `checks`, or for any training method the shared set."""
+    if stage.checks is None and stage.method is not None:
+        from pipeline import training_checks
+        return training_checks.checks
+    return stage.checks
+
+
+def row(c) -> dict:
+    """A check as the gate writes it: id, passed, detail, evidence (+ code, blocked_by when set)."""
+    c = c if isinstance(c, dict) else dataclasses.asdict(c)
+    out = {"id": c["id"], "passed": bool(c["passed"]), "detail": c["detail"], "evidence": c["evidence"]}
+    out.update({k: c[k] for k in ("code", "blocked_by") if c.get(k)})
+    return out
+
+
+def chain_checks(g: Gate) -> list[Check]:
+    from pipeline.engine import fingerprint, status_of
+    g, root = g.of(None) if g.stage else g, g.root
+    markers = sorted(p.relative_to(root).as_posix() for p in (root / "reports/.incomplete").glob("*") if p.is_file())
+    out = [g.result("no_incomplete", [f"a stage was interrupted and left its marker: {', '.join(markers)}"]
+                    if markers else [], "no stage left an incomplete marker", "reports/.incomplete/")]
+    found: dict[str, list[str]] = {"stale": [], "tampered": []}
+    unfinished = []
+    for stage in (s for s in g.registry.stages if s.in_all):
+        state = status_of(stage, g.cfg, fingerprint(stage, g.cfg, g.registry)[0])
+        found.get(state, []).append(stage.name)
+        if not stage.training and state not in ("ok", "skipped", "stale", "tampered"):
+            unfinished.append(f"{stage.name} is {state} ({stage.evidence(g.cfg)})")
+    out.append(g.result("stages", unfinished, "every other stage of `make gpu-run` finished"))
+    bad = [f"{', '.join(names)}: {why}" for names, why in (
+        (found["stale"], "stale (config, data or upstream evidence changed since they ran)"),
+        (found["tampered"], "tampered (their recorded outputs changed on disk)")) if names]
+    out.append(g.result("fresh", bad, "every stage's evidence matches the current config, inputs, upstream and "
+                        "outputs"))
+    return out
+
+
+def evaluate(cfg, registry: Registry | None = None) -> dict:
+    """Every check, recomputed from the files; strict_pass is their conjunction."""
+    from pipeline.variants import Variants
+    registry = _registry(registry)
+    plan = probe_plan(Path(cfg.root))
+    rows = []
+    with Variants(None, plan) as vs:   # every probe on one base model load
+        g = Gate(cfg, registry, plan, vs)
+        for stage in registry.stages:
+            fn = checks_of(stage)
+            rows += [row(c) for c in (fn(g.of(stage), g.doc(stage.name)) if fn else [])]
+        memory = vs.memory()
+    rows += [row(c) for c in chain_checks(g)]
+    failing = {c["id"].split(".")[0] for c in rows if not c["passed"]}
+    for c in rows:
+        if not c["passed"]:
+            name = c["id"].split(".")[0]
+            upstream = [u for u in registry.upstream(name) if u in failing] if name in registry else []
+            c["todo"] = advice(cfg, c, [u for u in registry.by_name if u in upstream])
+    failed = [c["id"] for c in rows if not c["passed"]]
+    from pipeline.engine import git_commit, now
+    return {"strict_pass": not failed, "failed": failed, "tier": cfg.tier, "root": cfg.root, "checked_at": now(),
+            "git_commit": git_commit(), "probe_plan": plan, **memory, "checks": rows}
+
+
+REDO = "re-run it: `python -m pipeline run {stage} --force` (then `make gpu-run` for the stages after it)"
+ADVICE = {   # code -> what to do; a check's code is the one its stage raised, else the kind of check (its id's tail)
+    "blocked": "fix {blocked_by} first",
+    "upstream_failed": "fix the failing checks of {upstream} first: this stage depends on them; `make gpu-run` "
+                       "then re-runs it by itself",
+    "skip_forced": "FORCE_SKIP_TRAINING is on: unset it (or set it to false in .env) and run `make gpu-run`",
+    "no_cuda": "training was skipped for lack of CUDA: run on a GPU with at least {var} GB free (see "
+               "reports/migration/gpu_check.json), or use MODEL_TIER=demo for a CPU smoke run",
+    "too_little_memory": "training was skipped for lack of GPU memory: run on a GPU with at least {var} GB free "
+                         "(see reports/migration/gpu_check.json), or use MODEL_TIER=demo for a CPU smoke run",
+    "infeasible_plan": "the hardware plan cannot train this tier here: follow plan.feasible_reason in "
+                       "reports/migration/gpu_check.json, or use MODEL_TIER=demo for a CPU smoke run",
+    "oom": "CUDA ran out of memory at the smallest batch: shorten max_length, set QLORA=true or use a bigger GPU, "
+           "then " + REDO,
+    "undeclared_read": "a pipeline defect: stage {stage} read something it does not declare (see the detail); "
+                       "report it with reports/logs/{stage}_full.log",
+    "metrics": "the evidence is missing, not ok, or not this stage's own: read reports/logs/{stage}_full.log and "
+               + REDO,
+    "checkpoint": "the final checkpoint is missing or changed since training (never edit it): " + REDO,
+    "loads": "the checkpoint does not load or generate: read the error above, check the base model is reachable "
+             "(MODEL_NAME, HF cache), then " + REDO,
+    "curve": "no real loss curve (never edit metrics files): " + REDO,
+    "steps": "training stopped before its plan: look for OOM retries or an interruption in "
+             "reports/logs/{stage}_full.log, then " + REDO,
+    "base_model": "the stage trained another base model than the config names: check MODEL_TIER/MODEL_NAME, "
+                  "then " + REDO,
+    "from_sft": "the SFT final changed after {stage} trained on it: " + REDO,
+    "invariants": "the metrics predate these fields, or the trainer broke an invariant: " + REDO + "; if it "
+                  "breaks again, report it with reports/logs/{stage}_full.log (a pipeline defect)",
+    "coverage": "run `python -m pipeline run eval --force` once every training stage is ok",
+    "pairwise": "set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env, or set ENABLE_LLM_JUDGE=false; then "
+                "`python -m pipeline run judge --force`",
+    "risk": "set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env, or set ENABLE_LLM_RISK_JUDGE=false; then "
+            "`python -m pipeline run judge --force`",
+    "no_incomplete": "a stage was interrupted: run `make gpu-run` again (it resumes), then `make gpu-complete-check`",
+    "fresh": "run `make gpu-run`: it redoes exactly the stages whose config, data or upstream changed",
+    "stages": "read reports/logs/<stage>_full.log of each stage named above, fix the cause, then run "
+              "`make gpu-run` again",
+}
+
+
+def advice(cfg, check: dict, upstream_failed: list[str] = ()) -> str:
+    """What to do next for a failing check: blocked > the code it carries > a failing upstream > its kind."""
+    stage, kind = check["id"].split(".", 1)
+    code = ("blocked" if check.get("blocked_by") else check.get("code") if check.get("code") in ADVICE
+            else "upstream_failed" if upstream_failed else kind)
+    var = "MIN_CUDA_MEM_GB_14B" if cfg.tier == "14b" else "MIN_CUDA_MEM_GB_7B"
+    return (ADVICE.get(code) or REDO).format(stage=stage, var=var, blocked_by=check.get("blocked_by"),
+                                             upstream=", ".join(upstream_failed))
+
+
+def main(cfg, console) -> int:
+    """`python -m pipeline check`: run every check, write both verdicts, exit 0 iff strict_pass."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from pipeline import readiness as R
+    root = Path(cfg.root)
+    gate = evaluate(cfg)
+    ready = R.thesis_readiness(cfg, gate["strict_pass"])
+    ev.atomic_write_json(root / GATE, gate)
+    ev.atomic_write_text(root / GATE.replace(".json", ".md"), R.gate_markdown(gate))
+    ev.atomic_write_json(root / R.READINESS, ready)
+    ev.atomic_write_text(root / R.READINESS.replace(".json", ".md"), R.readiness_markdown(ready))
+    table = Table(title=f"completion check (tier {cfg.tier})", show_lines=False)
+    for col in ("check", "", "detail"):
+        table.add_column(col, overflow="fold")
+    for c in sorted(gate["checks"], key=_passed):
+        if not c.get("blocked_by"):
+            table.add_row(c["id"], "[green]pass[/]" if c["passed"] else "[red]FAIL[/]", escape(c["detail"]))
+    console.print(table)
+    blocked = [c["id"] for c in gate["checks"] if c.get("blocked_by")]
+    if blocked:
+        console.print(f"[red]not checked[/] (blocked by a failure above): {', '.join(blocked)}")
+    colour = "green" if gate["strict_pass"] else "red"
+    console.print(f"[{colour}]strict_pass: {str(gate['strict_pass']).lower()}[/] ({len(gate['failed'])} failing)"
+                  f"  -> {GATE}")
+    console.print(f"ready_for_writing: {str(ready['ready_for_writing']).lower()}"
+                  + "".join(f"\n  - {escape(b)}" for b in ready["blockers"]) + f"\n  -> {R.READINESS}")
+    return 0 if gate["strict_pass"] else 1
+
+
+def _passed(c: dict) -> bool:
+    return c["passed"]
