@@ -112,6 +112,19 @@ def chain_checks(g: Gate) -> list[Check]:
     return out
 
 
+def stage_rows(g: Gate, stage: Stage) -> list[dict]:
+    fn = checks_of(stage)
+    return [row(c) for c in (fn(g.of(stage), g.doc(stage.name)) if fn else [])]
+
+
+def check_stage(cfg, name: str, registry: Registry | None = None) -> list[dict]:
+    """One stage's checks alone (scripts/soak.py), with their own probe."""
+    from pipeline.variants import Variants
+    registry, plan = _registry(registry), probe_plan(Path(cfg.root))
+    with Variants(None, plan) as vs:
+        return stage_rows(Gate(cfg, registry, plan, vs), registry[name])
+
+
 def evaluate(cfg, registry: Registry | None = None) -> dict:
     """Every check, recomputed from the files; strict_pass is their conjunction."""
     from pipeline.variants import Variants
@@ -121,8 +134,7 @@ def evaluate(cfg, registry: Registry | None = None) -> dict:
     with Variants(None, plan) as vs:   # every probe on one base model load
         g = Gate(cfg, registry, plan, vs)
         for stage in registry.stages:
-            fn = checks_of(stage)
-            rows += [row(c) for c in (fn(g.of(stage), g.doc(stage.name)) if fn else [])]
+            rows += stage_rows(g, stage)
         memory = vs.memory()
     rows += [row(c) for c in chain_checks(g)]
     failing = {c["id"].split(".")[0] for c in rows if not c["passed"]}

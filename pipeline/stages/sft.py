@@ -7,12 +7,15 @@ from __future__ import annotations
 from pipeline import training as T
 from pipeline import data as D
 from pipeline.core import Method, Stage
+from pipeline.training_checks import checks
 
 STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", needs=("gpu_check",),
               reads=T.reads("sft", "eval_steps", "packing", data=T.SFT_DATA)
               + ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"), untracked=T.UNTRACKED,
               inputs=D.files("sft_path"), training=True, schema="sft",
               method=Method("checkpoints/layer_b/{slug}_sft", start="base", trainer="SFTTrainer", reference="none"))
+
+__all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by every training method
 
 
 def run(ctx) -> dict:
