@@ -537,3 +537,65 @@ def test_a_rehearsal_is_probed_on_the_plan_it_ran_against_its_stand_in(tmp_path)
     g = G.Gate(cfg, REGISTRY, G.probe_plan(tmp_path)).of(REGISTRY["dpo"])
     check = training_checks.check_base(g, {"base_model": stand_in})
     assert check.passed and check.evidence == "reports/training/dpo_metrics.json", check.detail
+
+
+# --- advice keyed by code; the registry is the only list of methods -----------------------------------------
+def test_a_failed_check_gets_the_advice_of_its_code_not_of_words_in_its_reason(run):
+    root, cfg, _ = run
+    write(root, cfg, "sft", common(cfg, "sft", status="skipped", skipped=True, reason_code="no_cuda",
+                                   reason="hardware plan: the words FORCE_SKIP_TRAINING and memory mean nothing here"))
+    gate = G.evaluate(cfg)
+    checks = {c["id"]: c for c in gate["checks"]}
+    sft = checks["sft.metrics"]
+    assert not sft["passed"] and sft["code"] == "no_cuda"
+    assert sft["todo"] == G.ADVICE["no_cuda"].format(var="MIN_CUDA_MEM_GB_7B")
+    assert checks["sft.checkpoint"]["todo"] == "fix sft.metrics first"
+    # eval scored an SFT final whose metrics are no longer ok: no code of its own, so its failure is upstream's
+    assert not checks["eval.coverage"]["passed"] and "code" not in checks["eval.coverage"]
+    assert checks["eval.coverage"]["todo"] == G.ADVICE["upstream_failed"].format(upstream="sft")
+
+
+@pytest.mark.parametrize("code", ["skip_forced", "oom", "too_little_memory", "undeclared_read", "infeasible_plan"])
+def test_advice_is_a_table_keyed_by_code(code):
+    cfg = load_config(tier="14b", env={})
+    check = {"id": "kto.metrics", "passed": False, "detail": "CUDA memory feasible FORCE_SKIP_TRAINING", "code": code}
+    assert G.advice(cfg, check) == G.ADVICE[code].format(stage="kto", var="MIN_CUDA_MEM_GB_14B")
+    assert G.advice(cfg, dict(check, code=None)) == G.ADVICE["metrics"].format(stage="kto")
+
+
+def test_the_engine_records_the_code_a_stage_raised(tmp_path):
+    from pipeline.core import Registry, SkipStage, Stage
+
+    def skip(ctx):
+        raise SkipStage("no GPU here", code="no_cuda")
+    reg = Registry([Stage("probe", "reports/probe.json", run=skip, schema="_common")])
+    cfg = load_config(tier="tiny", env={"PIPELINE_ROOT": str(tmp_path)})
+    engine.run_stage(reg["probe"], cfg, Console(file=io.StringIO()), reg)
+    doc = ev.read_json(tmp_path / "reports/probe.json")
+    assert doc["status"] == "skipped" and doc["reason_code"] == "no_cuda"
+
+
+def test_a_method_added_to_the_registry_gets_every_training_check(run, monkeypatch):
+    """A fifth method in a fake registry: the gate asks the shared training checks for it (nothing heavy runs:
+    its metrics are missing, so everything after metrics is blocked), including from_<start>."""
+    from pipeline.core import Method, Registry, Stage
+    root, cfg, _ = run
+    orpo = Stage("orpo", "reports/training/orpo_metrics.json", needs=("sft",), training=True,
+                 method=Method("checkpoints/orpo-real-baseline", trainer="ORPOTrainer", reference="none"))
+    fake = Registry([REGISTRY["gpu_check"], REGISTRY["sft"], orpo])
+    asked, shared = [], training_checks.checks
+
+    def spy(g, doc):
+        asked.append(g.stage.name)
+        return shared(g, doc)
+    monkeypatch.setattr(training_checks, "checks", spy)
+    gate = G.evaluate(cfg, registry=fake)
+    ids = [c["id"] for c in gate["checks"]]
+    assert asked == ["orpo"]   # sft brings its own (the same shared function, bound at import)
+    kinds = ["metrics", "checkpoint", "loads", "curve", "steps", "base_model", "invariants"]
+    assert [i for i in ids if i.startswith("orpo.")] == [f"orpo.{k}" for k in kinds + ["from_sft"]]
+    assert [i for i in ids if i.startswith("sft.")] == [f"sft.{k}" for k in kinds]
+    assert gate["failed"][0] == "orpo.metrics" and "orpo_metrics.json is missing" in gate["checks"][7]["detail"]
+    blocked = {c["id"]: c["blocked_by"] for c in gate["checks"] if c.get("blocked_by")}
+    assert blocked == {f"orpo.{k}": "orpo.metrics" for k in kinds[1:] + ["from_sft"]}
+    assert REGISTRY.methods == ("sft", "dpo", "simpo", "kto") and fake.methods == ("sft", "orpo")
