@@ -1,9 +1,9 @@
 """Day-1 helpers for day1_run.sh: the key check, the output root, boolean flags, and the Day-1 summary.
 
 Run: python -m pipeline day1 keys                 which enabled judge flags need a key (never prints it)
-     python -m pipeline day1 root | flag NAME     the output root / true|false for a boolean environment variable
+     python -m pipeline day1 root | flag NAME     the output root / true|false for a boolean env variable
      python -m pipeline day1 summary STEPS.jsonl [--dry-run]   reports/migration/day1_run_summary.md + .json
-Step records are JSON lines: {"name", "status", "rc", "seconds", "log", "note"} per line (day1_run.sh writes them).
+Step records (day1_run.sh writes them) are JSON lines: {"name", "status", "rc", "seconds", "log", "note"}.
 """
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg, config_error
     gate_step = by_name.get("gpu-complete-check") or {}
     ran_gate = gate_step.get("status") in ("ok", "failed")
     trained = (by_name.get("gpu-run") or {}).get("status") in ("ok", "failed")
-    out = {"dry_run": dry_run, "tier": cfg.tier if cfg else None, "root": str(root), "config_error": config_error,
-           "steps": steps, "trained": trained, "gate": {"ran": ran_gate}, "first_fixes": []}
+    out = {"dry_run": dry_run, "tier": cfg.tier if cfg else None, "root": str(root),
+           "config_error": config_error, "steps": steps, "trained": trained, "gate": {"ran": ran_gate},
+           "first_fixes": []}
     for s in [s for s in steps if s["status"] == "failed" and s["name"] != "gpu-complete-check"][:3]:
         out["first_fixes"].append(f"step {s['name']} failed (exit {s['rc']}): {_last_line(root / s['log'])} "
                                   f"(log: {s['log']})")
@@ -53,7 +54,8 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg, config_error
             out["first_fixes"].append(f"the gate wrote no new {GATE} (did it crash?): read {gate_step['log']}")
         roots = [c for c in gate_doc.get("checks", [])
                  if isinstance(c, dict) and c.get("todo") and not c.get("blocked_by")]
-        out["gate"].update(strict_pass=strict, failed=gate_doc.get("failed", []), report=GATE.replace(".json", ".md"))
+        out["gate"].update(strict_pass=strict, failed=gate_doc.get("failed", []),
+                           report=GATE.replace(".json", ".md"))
         out["first_fixes"] += [f"{c['id']}: {c['detail']} -> {c['todo']}" for c in roots[:5]]
         if cfg is not None:
             from pipeline.readiness import thesis_readiness
@@ -75,7 +77,8 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg, config_error
         out["verdict"] = (f"strict_pass: {str(out['gate']['strict_pass']).lower()}"
                           + ("" if trained else " (nothing was trained)"))
     else:
-        out["verdict"] = "the gate did not run: the run stopped early" + ("" if trained else "; nothing was trained")
+        out["verdict"] = ("the gate did not run: the run stopped early"
+                          + ("" if trained else "; nothing was trained"))
     if config_error:
         out["first_fixes"].insert(0, f"config error: {config_error}")
     return out
@@ -88,10 +91,10 @@ def _last_line(log: Path) -> str:
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in log.read_text(errors="replace").splitlines()]
     except OSError:
         return "no log"
-    engine_verdicts = [x for x in lines if x.startswith(("failed ", "blocked ", "✗ "))]   # pipeline.engine's lines
+    engine_verdicts = [x for x in lines if x.startswith(("failed ", "blocked ", "✗ "))]   # the engine's lines
     if engine_verdicts:
         return "; ".join(engine_verdicts[-3:])
-    noise = ("make: ***", "make[", *"│┃└┘┌┐┏┓┗┛━─╇┡╭╰")   # make's own error line, rich table borders
+    noise = ("make: ***", "make[", *"│┃└┘┌┐┏┓┗┛━─╇┡╭╰")   # make's error line, rich's borders
     return next((x for x in reversed(lines) if x and not x.startswith(noise)), "empty log")
 
 
@@ -99,7 +102,8 @@ def summary_markdown(s: dict) -> str:
     lines = ["# Day-1 run summary", "", f"**{s['verdict']}**", "",
              f"Tier `{s['tier'] or 'unknown (config error)'}`, output root `{s['root']}`.", "",
              "| step | status | seconds | log | note |", "|---|---|---|---|---|"]
-    lines += [f"| {x['name']} | {x['status']} | {x['seconds']} | {x['log']} | {x['note']} |" for x in s["steps"]]
+    lines += [f"| {x['name']} | {x['status']} | {x['seconds']} | {x['log']} | {x['note']} |"
+              for x in s["steps"]]
     if s["first_fixes"]:
         lines += ["", "## First things to fix", ""] + [f"{i}. {f}" for i, f in enumerate(s["first_fixes"], 1)]
     if "thesis_readiness" in s:
@@ -110,16 +114,16 @@ def summary_markdown(s: dict) -> str:
 
 
 def read_steps(path: Path) -> list[dict]:
-    """Step records written by day1_run.sh, one JSON object per line: name, status, rc (null when the step did not
-    run), seconds, log (file name under reports/logs/, "" when none), note."""
+    """Step records written by day1_run.sh, one JSON object per line: name, status, rc (null when the step
+    did not run), seconds, log (file name under reports/logs/, "" when none), note."""
     steps = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             r = json.loads(line)
             rc = r.get("rc")
+            log = f"reports/logs/{r['log']}" if r.get("log") else ""
             steps.append({"name": r["name"], "status": r["status"], "rc": rc if isinstance(rc, int) else None,
-                          "seconds": int(r.get("seconds") or 0), "log": f"reports/logs/{r['log']}" if r.get("log")
-                          else "", "note": r.get("note") or ""})
+                          "seconds": int(r.get("seconds") or 0), "log": log, "note": r.get("note") or ""})
     return steps
 
 

@@ -1,9 +1,10 @@
-"""The strict completion gate: a loop over the registry's stages calling each one's `checks`, plus the chain checks;
-strict_pass is their conjunction. Recomputed from the files on disk every time: no `strict_pass` or `passed` is
-ever read back from an earlier verdict.  Run: python -m pipeline check  (make gpu-complete-check; exit 0 iff pass)
+"""The strict completion gate: a loop over the registry's stages calling each one's `checks`, plus the chain
+checks; strict_pass is their conjunction. Recomputed from the files on disk every time: no `strict_pass` or
+`passed` is ever read back from an earlier verdict.
+Run: python -m pipeline check   (make gpu-complete-check; exit 0 iff strict_pass)
 
-A stage module exports `checks(g, doc) -> list[core.Check]` beside its `run`; a training stage without its own gets
-pipeline.training_checks' (the one set every method shares). Advice for a failing check is keyed by its code.
+A stage module exports `checks(g, doc) -> list[core.Check]` beside its `run`; a training stage without its own
+gets pipeline.training_checks' (the one set every method shares). Advice for a failed check is keyed by its code.
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def row(c) -> dict:
 def chain_checks(g: Gate) -> list[Check]:
     from pipeline.engine import fingerprint, status_of
     g, root = g.of(None) if g.stage else g, g.root
-    markers = sorted(p.relative_to(root).as_posix() for p in (root / "reports/.incomplete").glob("*") if p.is_file())
+    markers = sorted(p.relative_to(root).as_posix() for p in (root / "reports/.incomplete").glob("*")
+                     if p.is_file())
     out = [g.result("no_incomplete", [f"a stage was interrupted and left its marker: {', '.join(markers)}"]
                     if markers else [], "no stage left an incomplete marker", "reports/.incomplete/")]
     found: dict[str, list[str]] = {"stale": [], "tampered": []}
@@ -150,7 +152,7 @@ def evaluate(cfg, registry: Registry | None = None) -> dict:
 
 
 REDO = "re-run it: `python -m pipeline run {stage} --force` (then `make gpu-run` for the stages after it)"
-ADVICE = {   # code -> what to do; a check's code is the one its stage raised, else the kind of check (its id's tail)
+ADVICE = {   # code -> what to do; a check's code is the one its stage raised, else its kind (the id's tail)
     "blocked": "fix {blocked_by} first",
     "upstream_failed": "fix the failing checks of {upstream} first: this stage depends on them; `make gpu-run` "
                        "then re-runs it by itself",
@@ -161,8 +163,8 @@ ADVICE = {   # code -> what to do; a check's code is the one its stage raised, e
                          "(see reports/migration/gpu_check.json), or use MODEL_TIER=demo for a CPU smoke run",
     "infeasible_plan": "the hardware plan cannot train this tier here: follow plan.feasible_reason in "
                        "reports/migration/gpu_check.json, or use MODEL_TIER=demo for a CPU smoke run",
-    "oom": "CUDA ran out of memory at the smallest batch: shorten max_length, set QLORA=true or use a bigger GPU, "
-           "then " + REDO,
+    "oom": "CUDA ran out of memory at the smallest batch: shorten max_length, set QLORA=true or use a bigger "
+           "GPU, then " + REDO,
     "undeclared_read": "a pipeline defect: stage {stage} read something it does not declare (see the detail); "
                        "report it with reports/logs/{stage}_full.log",
     "metrics": "the evidence is missing, not ok, or not this stage's own: read reports/logs/{stage}_full.log and "
@@ -183,7 +185,8 @@ ADVICE = {   # code -> what to do; a check's code is the one its stage raised, e
                 "`python -m pipeline run judge --force`",
     "risk": "set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env, or set ENABLE_LLM_RISK_JUDGE=false; then "
             "`python -m pipeline run judge --force`",
-    "no_incomplete": "a stage was interrupted: run `make gpu-run` again (it resumes), then `make gpu-complete-check`",
+    "no_incomplete": "a stage was interrupted: run `make gpu-run` again (it resumes), then "
+                     "`make gpu-complete-check`",
     "fresh": "run `make gpu-run`: it redoes exactly the stages whose config, data or upstream changed",
     "stages": "read reports/logs/<stage>_full.log of each stage named above, fix the cause, then run "
               "`make gpu-run` again",

@@ -1,5 +1,5 @@
-"""Thesis readiness (strict_pass + a thesis tier + the full-size eval + every thesis artifact) and the two verdicts'
-Markdown, recomputed from the files every time by `python -m pipeline check` (pipeline.gate.main)."""
+"""Thesis readiness (strict_pass + a thesis tier + the full-size eval + every thesis artifact) and the two
+verdicts' Markdown, recomputed from the files every time by `python -m pipeline check` (pipeline.gate.main)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -76,6 +76,7 @@ def gate_markdown(gate: dict) -> str:
         lines += [f"- **{c['id']}** ({c['evidence']}): {c['detail']}\n  - what to do: {c['todo']}" for c in roots]
         lines.append("")
     if blocked:
-        lines += ["## Not checked (blocked by a failure above)", "", ", ".join(f"`{c['id']}`" for c in blocked), ""]
+        lines += ["## Not checked (blocked by a failure above)", "",
+                  ", ".join(f"`{c['id']}`" for c in blocked), ""]
     lines += ["## Passing", ""] + [f"- {c['id']}: {c['detail']}" for c in checks if c["passed"]]
     return "\n".join(lines) + "\n"

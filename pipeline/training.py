@@ -47,7 +47,8 @@ def gate(ctx) -> None:
         raise SkipStage("FORCE_SKIP_TRAINING=true: training was not run (unset it to train)", code="skip_forced")
     plan = ctx.plan
     if not plan.get("feasible", False):
-        short = isinstance(plan.get("free_mem_gb"), (int, float)) and plan["free_mem_gb"] < (plan.get("min_mem_gb") or 0)
+        free, need = plan.get("free_mem_gb"), plan.get("min_mem_gb")
+        short = isinstance(free, (int, float)) and isinstance(need, (int, float)) and free < need
         code = "no_cuda" if plan.get("device") != "cuda" else "too_little_memory" if short else "infeasible_plan"
         raise SkipStage(f"hardware plan: {plan.get('feasible_reason', 'not feasible')}", code=code)
 

@@ -1,5 +1,5 @@
-"""The gate's checks of a training stage, defined once for every method (sft, dpo, simpo, kto, and any method added to
-the registry): each stage file does `from pipeline.training_checks import checks`.
+"""The gate's checks of a training stage, defined once for every method (sft, dpo, simpo, kto, and any method
+added to the registry): each stage file does `from pipeline.training_checks import checks`.
 
 `g` is the gate's view of one stage (pipeline.gate.Gate): cfg, root, registry, the hardware plan, the shared
 loaded-base Variants probe (`g.vs`), `g.stage` and its evidence path `g.rel`; `doc` is that stage's evidence.
@@ -23,7 +23,8 @@ def checks(g, doc) -> list:
     another's final, from_<start>. Everything after metrics is blocked when the metrics are not this stage's ok."""
     metrics = check_metrics(g, doc)
     start = g.stage.method.start if g.stage.method and g.stage.method.start in g.registry else None
-    kinds = ["checkpoint", "loads", "curve", "steps", "base_model", "invariants"] + ([f"from_{start}"] if start else [])
+    kinds = ["checkpoint", "loads", "curve", "steps", "base_model", "invariants"]
+    kinds += [f"from_{start}"] if start else []
     if not isinstance(doc, dict) or doc.get("status") != "ok" or doc.get("stage") != g.stage.name:
         return [metrics] + [g.blocked(k, "metrics", g.rel) for k in kinds]
     checkpoint = check_checkpoint(g, doc)
@@ -204,7 +205,8 @@ def check_from_start(g, doc, start: str):
     start_dir, got = final_dir(g, g.registry[start]), doc.get("start_checkpoint") or {}
     problems = []
     if got.get("dir") != start_dir:
-        problems.append(f"start_checkpoint.dir is {got.get('dir')!r}, expected the {start.upper()} final {start_dir}")
+        problems.append(f"start_checkpoint.dir is {got.get('dir')!r}, expected the {start.upper()} final "
+                        f"{start_dir}")
     folder = g.root / start_dir
     if not folder.is_dir():
         problems.append(f"the {start.upper()} final {start_dir} is missing")
@@ -249,8 +251,8 @@ def check_invariants(g, doc):
             problems.append(f"batch.attempts is {got['batch.attempts']!r}, expected the list of batch attempts")
         elif small:
             problems.append(f"batch.attempts with per_device < {min_batch}: {small[:3]}; {name} declares "
-                            f"min_batch={min_batch} (KTO's KL term pairs the samples of a device batch, with 1 it "
-                            "is the implied reward: trl/trainer/kto_trainer.py:846)")
+                            f"min_batch={min_batch} (KTO's KL term pairs the samples of a device batch, with 1 "
+                            "it is the implied reward: trl/trainer/kto_trainer.py:846)")
     ok = f"trainables {trainable} under {dtype}, at most {live} live model(s)"
     ok += f", every {name.upper()} batch >= {min_batch}" if min_batch > 1 else ""
     return g.result("invariants", problems, ok)
