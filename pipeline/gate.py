@@ -92,8 +92,10 @@ def row(c) -> dict:
 
 
 def chain_checks(g: Gate) -> list[Check]:
+    """chain.<what>: no incomplete markers, every other stage finished, every stage fresh."""
     from pipeline.engine import fingerprint, status_of
-    g, root = g.of(None) if g.stage else g, g.root
+    g = g.of(None)
+    root = g.root
     markers = sorted(p.relative_to(root).as_posix() for p in (root / "reports/.incomplete").glob("*")
                      if p.is_file())
     out = [g.result("no_incomplete", [f"a stage was interrupted and left its marker: {', '.join(markers)}"]
@@ -143,8 +145,8 @@ def evaluate(cfg, registry: Registry | None = None) -> dict:
     for c in rows:
         if not c["passed"]:
             name = c["id"].split(".")[0]
-            upstream = [u for u in registry.upstream(name) if u in failing] if name in registry else []
-            c["todo"] = advice(cfg, c, [u for u in registry.by_name if u in upstream])
+            above = registry.upstream(name) if name in registry else []
+            c["todo"] = advice(cfg, c, [s.name for s in registry.stages if s.name in above and s.name in failing])
     failed = [c["id"] for c in rows if not c["passed"]]
     from pipeline.engine import git_commit, now
     return {"strict_pass": not failed, "failed": failed, "tier": cfg.tier, "root": cfg.root, "checked_at": now(),
