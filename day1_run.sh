@@ -9,6 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
 RUN_DIR=${DAY1_RUN_DIR:-$(mktemp -d)}   # step records (and the first logs, until the output root is known)
+mkdir -p "$RUN_DIR"   # DAY1_RUN_DIR may name a folder that does not exist yet
 STEPS=$RUN_DIR/steps.jsonl   # one JSON object per step (python -m pipeline day1 summary reads it)
 ALL_STEPS="sync venv keys gpu-probe gpu-bootstrap gpu-check dry-run gpu-selftest gpu-run gpu-complete-check"
 LOGS=$RUN_DIR
