@@ -117,7 +117,7 @@ def read_steps(path: Path) -> list[dict]:
     """Step records written by day1_run.sh, one JSON object per line: name, status, rc (null when the step
     did not run), seconds, log (file name under reports/logs/, "" when none), note."""
     steps = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in (path.read_text(encoding="utf-8") if path.is_file() else "").splitlines():
         if line.strip():
             r = json.loads(line)
             rc = r.get("rc")
