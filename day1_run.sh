@@ -9,9 +9,21 @@ set -uo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
 RUN_DIR=${DAY1_RUN_DIR:-$(mktemp -d)}   # step records (and the first logs, until the output root is known)
-STEPS=$RUN_DIR/steps.tsv
+mkdir -p "$RUN_DIR"   # DAY1_RUN_DIR may name a folder that does not exist yet
+STEPS=$RUN_DIR/steps.jsonl   # one JSON object per step (python -m pipeline day1 summary reads it)
 ALL_STEPS="sync venv keys gpu-probe gpu-bootstrap gpu-check dry-run gpu-selftest gpu-run gpu-complete-check"
 LOGS=$RUN_DIR
+
+json_str() {  # a bash string as a JSON string
+  local s=${1//\\/\\\\}
+  s=${s//\"/\\\"}
+  printf '"%s"' "$s"
+}
+
+record() {  # record NAME STATUS RC SECONDS LOG NOTE: one JSON line in $STEPS (RC empty: null)
+  printf '{"name": %s, "status": %s, "rc": %s, "seconds": %s, "log": %s, "note": %s}\n' "$(json_str "$1")" \
+    "$(json_str "$2")" "${3:-null}" "${4:-0}" "$(json_str "$5")" "$(json_str "$6")" >> "$STEPS"
+}
 
 step() {  # step NAME CMD...: run CMD, tee its output to the step log, record status/exit/seconds; returns CMD's exit
   local name=$1 t0=$SECONDS rc
@@ -19,15 +31,14 @@ step() {  # step NAME CMD...: run CMD, tee its output to the step log, record st
   echo "=== day1 step: $name"
   "$@" 2>&1 | tee "$LOGS/day1_$name.log"
   rc=${PIPESTATUS[0]}
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$([ "$rc" = 0 ] && echo ok || echo failed)" "$rc" \
-    "$((SECONDS - t0))" "day1_$name.log" "" >> "$STEPS"
+  record "$name" "$([ "$rc" = 0 ] && echo ok || echo failed)" "$rc" "$((SECONDS - t0))" "day1_$name.log" ""
   return "$rc"
 }
 
 not_run() {  # not_run WHY STEP...: record the steps that will not run and why
   local why=$1
   shift
-  for s in "$@"; do printf '%s\tskipped\t\t0\t\t%s\n' "$s" "$why" >> "$STEPS"; done
+  for s in "$@"; do record "$s" skipped "" 0 "" "$why"; done
 }
 
 sync_branch() {  # fetch + checkout + pull --ff-only; refuse on a dirty tree or a diverged branch
@@ -46,7 +57,7 @@ sync_branch() {  # fetch + checkout + pull --ff-only; refuse on a dirty tree or 
 
 key_check() {  # which enabled judge flags fail without a key; a smoke run without a key turns the judges off
   local rc
-  $PY -m pipeline.checker keys
+  $PY -m pipeline day1 keys
   rc=$?
   if [ "$rc" = 3 ]; then touch "$RUN_DIR/no_key"; return 0; fi
   return "$rc"
@@ -59,7 +70,7 @@ gpu_probe() {  # informative only: the plan itself comes from make gpu-check
 
 adopt_root() {  # move the step logs to <output root>/reports/logs once Python can say where the root is
   local root
-  root=$($PY -m pipeline.checker root 2>/dev/null) || return 1
+  root=$($PY -m pipeline day1 root 2>/dev/null) || return 1
   mkdir -p "$root/reports/logs" && mv "$LOGS"/day1_*.log "$root/reports/logs/" 2>/dev/null
   LOGS=$root/reports/logs
 }
@@ -67,12 +78,12 @@ adopt_root() {  # move the step logs to <output root>/reports/logs once Python c
 finish() {  # finish EXIT [WHY]: record the steps that did not run, write the summary (always), exit with EXIT
   local dry=() s
   for s in $ALL_STEPS; do
-    grep -q "^$s"$'\t' "$STEPS" 2>/dev/null || not_run "${2:-not run: an earlier step failed}" "$s"
+    grep -qF "{\"name\": \"$s\"," "$STEPS" 2>/dev/null || not_run "${2:-not run: an earlier step failed}" "$s"
   done
   [ "${DRY:-false}" = true ] && dry=(--dry-run)
   [ "$LOGS" != "$RUN_DIR" ] || [ ! -x "$PY" ] || adopt_root
   if [ -x "$PY" ]; then
-    $PY -m pipeline.checker summary "$STEPS" "${dry[@]}" || echo "day1: could not write the summary: see above"
+    $PY -m pipeline day1 summary "$STEPS" "${dry[@]}" || echo "day1: could not write the summary: see above"
   else
     echo "day1: no .venv, so no summary file; step logs are in $LOGS; steps:"; cat "$STEPS"
   fi
@@ -93,8 +104,8 @@ main() {
   # 2. the venv (no-op when up to date), then the output root and the .env/key check, both read by pipeline.settings
   step venv make -s venv || finish 1
   adopt_root || finish 2
-  DRY=$($PY -m pipeline.checker flag DAY1_DRY_RUN) || finish 2
-  SMOKE=$($PY -m pipeline.checker flag DAY1_SMOKE) || finish 2
+  DRY=$($PY -m pipeline day1 flag DAY1_DRY_RUN) || finish 2
+  SMOKE=$($PY -m pipeline day1 flag DAY1_SMOKE) || finish 2
   step keys key_check || finish 2 "not run: config error (see day1_keys.log)"
   if [ -f "$RUN_DIR/no_key" ] && [ "$SMOKE" = true ]; then   # pipeline.settings decides this in every shell alike
     echo "day1: smoke run without OPENAI_API_KEY: the LLM judges are off and the LLM answer fallback is unavailable"

@@ -1,4 +1,4 @@
-"""CLI.  python -m pipeline run <stage>|all [key=value ...] [--force] | ls | check | config"""
+"""CLI.  python -m pipeline run <stage>|all [key=value ...] [--force] | ls | check | config | day1 <subcommand> ..."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,12 @@ def main(argv: list[str] | None = None) -> int:
                        ("config", "print the resolved config")):
         p = sub.add_parser(name, help=text)
         p.add_argument("targets", nargs="*", help="key=value overrides")
+    sub.add_parser("day1", help="day1_run.sh's helpers: keys, root, flag NAME, summary STEPS.jsonl (see -h)",
+                   add_help=False)
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["day1"]:   # forwarded as is: the helpers parse their own arguments (and need no config)
+        from pipeline import day1
+        return day1.cli(argv[1:])
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides])
     if args.cmd == "run" and not args.targets:
@@ -42,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "config":
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
-    from pipeline import checker
-    return checker.main(cfg, console)
+    from pipeline import gate
+    return gate.main(cfg, console)
 
 
 if __name__ == "__main__":

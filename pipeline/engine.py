@@ -246,6 +246,7 @@ def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0, read
            "started_at": started, "finished_at": now(), "duration_s": round(duration, 3), "git_commit": git_commit(),
            "config_hash": ev.sha256_json(declared_config(stage, cfg)), "fingerprint": fp,
            "config_read": sorted(reads or ()),
+           "reason_code": getattr(result, "code", None),
            "versions": versions(), "inputs": inputs, "outputs": outputs, "model_tier": cfg.tier, **fields}
     errors = ev.validate(stage.schema or stage.name, doc)
     if errors:

@@ -26,6 +26,16 @@ def sha256_tree(folder: str | Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def verify_tree(folder: str | Path, recorded) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Re-hash `folder` and compare it with a recorded {relpath: sha256}: (the hashes now, the differences as
+    {"missing" | "extra" | "changed": [relpaths]}, only the non-empty ones; {} when the folder is as recorded)."""
+    now = sha256_tree(folder)
+    rec = recorded if isinstance(recorded, dict) else {}
+    diff = {"missing": sorted(set(rec) - set(now)), "extra": sorted(set(now) - set(rec)),
+            "changed": sorted(k for k in set(now) & set(rec) if now[k] != rec[k])}
+    return now, {k: v for k, v in diff.items() if v}
+
+
 def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -49,10 +49,13 @@ def output_dir(cfg, kind: str) -> str:
 def gate(ctx) -> None:
     """Skip (with evidence) before any download: FORCE_SKIP_TRAINING, or a plan that cannot train this tier."""
     if ctx.cfg.runtime.force_skip_training:
-        raise SkipStage("FORCE_SKIP_TRAINING=true: training was not run (unset it to train)")
+        raise SkipStage("FORCE_SKIP_TRAINING=true: training was not run (unset it to train)", code="skip_forced")
     plan = ctx.plan
     if not plan.get("feasible", False):
-        raise SkipStage(f"hardware plan: {plan.get('feasible_reason', 'not feasible')}")
+        free, need = plan.get("free_mem_gb"), plan.get("min_mem_gb")
+        short = isinstance(free, (int, float)) and isinstance(need, (int, float)) and free < need
+        code = "no_cuda" if plan.get("device") != "cuda" else "too_little_memory" if short else "infeasible_plan"
+        raise SkipStage(f"hardware plan: {plan.get('feasible_reason', 'not feasible')}", code=code)
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ def halved_after_oom(kind: str, tc, batch: int, grad_acc: int, retries: int, whe
     StageFailed at the trainer's minimum batch or after max_oom_retries. In process (fit) and for DDP (launch)."""
     if batch // 2 < method(kind).min_batch or retries >= tc.max_oom_retries:
         raise StageFailed(f"CUDA out of memory {where} with per-device batch {batch} (after {retries} retries): "
-                          "shorten max_length, turn on QLoRA (QLORA=true), or use a bigger GPU")
+                          "shorten max_length, turn on QLoRA (QLORA=true), or use a bigger GPU", code="oom")
     return batch // 2, grad_acc * 2
 
 

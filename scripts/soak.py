@@ -84,17 +84,17 @@ def tamper_cases() -> list[tuple[str, str, object, str]]:
 
 
 def tamper(base: dict) -> dict:
-    from pipeline import checker
+    from pipeline import gate as G
     root, cfg = base["root"], load_cfg(base)
     subprocess.run(pipeline_cmd("run", "dry_run", *base["overrides"]), cwd=REPO, env=base["env"], capture_output=True)
     backup = base["root"].parent / "day1-backup"   # dry_run.json: one e2e case copies it over real metrics
     for part in ("reports", "checkpoints"):
         shutil.copytree(root / part, backup / part)
-    baseline = checker.evaluate(cfg)
+    baseline = G.evaluate(cfg)
     cases = []
     for source, name, fn, failing_id in tamper_cases():
         fn(root, cfg)
-        gate = checker.evaluate(cfg)
+        gate = G.evaluate(cfg)
         cases.append({"source": source, "case": name, "expected_failing": failing_id, "strict_pass": gate["strict_pass"],
                       "detected": not gate["strict_pass"] and failing_id in gate["failed"], "failed": gate["failed"]})
         for part in ("reports", "checkpoints"):
@@ -105,7 +105,7 @@ def tamper(base: dict) -> dict:
             "by_source": {s: f"{sum(c['detected'] for c in cases if c['source'] == s)}/{sum(c['source'] == s for c in cases)}"
                           for s in ("e2e", "unit")},
             "missed": [c for c in cases if not c["detected"]],
-            "restored_strict_pass": checker.evaluate(cfg)["strict_pass"]}
+            "restored_strict_pass": G.evaluate(cfg)["strict_pass"]}
 
 
 # --- (3) two pipelines on one root ---------------------------------------------------------------------
@@ -137,7 +137,8 @@ def two_pipelines(base: dict, trials: int, overrides: list[str]) -> dict:
 
 # --- (1) kill -9 inside each training stage ------------------------------------------------------------
 def kill_trials(base: dict, stages: list[str], n: int, rng: random.Random, overrides: list[str]) -> dict:
-    from pipeline import checker, engine, training
+    from pipeline import engine, training
+    from pipeline import gate as G
     from pipeline import evidence as ev
     root, env, cfg = base["root"], base["env"], load_cfg(base)
     from pipeline.stages import REGISTRY
@@ -183,7 +184,7 @@ def kill_trials(base: dict, stages: list[str], n: int, rng: random.Random, overr
             every = getattr(cfg, stage).logging_steps
             steps = [s for s, _ in doc2.get("loss_curve", [])]
             planned = doc2.get("planned_max_steps")
-            gate = checker.check_training(cfg, stage, checker.probe_plan(root))
+            gate = G.check_stage(cfg, stage)
             rows.append({"kill_at": f"step {at_step} + {delay:.2f} s" if at_step else f"{delay:.2f} s after the marker",
                          "steps_logged_at_kill": logged, "process_ended_before_kill": ended_first,
                          "ok_evidence_after_kill": ok_after, "ok_too_early": ok_after and not ended_first, "ok_evidence_complete": complete,

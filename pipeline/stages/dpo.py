@@ -6,12 +6,15 @@ from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
 from pipeline.settings import PreferenceCfg
+from pipeline.training_checks import checks
 
 # chosen + rejected go through the model as one batch; QLoRA trainables cast to bf16 (trl/trainer/dpo_trainer.py:726-729)
 STAGE = Stage("dpo", "reports/training/dpo_metrics.json", config=PreferenceCfg,
               needs=("sft",), training=True,
               reads=T.reads("dpo", "beta"), untracked=T.UNTRACKED, inputs=D.files("preference_path"),
               method=Method("checkpoints/dpo-real-baseline", sequences_per_example=2, trainer="DPOTrainer"))
+
+__all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by every training method
 
 
 def trainer(cfg):

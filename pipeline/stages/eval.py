@@ -177,3 +177,48 @@ def run(ctx) -> dict:
                           "batched_by_prompt_length": True, "decoding": decoding(cfg.eval.max_new_tokens)}}
     ev.atomic_write_text(ctx.path("reports/eval_default.md"), R.eval_markdown(doc, cfg, git_commit()))
     return doc | {"outputs": outputs + ["reports/eval_default.md"]}
+
+
+# --- the gate's checks of this stage ----------------------------------------------------------------------
+def checks(g, doc) -> list:
+    """eval.coverage: every set on its planned question ids, every training method scored on its current final,
+    every scored variant on the same ids."""
+    rel, cfg = g.rel, g.cfg
+    if not isinstance(doc, dict):
+        return [g.result("coverage", [f"{rel} is missing: run `python -m pipeline run eval`"], "")]
+    problems = [f"status is {doc.get('status')!r}: {doc.get('reason')}"] if doc.get("status") != "ok" else []
+    problems += [f"does not match its schema: {e}" for e in ev.validate("eval", doc)[:1]]
+    sets, variants, results = doc.get("sets") or {}, doc.get("variants") or {}, doc.get("results") or {}
+    planned = {}
+    for name in cfg.eval.sets:
+        info = sets.get(name)
+        if not isinstance(info, dict):
+            problems.append(f"set {name} was not evaluated")
+            continue
+        size, full, ids = cfg.eval.sample_sizes.get(name), info.get("full_size"), info.get("question_ids") or []
+        want = full if size is None else (min(size, full) if isinstance(full, int) else size)
+        if info.get("planned_n") != want or len(ids) != want or len(set(map(str, ids))) != want:
+            problems.append(f"set {name}: planned_n {info.get('planned_n')}, {len(ids)} question ids, the plan is "
+                            f"{want}")
+        planned[name] = (info.get("planned_n"), list(ids))
+    for method in g.registry.methods:
+        entry = variants.get(method)
+        if not isinstance(entry, dict) or entry.get("status") != "scored":
+            problems.append(f"variant {method} was not scored ({(entry or {}).get('reason', 'absent')})")
+            continue
+        metrics = g.doc(method) or {}
+        if metrics.get("status") != "ok" or not metrics.get("checkpoint_sha256"):
+            problems.append(f"variant {method} is marked scored but the {method} stage has no ok final checkpoint")
+        elif "checkpoint_sha256" in entry and entry["checkpoint_sha256"] != metrics["checkpoint_sha256"]:
+            problems.append(f"variant {method} was scored on a checkpoint that is not the current {method} final")
+    for variant, entry in variants.items():
+        if isinstance(entry, dict) and entry.get("status") == "scored":
+            for name, (n, ids) in planned.items():
+                res = (results.get(variant) or {}).get(name)
+                if not isinstance(res, dict) or res.get("n") != n:
+                    problems.append(f"variant {variant} on {name}: n {(res or {}).get('n')}, planned {n}")
+                elif "question_ids" in res and list(res["question_ids"]) != ids:
+                    problems.append(f"variant {variant} on {name} used other question ids than planned")
+    sizes = ", ".join(f"{k} {v[0]}" for k, v in planned.items())
+    return [g.result("coverage", problems[:8], f"{', '.join(g.registry.methods)} scored on the same question ids "
+                     f"({sizes})", code=doc.get("reason_code"))]

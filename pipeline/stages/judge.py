@@ -173,3 +173,47 @@ def run(ctx) -> dict:
         return doc | {"status": "failed", "reason": f"judge coverage below judge.min_coverage {jc.min_coverage:.0%}: "
                                                     f"{'; '.join(low)}; re-run `python -m pipeline run judge` (judged items are cached)"}
     return doc
+
+
+# --- the gate's checks of this stage ----------------------------------------------------------------------
+def checks(g, doc) -> list:
+    """judge.<kind> for each judge: an enabled one ran with the recorded coverage >= the minimum; a disabled one is
+    recorded as disabled."""
+    import math
+    rel, jc = g.rel, g.cfg.judge
+    schema = [f"{rel} does not match its schema: {e}" for e in ev.validate("judge", doc)[:1]] \
+        if isinstance(doc, dict) else []
+    code = doc.get("reason_code") if isinstance(doc, dict) and doc.get("status") != "ok" else None
+    out = []
+    for key, (flag, var) in FLAGS.items():
+        entry = (doc or {}).get(key) or {}
+        problems = list(schema)
+        planned, judged = entry.get("planned"), entry.get("judged")
+        if not isinstance(doc, dict):
+            out.append(g.result(key, [f"{rel} is missing: run `python -m pipeline run judge`"], ""))
+            continue
+        if not getattr(jc, flag):
+            if doc.get("status") not in ("ok", "skipped"):
+                problems.append(f"the judge stage is {doc.get('status')!r} ({doc.get('reason')}), so nothing "
+                                f"records the {key} judge as disabled")
+            elif entry.get("enabled") is True:
+                problems.append(f"{rel} says the {key} judge ran enabled but {var}=false now: re-run the judge stage")
+            out.append(g.result(key, problems, f"{key} judge disabled ({var}=false), recorded as disabled",
+                                code=code))
+            continue
+        if doc.get("status") != "ok" or entry.get("enabled") is not True:
+            problems.append(f"{var}=true but the {key} judge did not run (status {doc.get('status')!r}: "
+                            f"{doc.get('reason')})")
+        elif not (isinstance(planned, int) and planned > 0 and isinstance(judged, int) and 0 <= judged <= planned):
+            problems.append(f"{key}: planned {planned!r}, judged {judged!r} are not counts with "
+                            "0 <= judged <= planned > 0")
+        else:
+            cov = judged / planned
+            if not math.isclose(cov, float(entry.get("coverage") or 0), abs_tol=1e-6):
+                problems.append(f"{key}: recorded coverage {entry.get('coverage')} but judged/planned = {cov:.4f}")
+            if cov < jc.min_coverage:
+                problems.append(f"{key}: coverage {cov:.1%} ({judged}/{planned}) is below the minimum "
+                                f"{jc.min_coverage:.0%}")
+        out.append(g.result(key, problems, f"{key} judge judged {judged}/{planned} (min {jc.min_coverage:.0%})",
+                            code=code))
+    return out

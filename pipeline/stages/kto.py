@@ -6,6 +6,7 @@ from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
 from pipeline.settings import PreferenceCfg
+from pipeline.training_checks import checks
 
 # KTOTrainer refuses a per-device batch of 1 (trl/trainer/kto_trainer.py:844-847); its KL completions run under
 # no_grad (kto_trainer.py:1364); QLoRA trainables cast to bf16 (kto_trainer.py:777-780)
@@ -14,6 +15,8 @@ STAGE = Stage("kto", "reports/training/kto_metrics.json", config=PreferenceCfg,
               reads=T.reads("kto", "beta", data=T.PREFERENCE_DATA + ("data.kto_path",)), untracked=T.UNTRACKED,
               inputs=D.files("preference_path", "kto_path"),
               method=Method("checkpoints/kto-real-baseline", min_batch=2, trainer="KTOTrainer"))
+
+__all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by every training method
 
 
 def trainer(cfg):

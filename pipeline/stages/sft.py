@@ -8,6 +8,7 @@ from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
 from pipeline.settings import SFTCfg
+from pipeline.training_checks import checks
 
 # QLoRA trainables cast to bf16 (trl/trainer/sft_trainer.py:908-911)
 STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", config=SFTCfg,
@@ -16,6 +17,8 @@ STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", config=
               + ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"),
               untracked=T.UNTRACKED, inputs=D.files("sft_path"),
               method=Method("checkpoints/layer_b/{slug}_sft", start="base", trainer="SFTTrainer", reference="none"))
+
+__all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by every training method
 
 
 def run(ctx) -> dict:

@@ -6,6 +6,7 @@ from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
 from pipeline.settings import SimPOCfg
+from pipeline.training_checks import checks
 
 # CPOTrainer takes outputs.logits (trl/experimental/cpo/cpo_trainer.py:824) and keeps a PeftModel's fp32 adapters
 STAGE = Stage("simpo", "reports/training/simpo_metrics.json", config=SimPOCfg,
@@ -20,6 +21,8 @@ def trainer(cfg):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     return CPOConfig, CPOTrainer, True, {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": cfg.simpo.simpo_gamma,
                                          "remove_unused_columns": False}
+
+__all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by every training method
 
 
 def run(ctx) -> dict:

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 make -s venv
 # DRY_RUN is parsed by pipeline.settings like every flag (true/false/1/0/yes/no; anything else is an error)
-dry=$(.venv/bin/python -m pipeline.checker flag DRY_RUN)
+dry=$(.venv/bin/python -m pipeline day1 flag DRY_RUN)
 if [ "$dry" = true ]; then
   exec env DRY_RUN=true .venv/bin/python -m pipeline run dry_run   # the same dry run as day1_run.sh step 5
 fi

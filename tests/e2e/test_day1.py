@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checker
+from pipeline import gate as G
 from pipeline.__main__ import main
 from pipeline.settings import load_config
 
@@ -20,7 +20,7 @@ SFT_FINAL = "checkpoints/layer_b/tiny_sft/final"
 
 
 def gate(root: Path) -> dict:
-    return checker.evaluate(load_config(tier="tiny", env={"PIPELINE_ROOT": str(root)}))
+    return G.evaluate(load_config(tier="tiny", env={"PIPELINE_ROOT": str(root)}))
 
 
 @pytest.fixture

@@ -228,7 +228,8 @@ def pushy_model(tmp_path_factory, tmp_path):
 
 
 def test_generation_is_greedy_whatever_the_models_generation_config_says(pushy_model):
-    from pipeline import checker, models
+    from pipeline import models
+    from pipeline import training_checks as checker
     from pipeline.variants import Variants, generate
     plan = dict(checker.CPU_PLAN)
     model = models.load_model(pushy_model, plan)

@@ -11,7 +11,9 @@ import pytest
 from rich.console import Console
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from pipeline import checker, engine  # noqa: E402
+from pipeline import day1, engine, training_checks  # noqa: E402
+from pipeline.readiness import ARTIFACTS, READINESS, thesis_readiness  # noqa: E402
+from pipeline import gate as G  # noqa: E402
 from pipeline import evidence as ev  # noqa: E402
 from pipeline.settings import load_config  # noqa: E402
 from pipeline.stages import REGISTRY  # noqa: E402
@@ -104,7 +106,7 @@ def build_run(root, cfg, force_skip=False):
     write(root, cfg, "gpu_check", common(cfg, "gpu_check", plan={"device": "cpu"}))
     for i, stage in enumerate(FINALS):
         if force_skip:
-            write(root, cfg, stage, common(cfg, stage, status="skipped", skipped=True,
+            write(root, cfg, stage, common(cfg, stage, status="skipped", skipped=True, reason_code="skip_forced",
                                            reason="FORCE_SKIP_TRAINING=true: training skipped on request"))
         else:
             train(root, cfg, stage, seed=i)
@@ -120,7 +122,7 @@ def probes(monkeypatch):
     def fake(vs, base, adapter_dir):
         calls.append((base, str(adapter_dir), vs.plan["device"]))
         return True, " the heart"
-    monkeypatch.setattr(checker, "probe_checkpoint", fake)
+    monkeypatch.setattr(training_checks, "probe_checkpoint", fake)
     return calls
 
 
@@ -141,7 +143,7 @@ def restore(root, backup):
 
 def test_honest_run_passes_and_probes_each_final_on_its_base(run, probes):
     root, cfg, _ = run
-    gate = checker.evaluate(cfg)
+    gate = G.evaluate(cfg)
     assert gate["strict_pass"], [c for c in gate["checks"] if not c["passed"]]
     ids = {c["id"] for c in gate["checks"]}
     assert {"sft.metrics", "sft.checkpoint", "sft.loads", "sft.curve", "sft.steps", "dpo.from_sft", "kto.from_sft",
@@ -293,25 +295,25 @@ def eval_without_decoding(root, cfg):
 def test_each_tamper_fails_its_check_and_restoring_passes(run, tamper, failing_id):
     root, cfg, backup = run
     tamper(root, cfg)
-    gate = checker.evaluate(cfg)
+    gate = G.evaluate(cfg)
     assert not gate["strict_pass"]
     assert failing_id in gate["failed"], gate["failed"]
     restore(root, backup)
-    assert checker.evaluate(cfg)["strict_pass"]
+    assert G.evaluate(cfg)["strict_pass"]
 
 
 def test_replaced_sft_keeps_sft_checks_green_and_blames_the_children(run):
     root, cfg, _ = run
     replace_sft_after_dpo(root, cfg)
-    failed = checker.evaluate(cfg)["failed"]
+    failed = G.evaluate(cfg)["failed"]
     assert {"dpo.from_sft", "simpo.from_sft", "kto.from_sft"} <= set(failed)
     assert "sft.checkpoint" not in failed and "sft.curve" not in failed
 
 
 def test_a_probe_that_cannot_generate_fails_loads_with_its_error(run, monkeypatch):
     root, cfg, _ = run
-    monkeypatch.setattr(checker, "probe_checkpoint", lambda vs, base, adapter: (False, "OSError: no config.json"))
-    gate = checker.evaluate(cfg)
+    monkeypatch.setattr(training_checks, "probe_checkpoint", lambda vs, base, adapter: (False, "OSError: no config.json"))
+    gate = G.evaluate(cfg)
     loads = next(c for c in gate["checks"] if c["id"] == "kto.loads")
     assert not loads["passed"] and "no config.json" in loads["detail"]
 
@@ -320,8 +322,8 @@ def test_force_skip_fails_the_gate_with_the_skip_reason_and_advice(tmp_path, pro
     root = tmp_path / "out"
     cfg = load_config(tier="tiny", env={"PIPELINE_ROOT": str(root)})
     build_run(root, cfg, force_skip=True)
-    rc = checker.main(cfg, Console(file=io.StringIO()))
-    gate = json.loads((root / checker.GATE).read_text())
+    rc = G.main(cfg, Console(file=io.StringIO()))
+    gate = json.loads((root / G.GATE).read_text())
     assert rc == 1 and gate["strict_pass"] is False
     metrics = next(c for c in gate["checks"] if c["id"] == "sft.metrics")
     assert "FORCE_SKIP_TRAINING=true" in metrics["detail"] and "unset" in metrics["todo"]
@@ -334,22 +336,22 @@ def test_force_skip_fails_the_gate_with_the_skip_reason_and_advice(tmp_path, pro
 
 def test_main_writes_both_verdicts_and_never_reads_an_old_one(run):
     root, cfg, _ = run
-    assert checker.main(cfg, Console(file=io.StringIO())) == 0
+    assert G.main(cfg, Console(file=io.StringIO())) == 0
     delete_final(root, cfg)
     # a forged earlier verdict must not matter
-    ev.atomic_write_json(root / checker.GATE, {"strict_pass": True, "failed": [], "checks": []})
-    assert checker.main(cfg, Console(file=io.StringIO())) == 1
-    gate = json.loads((root / checker.GATE).read_text())
+    ev.atomic_write_json(root / G.GATE, {"strict_pass": True, "failed": [], "checks": []})
+    assert G.main(cfg, Console(file=io.StringIO())) == 1
+    gate = json.loads((root / G.GATE).read_text())
     assert gate["strict_pass"] is False and "kto.checkpoint" in gate["failed"]
     md = (root / "reports/migration/gpu_completion_check.md").read_text()
     assert md.index("kto.checkpoint") < md.index("## Passing") and "what to do" in md
-    readiness = json.loads((root / checker.READINESS).read_text())
+    readiness = json.loads((root / READINESS).read_text())
     assert readiness["ready_for_writing"] is False
     assert (root / "reports/thesis_support/thesis_readiness.md").is_file()
 
 
 def _thesis_artifacts(root):
-    for rel in checker.ARTIFACTS:
+    for rel in ARTIFACTS:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("x")
     (root / "reports/figures").mkdir(parents=True, exist_ok=True)
@@ -366,7 +368,7 @@ def test_smoke_tiers_are_never_ready_for_writing(tmp_path, tier):
     cfg = load_config(tier=tier, env={"PIPELINE_ROOT": str(tmp_path)})
     _thesis_artifacts(tmp_path)
     _full_size_eval(tmp_path, cfg)
-    r = checker.thesis_readiness(cfg, strict_pass=True)
+    r = thesis_readiness(cfg, strict_pass=True)
     assert r["ready_for_writing"] is False
     assert r["blockers"] == [f"tier {tier} is a smoke tier: never ready for writing (use MODEL_TIER=7b or 14b on a GPU)"]
 
@@ -375,12 +377,12 @@ def test_a_complete_7b_run_is_ready_and_each_gap_is_a_blocker(tmp_path):
     cfg = load_config(tier="7b", env={"PIPELINE_ROOT": str(tmp_path)})
     _thesis_artifacts(tmp_path)
     _full_size_eval(tmp_path, cfg)
-    assert checker.thesis_readiness(cfg, strict_pass=True)["ready_for_writing"] is True
-    assert not checker.thesis_readiness(cfg, strict_pass=False)["ready_for_writing"]
+    assert thesis_readiness(cfg, strict_pass=True)["ready_for_writing"] is True
+    assert not thesis_readiness(cfg, strict_pass=False)["ready_for_writing"]
     (tmp_path / "reports/figures/sft_loss.png").unlink()
     (tmp_path / "reports/sota_compare.md").unlink()
     _edit_json(tmp_path / "reports/eval/eval_default.json", lambda d: d["sets"]["medqa"].update(planned_n=50))
-    blockers = " ".join(checker.thesis_readiness(cfg, strict_pass=True)["blockers"])
+    blockers = " ".join(thesis_readiness(cfg, strict_pass=True)["blockers"])
     assert "reports/sota_compare.md" in blockers and "reports/figures/*.png" in blockers and "medqa (50 of 100)" in blockers
 
 
@@ -391,20 +393,22 @@ def test_keys_warns_per_enabled_flag_and_never_prints_the_key(tmp_path, monkeypa
     monkeypatch.setenv("ENABLE_LLM_RISK_JUDGE", "true")
     monkeypatch.setenv("ENABLE_V2_LLM_FALLBACK", "false")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-do-not-print")
-    assert checker.cli(["keys"]) == 0
+    assert day1.cli(["keys"]) == 0
     assert "sk-test-do-not-print" not in capsys.readouterr().out
     monkeypatch.setenv("OPENAI_API_KEY", "")
-    assert checker.cli(["keys"]) == 3
+    assert day1.cli(["keys"]) == 3
     out = capsys.readouterr().out
     assert "ENABLE_LLM_JUDGE=true will fail" in out and "ENABLE_LLM_RISK_JUDGE=true will fail" in out
     assert "ENABLE_V2_LLM_FALLBACK" not in out
     monkeypatch.setenv("ENABLE_LLM_JUDGE", "maybe")
-    assert checker.cli(["keys"]) == 2
+    assert day1.cli(["keys"]) == 2
 
 
 def _steps(tmp_path, rows):
-    f = tmp_path / "steps.tsv"
-    f.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    """Step records as day1_run.sh writes them: one JSON object per line."""
+    f = tmp_path / "steps.jsonl"
+    keys = ("name", "status", "rc", "seconds", "log", "note")
+    f.write_text("".join(json.dumps(dict(zip(keys, r))) + "\n" for r in rows))
     return f
 
 
@@ -413,8 +417,8 @@ def test_dry_run_summary_says_nothing_was_trained(tmp_path, monkeypatch):
     monkeypatch.setenv("MODEL_TIER", "tiny")
     steps = _steps(tmp_path, [("gpu-check", "ok", 0, 3, "day1_gpu-check.log", ""),
                               ("dry-run", "ok", 0, 9, "day1_dry-run.log", "")])
-    assert checker.cli(["summary", str(steps), "--dry-run"]) == 0
-    s = json.loads((tmp_path / checker.SUMMARY).read_text())
+    assert day1.cli(["summary", str(steps), "--dry-run"]) == 0
+    s = json.loads((tmp_path / day1.SUMMARY).read_text())
     assert s["trained"] is False and "nothing was trained" in s["verdict"] and "passed" in s["verdict"]
     assert s["steps"][1]["log"] == "reports/logs/day1_dry-run.log"
     assert "nothing was trained" in (tmp_path / "reports/migration/day1_run_summary.md").read_text()
@@ -423,13 +427,13 @@ def test_dry_run_summary_says_nothing_was_trained(tmp_path, monkeypatch):
 def test_summary_takes_the_verdict_from_the_gate_step_and_lists_first_fixes(run, monkeypatch):
     root, cfg, _ = run
     delete_final(root, cfg)
-    checker.main(cfg, Console(file=io.StringIO()))
+    G.main(cfg, Console(file=io.StringIO()))
     monkeypatch.setenv("PIPELINE_ROOT", str(root))
     monkeypatch.setenv("MODEL_TIER", "tiny")
     steps = _steps(root, [("gpu-run", "ok", 0, 100, "day1_gpu-run.log", ""),
                           ("gpu-complete-check", "failed", 1, 5, "day1_gpu-complete-check.log", "")])
-    checker.cli(["summary", str(steps)])
-    s = json.loads((root / checker.SUMMARY).read_text())
+    day1.cli(["summary", str(steps)])
+    s = json.loads((root / day1.SUMMARY).read_text())
     assert s["gate"]["strict_pass"] is False and s["verdict"] == "strict_pass: false"
     assert any(f.startswith("kto.checkpoint") for f in s["first_fixes"])
     assert s["thesis_readiness"]["ready_for_writing"] is False
@@ -437,8 +441,8 @@ def test_summary_takes_the_verdict_from_the_gate_step_and_lists_first_fixes(run,
 
 def test_summary_ignores_a_gate_report_older_than_this_run(run, monkeypatch):
     root, cfg, _ = run
-    checker.main(cfg, Console(file=io.StringIO()))            # an earlier verdict on disk
-    os.utime(root / checker.GATE, (1, 1))
+    G.main(cfg, Console(file=io.StringIO()))            # an earlier verdict on disk
+    os.utime(root / G.GATE, (1, 1))
     (root / "reports/logs").mkdir(parents=True, exist_ok=True)
     (root / "reports/logs/day1_gpu-run.log").write_text("failed sft: boom\n")
     (root / "reports/logs/day1_gpu-complete-check.log").write_text("Traceback ...\nKeyError: 'x'\n")
@@ -446,8 +450,8 @@ def test_summary_ignores_a_gate_report_older_than_this_run(run, monkeypatch):
     monkeypatch.setenv("MODEL_TIER", "tiny")
     steps = _steps(root, [("gpu-run", "failed", 2, 100, "day1_gpu-run.log", ""),
                           ("gpu-complete-check", "failed", 2, 5, "day1_gpu-complete-check.log", "")])
-    checker.cli(["summary", str(steps)])
-    s = json.loads((root / checker.SUMMARY).read_text())
+    day1.cli(["summary", str(steps)])
+    s = json.loads((root / day1.SUMMARY).read_text())
     assert s["gate"]["failed"] == [] and s["gate"]["strict_pass"] is False
     assert any("failed sft: boom" in f for f in s["first_fixes"]) and any("did it crash" in f for f in s["first_fixes"])
 
@@ -464,7 +468,7 @@ def test_summary_ignores_a_gate_report_older_than_this_run(run, monkeypatch):
 def test_invariants_name_the_missing_field_or_the_broken_rule(run, stage, edit, says):
     root, cfg, _ = run
     _edit_json(root / METRICS[stage], edit)
-    gate = checker.evaluate(cfg)
+    gate = G.evaluate(cfg)
     check = next(c for c in gate["checks"] if c["id"] == f"{stage}.invariants")
     assert not check["passed"] and says in check["detail"], check["detail"]
     assert check["todo"].startswith("the metrics predate these fields, or the trainer broke an invariant")
@@ -474,7 +478,7 @@ def test_invariants_name_the_missing_field_or_the_broken_rule(run, stage, edit, 
 def test_invariants_pass_for_fp16_with_float32_trainables_and_report_them(run):
     root, cfg, _ = run
     _edit_json(root / METRICS["sft"], lambda d: d["precision"].update(dtype="fp16", trainable_dtype="float32"))
-    gate = checker.evaluate(cfg)
+    gate = G.evaluate(cfg)
     assert gate["strict_pass"], gate["failed"]
     detail = next(c["detail"] for c in gate["checks"] if c["id"] == "kto.invariants")
     assert "float32" in detail and "every KTO batch >= 2" in detail
@@ -482,8 +486,8 @@ def test_invariants_pass_for_fp16_with_float32_trainables_and_report_them(run):
 
 def test_the_gate_records_how_many_models_its_probes_held(run, probes):
     root, cfg, _ = run
-    checker.main(cfg, Console(file=io.StringIO()))
-    gate = json.loads((root / checker.GATE).read_text())
+    G.main(cfg, Console(file=io.StringIO()))
+    gate = json.loads((root / G.GATE).read_text())
     assert gate["max_live_models"] == 0 and gate["base_loads"] == 0   # the fake probes load nothing
     assert len(probes) == 4
 
@@ -496,14 +500,14 @@ def _rehearsal_gpu_check(root, cfg):
 def test_a_rehearsal_passes_strict_but_is_never_ready_for_writing(run, tmp_path):
     root, cfg, _ = run
     _rehearsal_gpu_check(root, cfg)
-    assert checker.evaluate(cfg)["strict_pass"]                  # a normal Day-1 for the gate
+    assert G.evaluate(cfg)["strict_pass"]                  # a normal Day-1 for the gate
     cfg7 = load_config(tier="7b", env={"PIPELINE_ROOT": str(tmp_path / "7b")})
     _thesis_artifacts(tmp_path / "7b")
     _full_size_eval(tmp_path / "7b", cfg7)
-    assert checker.thesis_readiness(cfg7, strict_pass=True)["ready_for_writing"] is True
+    assert thesis_readiness(cfg7, strict_pass=True)["ready_for_writing"] is True
     write(tmp_path / "7b", cfg7, "gpu_check", common(cfg7, "gpu_check", plan={"device": "cpu"}))
     _rehearsal_gpu_check(tmp_path / "7b", cfg7)
-    r = checker.thesis_readiness(cfg7, strict_pass=True)
+    r = thesis_readiness(cfg7, strict_pass=True)
     assert r["ready_for_writing"] is False and r["blockers"] == ["rehearsal: the weights were a stand-in"]
     assert r["rehearsal"] == ["reports/migration/gpu_check.json"]
 
@@ -513,7 +517,7 @@ def test_a_rehearsal_flag_in_any_training_metrics_blocks_writing(tmp_path):
     _thesis_artifacts(tmp_path)
     _full_size_eval(tmp_path, cfg)
     write(tmp_path, cfg, "kto", common(cfg, "kto", rehearsal={"steps": 6}))
-    r = checker.thesis_readiness(cfg, strict_pass=True)
+    r = thesis_readiness(cfg, strict_pass=True)
     assert r["blockers"] == ["rehearsal: the weights were a stand-in"] and r["rehearsal"] == [METRICS["kto"]]
 
 
@@ -527,8 +531,71 @@ def test_a_rehearsal_is_probed_on_the_plan_it_ran_against_its_stand_in(tmp_path)
     write(tmp_path, cfg, "gpu_check", common(cfg, "gpu_check", plan=gpu, rehearsal={"differences": ["cpu"]},
                                              run_plan=dict(gpu, device="cpu", attn_implementation="sdpa",
                                                            rehearsal=True)))
-    assert checker.probe_plan(tmp_path) == {"device": "cpu", "precision": "bf16", "attn_implementation": "sdpa",
+    assert G.probe_plan(tmp_path) == {"device": "cpu", "precision": "bf16", "attn_implementation": "sdpa",
                                             "quantization": "nf4", "rehearsal": True}
     stand_in = str(models.cached_model_dir("tiny", cfg.cache_dir, cfg.model.tiny_seed))
-    check = checker._check_base(cfg, "dpo", {"base_model": stand_in}, "reports/training/dpo_metrics.json")
-    assert check["passed"], check["detail"]
+    g = G.Gate(cfg, REGISTRY, G.probe_plan(tmp_path)).of(REGISTRY["dpo"])
+    check = training_checks.check_base(g, {"base_model": stand_in})
+    assert check.passed and check.evidence == "reports/training/dpo_metrics.json", check.detail
+
+
+# --- advice keyed by code; the registry is the only list of methods -----------------------------------------
+def test_a_failed_check_gets_the_advice_of_its_code_not_of_words_in_its_reason(run):
+    root, cfg, _ = run
+    write(root, cfg, "sft", common(cfg, "sft", status="skipped", skipped=True, reason_code="no_cuda",
+                                   reason="hardware plan: the words FORCE_SKIP_TRAINING and memory mean nothing here"))
+    gate = G.evaluate(cfg)
+    checks = {c["id"]: c for c in gate["checks"]}
+    sft = checks["sft.metrics"]
+    assert not sft["passed"] and sft["code"] == "no_cuda"
+    assert sft["todo"] == G.ADVICE["no_cuda"].format(var="MIN_CUDA_MEM_GB_7B")
+    assert checks["sft.checkpoint"]["todo"] == "fix sft.metrics first"
+    # eval scored an SFT final whose metrics are no longer ok: no code of its own, so its failure is upstream's
+    assert not checks["eval.coverage"]["passed"] and "code" not in checks["eval.coverage"]
+    assert checks["eval.coverage"]["todo"] == G.ADVICE["upstream_failed"].format(upstream="sft")
+
+
+@pytest.mark.parametrize("code", ["skip_forced", "oom", "too_little_memory", "undeclared_read", "infeasible_plan"])
+def test_advice_is_a_table_keyed_by_code(code):
+    cfg = load_config(tier="14b", env={})
+    check = {"id": "kto.metrics", "passed": False, "detail": "CUDA memory feasible FORCE_SKIP_TRAINING", "code": code}
+    assert G.advice(cfg, check) == G.ADVICE[code].format(stage="kto", var="MIN_CUDA_MEM_GB_14B")
+    assert G.advice(cfg, dict(check, code=None)) == G.ADVICE["metrics"].format(stage="kto")
+
+
+def test_the_engine_records_the_code_a_stage_raised(tmp_path):
+    from pipeline.core import Registry, SkipStage, Stage
+
+    def skip(ctx):
+        raise SkipStage("no GPU here", code="no_cuda")
+    reg = Registry([Stage("probe", "reports/probe.json", run=skip, schema="_common")])
+    cfg = load_config(tier="tiny", env={"PIPELINE_ROOT": str(tmp_path)})
+    engine.run_stage(reg["probe"], cfg, Console(file=io.StringIO()), reg)
+    doc = ev.read_json(tmp_path / "reports/probe.json")
+    assert doc["status"] == "skipped" and doc["reason_code"] == "no_cuda"
+
+
+def test_a_method_added_to_the_registry_gets_every_training_check(run, monkeypatch):
+    """A fifth method in a fake registry: the gate asks the shared training checks for it (nothing heavy runs:
+    its metrics are missing, so everything after metrics is blocked), including from_<start>."""
+    from pipeline.core import Method, Registry, Stage
+    root, cfg, _ = run
+    orpo = Stage("orpo", "reports/training/orpo_metrics.json", needs=("sft",), training=True,
+                 method=Method("checkpoints/orpo-real-baseline", trainer="ORPOTrainer", reference="none"))
+    fake = Registry([REGISTRY["gpu_check"], REGISTRY["sft"], orpo])
+    asked, shared = [], training_checks.checks
+
+    def spy(g, doc):
+        asked.append(g.stage.name)
+        return shared(g, doc)
+    monkeypatch.setattr(training_checks, "checks", spy)
+    gate = G.evaluate(cfg, registry=fake)
+    ids = [c["id"] for c in gate["checks"]]
+    assert asked == ["orpo"]   # sft brings its own (the same shared function, bound at import)
+    kinds = ["metrics", "checkpoint", "loads", "curve", "steps", "base_model", "invariants"]
+    assert [i for i in ids if i.startswith("orpo.")] == [f"orpo.{k}" for k in kinds + ["from_sft"]]
+    assert [i for i in ids if i.startswith("sft.")] == [f"sft.{k}" for k in kinds]
+    assert gate["failed"][0] == "orpo.metrics" and "orpo_metrics.json is missing" in gate["checks"][7]["detail"]
+    blocked = {c["id"]: c["blocked_by"] for c in gate["checks"] if c.get("blocked_by")}
+    assert blocked == {f"orpo.{k}": "orpo.metrics" for k in kinds[1:] + ["from_sft"]}
+    assert REGISTRY.methods == ("sft", "dpo", "simpo", "kto") and fake.methods == ("sft", "orpo")
