@@ -72,7 +72,8 @@ class Stage:
     runs_after_skip: bool = False                    # still runs when a need was skipped
     needs_methods: bool = False                      # needs every training method in the registry
     done_status: str = "ok"
-    always_run: bool = False                         # machine-dependent (the hardware probe): never "up to date"
+    always_run: bool = False                         # never "up to date"
+    machine: Callable | None = None                  # cfg -> facts about this machine that enter the fingerprint
     method: Method | None = None
     config: type | None = None                       # a method's config section (settings.SFTCfg, ...)
     schema: str | None = None                        # schema file name (default: the stage name)

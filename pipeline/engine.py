@@ -170,6 +170,9 @@ def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: boo
     root = Path(cfg.root)
     fp, inputs = fingerprint(stage, cfg, registry)
     current = status_of(stage, cfg, fp)
+    machine = ev.sha256_json(stage.machine(cfg)) if stage.machine else None
+    if machine and current == stage.done_status and _read_doc(stage, cfg).get("machine_sha256") != machine:
+        current = "stale"   # another boot, GPU or build: probe again (downstream fingerprints do not move)
     if current == stage.done_status and not force and not stage.always_run:
         console.print(f"[green]✓ {stage.name}[/]: up to date")
         return "ok"
@@ -205,7 +208,12 @@ def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: boo
             import traceback
             traceback.print_exc()
             result = StageFailed(f"{type(exc).__name__}: {exc}")
-    return _finish(stage, cfg, console, fp, inputs, started, result, time.monotonic() - t0, reads)
+    return _finish(stage, cfg, console, fp, inputs, started, result, time.monotonic() - t0, reads, machine)
+
+
+def _read_doc(stage: Stage, cfg: Config) -> dict:
+    doc = ev.read_json(Path(cfg.root) / stage.evidence(cfg))
+    return doc if isinstance(doc, dict) else {}
 
 
 def make_ctx(stage: Stage, cfg: Config, console, registry: Registry, fp: str = "", reads: set | None = None) -> Ctx:
@@ -224,7 +232,8 @@ def _fresh_process_state() -> None:
         sys.modules["torch"].cuda.reset_peak_memory_stats()
 
 
-def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0, reads: set | None = None) -> str:
+def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0, reads: set | None = None,
+            machine: str | None = None) -> str:
     root = Path(cfg.root)
     fields: dict = {}
     if isinstance(result, SkipStage):
@@ -245,7 +254,7 @@ def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0, read
     doc = {"stage": stage.name, "status": status, "skipped": status == "skipped", "reason": reason,
            "started_at": started, "finished_at": now(), "duration_s": round(duration, 3), "git_commit": git_commit(),
            "config_hash": ev.sha256_json(declared_config(stage, cfg)), "fingerprint": fp,
-           "config_read": sorted(reads or ()),
+           "config_read": sorted(reads or ()), **({"machine_sha256": machine} if machine else {}),
            "reason_code": getattr(result, "code", None),
            "versions": versions(), "inputs": inputs, "outputs": outputs, "model_tier": cfg.tier, **fields}
     errors = ev.validate(stage.schema or stage.name, doc)

@@ -97,6 +97,32 @@ def _nvidia_smi() -> dict:
     return {"available": True, "error": None, "rows": rows, "raw": out.stdout}
 
 
+IDENTITY_SMI = ("name", "uuid", "driver_version", "memory.total")   # not free memory: it moves all the time
+
+
+def machine_identity(visible_devices: str | None) -> dict:
+    """What the plan depends on about this machine, found without importing torch: this boot, the GPUs that
+    nvidia-smi lists (not their free memory), which of them are visible, and the installed torch, bitsandbytes and
+    flash-attn builds. While it is unchanged the recorded probe still holds (`make gpu-check` probes anew)."""
+    from importlib import metadata
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    gpus = None
+    if exe := shutil.which("nvidia-smi"):
+        try:
+            gpus = subprocess.run([exe, f"--query-gpu={','.join(IDENTITY_SMI)}", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            gpus = f"{type(e).__name__}: {e}"
+    builds = {}
+    for pkg in ("torch", "bitsandbytes", "flash-attn"):
+        try:
+            builds[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            builds[pkg] = None
+    return {"boot_id": boot.read_text().strip() if boot.is_file() else None, "gpus": gpus,
+            "visible_devices": visible_devices, "builds": builds}
+
+
 def _torch_devices(result: dict) -> list[dict]:
     import torch
     result["torch_version"] = torch.__version__

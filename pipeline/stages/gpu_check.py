@@ -12,7 +12,13 @@ from pipeline import hardware as hw
 from pipeline.settings import HUB_MODELS
 from pipeline.core import Stage
 
-STAGE = Stage("gpu_check", "reports/migration/gpu_check.json", always_run=True, in_dry_run=True, reads=(
+def machine(cfg) -> dict:
+    from pipeline.settings import environment
+    return hw.machine_identity(environment().get("CUDA_VISIBLE_DEVICES"))
+
+
+# machine-dependent: up to date only while machine() is unchanged (same boot, GPUs, builds); make gpu-check forces it
+STAGE = Stage("gpu_check", "reports/migration/gpu_check.json", machine=machine, in_dry_run=True, reads=(
     "lora.r", "lora.target_modules", "model.flash_attn", "model.qlora", "model.tiny_seed", "runtime.deepspeed_config",
     "runtime.gpu_probe_file", "runtime.min_cuda_mem_gb_7b", "runtime.min_cuda_mem_gb_14b", "runtime.nproc",
     "runtime.rehearsal", "runtime.rehearsal_changes", "@methods.activation_checkpointing", "@methods.batch_size",

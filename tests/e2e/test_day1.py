@@ -176,3 +176,16 @@ def test_every_stage_read_what_it_declared_and_declared_what_it_read(day1):
         unread = sorted(k for k in declared - other - {"*"} if k not in read and not any(r.startswith(k + ".") for r in read))
         assert unread == [], f"{stage.name} declares keys it never read: {unread}"
     assert seen >= 9
+
+
+def test_the_up_to_date_path_imports_no_torch_transformers_or_trl(day1):
+    """`make gpu-run` on a finished root: every stage up to date (gpu_check too, same machine), and the process
+    never imports the heavy libraries (~6 s of imports per process otherwise)."""
+    code = ("import runpy, sys\nsys.argv = ['pipeline', 'run', 'all']\ntry:\n    runpy.run_module('pipeline', "
+            "run_name='__main__')\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print('HEAVY', [m for m in ('torch', 'transformers', 'trl') if m in sys.modules])")
+    done = subprocess.run([os.sys.executable, "-c", code], cwd=REPO, env={**os.environ, "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "HEAVY []" in done.stdout
+    assert done.stdout.count("up to date") >= 9, done.stdout[-2000:]

@@ -402,3 +402,17 @@ def test_a_reason_with_brackets_is_printed_not_parsed_as_markup(tmp_path):
     reason = "RuntimeError: [/__w/pytorch/third_party/gloo/pair.cc:553] Connection closed by peer"
     engine._finish(stage, cfg, console, "0" * 64, {}, engine.now(), engine.StageFailed(reason))
     assert "[/__w/pytorch/third_party/gloo/pair.cc:553]" in console.file.getvalue()
+
+
+def test_a_machine_dependent_stage_reruns_on_another_machine_and_its_downstream_stays_fresh(fake):
+    """gpu_check is up to date while the machine is the same (no torch import, no probe); on another boot/GPU it
+    probes again, and what depends on it is not retrained for that alone."""
+    here = {"boot": "A"}
+    fake.registry = fake_stages.registry(fake.data, fake_a={"machine": lambda cfg: dict(here)})
+    fake.run("fake_b")
+    fake.run("fake_b")
+    assert dict(CALLS) == {"fake_a": 1, "fake_b": 1}
+    here["boot"] = "B"
+    fake.run("fake_b")
+    assert dict(CALLS) == {"fake_a": 2, "fake_b": 1}
+    assert fake.doc("fake_a")["machine_sha256"] == ev.sha256_json({"boot": "B"})
