@@ -5,7 +5,7 @@ Writes checkpoints/dpo-real-baseline/final and reports/training/dpo_metrics.json
 from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
-from pipeline.settings import PreferenceCfg
+from pipeline.sections import PreferenceCfg
 from pipeline.training_checks import checks
 
 # chosen + rejected go through the model as one batch; QLoRA trainables cast to bf16 (trl/trainer/dpo_trainer.py:726-729)

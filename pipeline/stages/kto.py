@@ -5,7 +5,7 @@ Writes checkpoints/kto-real-baseline/final and reports/training/kto_metrics.json
 from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
-from pipeline.settings import PreferenceCfg
+from pipeline.sections import PreferenceCfg
 from pipeline.training_checks import checks
 
 # KTOTrainer refuses a per-device batch of 1 (trl/trainer/kto_trainer.py:844-847); its KL completions run under

@@ -6,7 +6,7 @@ Writes checkpoints/orpo-real-baseline/final and reports/training/orpo_metrics.js
 from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
-from pipeline.settings import PreferenceCfg
+from pipeline.sections import PreferenceCfg
 
 # chosen + rejected in one batch; it takes outputs.logits (trl/experimental/orpo/orpo_trainer.py:777) and, given a
 # PeftModel without a peft_config, leaves the adapters' dtype alone (orpo_trainer.py:202-265)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
-from pipeline.settings import SFTCfg
+from pipeline.sections import SFTCfg
 from pipeline.training_checks import checks
 
 # QLoRA trainables cast to bf16 (trl/trainer/sft_trainer.py:908-911)

@@ -5,7 +5,7 @@ Writes checkpoints/simpo-real-baseline/final and reports/training/simpo_metrics.
 from pipeline import data as D
 from pipeline import training as T
 from pipeline.core import Method, Stage
-from pipeline.settings import SimPOCfg
+from pipeline.sections import SimPOCfg
 from pipeline.training_checks import checks
 
 # CPOTrainer takes outputs.logits (trl/experimental/cpo/cpo_trainer.py:824) and keeps a PeftModel's fp32 adapters

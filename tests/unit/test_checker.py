@@ -19,10 +19,10 @@ from pipeline.settings import load_config  # noqa: E402
 from pipeline.stages import REGISTRY  # noqa: E402
 
 SFT = "checkpoints/layer_b/tiny_sft/final"
-FINALS = {"sft": SFT, "dpo": "checkpoints/dpo-real-baseline/final",
-          "simpo": "checkpoints/simpo-real-baseline/final", "kto": "checkpoints/kto-real-baseline/final"}
-METRICS = {"sft": "reports/training/layer_b_tiny_sft_metrics.json", "dpo": "reports/training/dpo_metrics.json",
-           "simpo": "reports/training/simpo_metrics.json", "kto": "reports/training/kto_metrics.json"}
+# every method the registry has (the CONTRACT paths of the four first ones are pinned in tests/e2e/test_day1.py)
+FINALS = {m: REGISTRY[m].method.checkpoint.format(slug="tiny") + "/final" for m in REGISTRY.methods}
+METRICS = {m: REGISTRY[m].evidence_path.format(slug="tiny") for m in REGISTRY.methods}
+assert FINALS["sft"] == SFT and METRICS["kto"] == "reports/training/kto_metrics.json"
 
 
 def common(cfg, stage, **fields):
@@ -489,7 +489,7 @@ def test_the_gate_records_how_many_models_its_probes_held(run, probes):
     G.main(cfg, Console(file=io.StringIO()))
     gate = json.loads((root / G.GATE).read_text())
     assert gate["max_live_models"] == 0 and gate["base_loads"] == 0   # the fake probes load nothing
-    assert len(probes) == 4
+    assert len(probes) == len(REGISTRY.methods)   # one probe per final
 
 
 def _rehearsal_gpu_check(root, cfg):
@@ -576,13 +576,13 @@ def test_the_engine_records_the_code_a_stage_raised(tmp_path):
 
 
 def test_a_method_added_to_the_registry_gets_every_training_check(run, monkeypatch):
-    """A fifth method in a fake registry: the gate asks the shared training checks for it (nothing heavy runs:
+    """A new method in a fake registry: the gate asks the shared training checks for it (nothing heavy runs:
     its metrics are missing, so everything after metrics is blocked), including from_<start>."""
     from pipeline.core import Method, Registry, Stage
     root, cfg, _ = run
-    orpo = Stage("orpo", "reports/training/orpo_metrics.json", needs=("sft",), training=True,
-                 method=Method("checkpoints/orpo-real-baseline", trainer="ORPOTrainer", reference="none"))
-    fake = Registry([REGISTRY["gpu_check"], REGISTRY["sft"], orpo])
+    new = Stage("newmethod", "reports/training/newmethod_metrics.json", needs=("sft",), training=True,
+                method=Method("checkpoints/newmethod-real-baseline", trainer="NewTrainer", reference="none"))
+    fake = Registry([REGISTRY["gpu_check"], REGISTRY["sft"], new])
     asked, shared = [], training_checks.checks
 
     def spy(g, doc):
@@ -591,11 +591,12 @@ def test_a_method_added_to_the_registry_gets_every_training_check(run, monkeypat
     monkeypatch.setattr(training_checks, "checks", spy)
     gate = G.evaluate(cfg, registry=fake)
     ids = [c["id"] for c in gate["checks"]]
-    assert asked == ["orpo"]   # sft brings its own (the same shared function, bound at import)
+    assert asked == ["newmethod"]   # sft brings its own (the same shared function, bound at import)
     kinds = ["metrics", "checkpoint", "loads", "curve", "steps", "base_model", "invariants"]
-    assert [i for i in ids if i.startswith("orpo.")] == [f"orpo.{k}" for k in kinds + ["from_sft"]]
+    assert [i for i in ids if i.startswith("newmethod.")] == [f"newmethod.{k}" for k in kinds + ["from_sft"]]
     assert [i for i in ids if i.startswith("sft.")] == [f"sft.{k}" for k in kinds]
-    assert gate["failed"][0] == "orpo.metrics" and "orpo_metrics.json is missing" in gate["checks"][7]["detail"]
+    assert gate["failed"][0] == "newmethod.metrics"
+    assert "newmethod_metrics.json is missing" in gate["checks"][7]["detail"]
     blocked = {c["id"]: c["blocked_by"] for c in gate["checks"] if c.get("blocked_by")}
-    assert blocked == {f"orpo.{k}": "orpo.metrics" for k in kinds[1:] + ["from_sft"]}
-    assert REGISTRY.methods == ("sft", "dpo", "simpo", "kto") and fake.methods == ("sft", "orpo")
+    assert blocked == {f"newmethod.{k}": "newmethod.metrics" for k in kinds[1:] + ["from_sft"]}
+    assert fake.methods == ("sft", "newmethod")
