@@ -21,6 +21,7 @@ from pipeline.core import Stage
 
 STAGE = Stage("judge", "reports/judge/judge_summary.json", needs=("sft",), needs_methods=True, reads=(
     *training.SFT_DATA, "judge", "eval.batch_size", "model.name", "model.tiny_seed", "runtime.force_skip_training",
+    "runtime.rehearsal_fraction",
     "runtime.rehearsal"),
               inputs=D.files("sft_path"), runs_after_skip=True)
 

@@ -149,7 +149,8 @@ def test_eval_and_the_gate_probe_every_variant_on_one_base_load(day1, monkeypatc
 # Keys a stage declares but reads only on some paths, which the tiny Day-1 (CPU, judges off, no OOM) does not take.
 READ_ON_OTHER_PATHS = {
     "eval": {"judge.base_url", "judge.concurrency", "judge.max_reasks", "judge.max_retries", "judge.timeout_s"},
-    "judge": {"eval.batch_size", "model.name", "model.tiny_seed", "runtime.force_skip_training"},
+    "judge": {"eval.batch_size", "model.name", "model.tiny_seed", "runtime.force_skip_training",
+              "runtime.rehearsal_fraction"},
     "dry_run": {"sft.max_length", "runtime.rehearsal_fraction"},   # a curriculum has its own lengths; rehearsal
     "gpu_check": {"model.tiny_seed", "runtime.rehearsal_changes"},   # in a rehearsal
     "sft": {"sft.max_length"},

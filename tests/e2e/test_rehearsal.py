@@ -92,8 +92,8 @@ def test_every_trainer_ran_the_tier_config_with_the_gpu_invariants(rehearsal, st
     assert (m["precision"]["dtype"], m["precision"]["quantization"]) == (want["precision"], want["quantization"])
     if want["precision"] == "fp16":                             # GradScaler unscales fp32 gradients only
         assert m["precision"]["trainable_dtype"] == "float32"
-    else:   # TRL's SFT/DPO/KTO keep QLoRA adapters in bf16 (their choice); CPOTrainer (SimPO) leaves them fp32
-        bf16 = want["quantization"] and stage != "simpo"
+    else:   # TRL's SFT/DPO/KTO keep QLoRA adapters in bf16 (their choice); CPO (SimPO) and ORPO leave them fp32
+        bf16 = want["quantization"] and REGISTRY[stage].method.casts_adapters_bf16   # TRL casts (not CPO, ORPO)
         assert m["precision"]["trainable_dtype"] == ("bfloat16" if bf16 else "float32")
     assert m["memory"]["max_live_models"] == 1, m["memory"]
     weights = m["dtype_audit"]["by_dtype"]
