@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from pipeline import evalsets
+from pipeline.stages import REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ("day1", "sft", "eval", "judge", "cuda")
@@ -38,7 +39,7 @@ CLEARED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "MODEL_NAME", "ALLOW_SKIP_TRAINI
            "MEDLLM_INJECT_OOM_AT_STEP", "MEDLLM_CACHE", "MODEL_TIER", "PIPELINE_ROOT")
 # Smallest settings for --quick (and the soak's quick base run): every stage still runs, for a few steps.
 QUICK_OVERRIDES = ["sft.max_steps=6", "sft.curriculum=[]", "sft.save_steps=2", "sft.eval_steps=3",
-                   *[f"{s}.{k}={v}" for s in ("dpo", "simpo", "kto") for k, v in (("max_steps", 4), ("save_steps", 2))],
+                   *[f"{s}.{k}={v}" for s in REGISTRY.aligned for k, v in (("max_steps", 4), ("save_steps", 2))],
                    "eval.sample_sizes={%s}" % ", ".join(f"{name}: 2" for name in evalsets.names()),
                    "eval.n_bootstrap=50"]
 

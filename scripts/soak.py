@@ -474,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     seed = int(os.environ.get("SOAK_SEED") or 0)
     rng = random.Random(seed)
     overrides = QUICK_OVERRIDES if args.quick else []
-    stages = ["kto"] if args.quick else ["dpo", "simpo", "kto", "sft"]   # sft last: retraining it would re-chain the others
+    from pipeline.stages import REGISTRY
+    stages = ["kto"] if args.quick else [*REGISTRY.aligned, "sft"]   # sft last: retraining it would re-chain the others
     t0 = time.perf_counter()
     res: dict = {"machine": machine(), "n": n, "seed": seed, "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="medllm-soak-") as tmp:
