@@ -33,8 +33,8 @@ from pipeline.data_read import (   # re-exported (__all__)
     _parse_object, _read, _text)
 
 __all__ = ["CMMLU_HEADER", "LETTERS", "PUBMEDQA_LABELS", "load_cmmlu", "load_medqa", "load_pubmedqa",
-           "MAX_LOGGED_SKIPS", "ON_BAD_ROW", "DataError", "LoadReport", "SFT_FORMATS", "PREF_FORMATS", "ROLES",
-           "SHAREGPT_ROLES", "load_sft", "load_preferences", "load_kto", "unpair", "sample_rows",
+           "MAX_LOGGED_SKIPS", "ON_BAD_ROW", "DataError", "LoadReport", "SFT_FORMATS", "PREF_FORMATS",
+           "ROLES", "SHAREGPT_ROLES", "load_sft", "load_preferences", "load_kto", "unpair", "sample_rows",
            "split_heldout", "prompt_overlap", "files"]
 
 

@@ -1,6 +1,6 @@
-"""The evaluation-set loaders: MedQA-USMLE (JSON Lines), CMMLU's medical subjects (CSV) and PubMedQA (JSON plus
-its test ids), each -> ``(rows, [LoadReport])`` in the evaluation form of pipeline.data (which re-exports them):
-{"id", "set", "subject", "question", "options", "answer", "lang"}.
+"""The evaluation-set loaders: MedQA-USMLE (JSON Lines), CMMLU's medical subjects (CSV) and PubMedQA (JSON
+plus its test ids), each -> ``(rows, LoadReport or [LoadReport, ...])`` in the evaluation form of pipeline.data
+(which re-exports them): {"id", "set", "subject", "question", "options", "answer", "lang"}.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The reading layer every data loader shares (pipeline.data, pipeline.data_bench): a file read once and hashed
-exactly as parsed (LoadReport), JSON Lines records, required text fields, and the collect loop that either raises
-DataError naming ``file:line``, the field and the fix, or (``on_bad_row="skip"``) skips, counts and logs the row.
+"""The reading layer every data loader shares (pipeline.data, pipeline.data_bench): a file read once and
+hashed exactly as parsed (LoadReport), JSON Lines records, required text fields, and the collect loop that
+either raises DataError naming ``file:line``, the field and the fix, or (``on_bad_row="skip"``) skips, counts
+and logs the row.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 probe() looks at the machine (nvidia-smi + torch.cuda) and never raises; machine_identity() says, without
 importing torch, whether a recorded probe still holds. make_plan() and rehearsal_plan() are pure functions of
-plain dicts, so tests feed them simulated V100/A100/T4/CPU probes. The memory estimate the plan checks lives in
-pipeline.memory, the recorded-probe and DeepSpeed files in pipeline.probe_files (both re-exported here).
+plain dicts, so tests feed them simulated V100/A100/T4/CPU probes. The memory estimate the plan checks lives
+in pipeline.memory, the recorded-probe and DeepSpeed files in pipeline.probe_files (both re-exported here).
 "GB" here means GiB (2**30 bytes), the unit nvidia-smi (MiB) and torch (bytes) report in.
 """
 from __future__ import annotations

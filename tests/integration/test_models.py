@@ -1,4 +1,4 @@
-"""pipeline.models and pipeline.model_build on the tiny tier (marked `demo`: the SmolLM2 conversion from PyPI).
+"""pipeline.models, pipeline.model_build on the tiny tier (marked `demo`: the SmolLM2 conversion from PyPI).
 
 Run: python -m pytest tests/integration/test_models.py -x -q          (the demo test too: add -m demo)
 """
