@@ -15,136 +15,34 @@ Internal forms
                  pubmedqa: id "pubmedqa/<pmid>", subject "reasoning_required" (PubMedQA's setting: the
                            question plus its abstract contexts, without the long answer),
                            options ["yes", "no", "maybe"]
+
+The shared reading layer is pipeline/data_read.py, the evaluation-set loaders pipeline/data_bench.py; both are
+re-exported here, so ``data.load_medqa``, ``data.DataError`` etc. stay where they were. This module holds the
+training loaders (SFT, preferences, KTO), the sampling/splitting/overlap helpers and files().
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
-import logging
 import random
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
-log = logging.getLogger(__name__)
+from pipeline.data_bench import (   # re-exported (__all__)
+    CMMLU_HEADER, LETTERS, PUBMEDQA_LABELS, load_cmmlu, load_medqa, load_pubmedqa)
+from pipeline.data_read import (   # re-exported (__all__)
+    MAX_LOGGED_SKIPS, ON_BAD_ROW, DataError, LoadReport, _check_mode, _collect, _error, _jsonl_records,
+    _parse_object, _read, _text)
 
-ON_BAD_ROW = ("error", "skip")
+__all__ = ["CMMLU_HEADER", "LETTERS", "PUBMEDQA_LABELS", "load_cmmlu", "load_medqa", "load_pubmedqa",
+           "MAX_LOGGED_SKIPS", "ON_BAD_ROW", "DataError", "LoadReport", "SFT_FORMATS", "PREF_FORMATS",
+           "ROLES", "SHAREGPT_ROLES", "load_sft", "load_preferences", "load_kto", "unpair", "sample_rows",
+           "split_heldout", "prompt_overlap", "files"]
+
+
 SFT_FORMATS = {"messages": "messages", "sharegpt": "conversations", "alpaca": "instruction"}
 PREF_FORMATS = {"trl": ("prompt", "chosen", "rejected"),
                 "medicalgpt": ("question", "response_chosen", "response_rejected")}
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-LETTERS = ("A", "B", "C", "D")
-CMMLU_HEADER = ["", "Question", "A", "B", "C", "D", "Answer"]
-PUBMEDQA_LABELS = ["yes", "no", "maybe"]
-MAX_LOGGED_SKIPS = 20
-
-
-class DataError(ValueError):
-    """A data file the pipeline cannot use; the message says where, which field and what to do."""
-
-
-@dataclass
-class LoadReport:
-    path: str
-    sha256: str
-    n_rows: int = 0
-    n_skipped: int = 0
-    skipped: list[dict] = field(default_factory=list)  # [{"where": "file:line", "reason": str}]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _error(where: str, field_name: str, problem: str, fix: str) -> DataError:
-    return DataError(f"{where}: field '{field_name}': {problem}. {fix}.")
-
-
-# ---- reading files ------------------------------------------------------------------------
-
-def _read(path, source: str | None) -> tuple[str, LoadReport]:
-    """Return the file's text and a report holding the sha256 of exactly those bytes."""
-    path = Path(path)
-    if not path.is_file():
-        hint = f" (it is set by {source})" if source else ""
-        raise DataError(f"{path}: file not found{hint}. Check the path, or restore the bundled file under data/.")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise _error(f"{path}:{line}", "(encoding)", f"byte {e.start} is not UTF-8",
-                     "Re-save the file as UTF-8") from None
-    return text, LoadReport(path=str(path), sha256=hashlib.sha256(raw).hexdigest())
-
-
-def _jsonl_records(path, text: str) -> Iterable[tuple[str, str]]:
-    """(where, line text) for each non-blank line; blank lines are ignored."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            yield f"{path}:{number}", line
-
-
-def _parse_object(where: str, line: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _error(where, "(whole line)", f"not valid JSON ({e.msg} at column {e.colno})",
-                     "Fix the line; the file must be JSON Lines, one object per line") from None
-    if not isinstance(record, dict):
-        raise _error(where, "(whole line)", f"a JSON {type(record).__name__}, not an object",
-                     "Write one JSON object per line (JSON Lines), not an array")
-    return record
-
-
-def _text(where: str, record: dict, name: str, label: str | None = None, allow_empty=False) -> str:
-    """record[name] as a non-empty string; `label` is how the field is named in the message."""
-    label = label or name
-    if name not in record:
-        raise _error(where, label, "missing", f"Add '{label}' to this row")
-    value = record[name]
-    if not isinstance(value, str):
-        raise _error(where, label, f"expected a string, got {type(value).__name__}", "Store it as a JSON string")
-    if not allow_empty and not value.strip():
-        raise _error(where, label, "empty text", "Fill it in or delete the row")
-    return value
-
-
-def _collect(report: LoadReport, records: Iterable[tuple[str, object]],
-             convert: Callable[[str, object], dict], on_bad_row: str, what: str) -> list[dict]:
-    """Convert each (where, record); skip or raise on DataError; refuse an empty result and duplicate ids."""
-    rows, seen = [], {}
-    for where, record in records:
-        try:
-            row = convert(where, record)
-            if row["id"] in seen:
-                raise _error(where, "id", f"duplicate id {row['id']!r} (first at {seen[row['id']]})",
-                             "Remove the duplicate row")
-        except DataError as e:
-            if on_bad_row == "error":
-                raise
-            report.skipped.append({"where": where, "reason": str(e)})
-            continue
-        seen[row["id"]] = where
-        rows.append(row)
-    report.n_rows, report.n_skipped = len(rows), len(report.skipped)
-    for item in report.skipped[:MAX_LOGGED_SKIPS]:
-        log.warning("skipped %s", item["reason"])
-    if report.n_skipped > MAX_LOGGED_SKIPS:
-        log.warning("... and %d more skipped rows in %s", report.n_skipped - MAX_LOGGED_SKIPS, report.path)
-    if not rows:
-        why = (f"all {report.n_skipped} rows were skipped, the first because: {report.skipped[0]['reason']}"
-               if report.skipped else "the file has no rows")
-        raise DataError(f"{report.path}: empty {what} dataset: {why}. Point the config at a file with usable rows.")
-    return rows
-
-
-def _check_mode(on_bad_row: str) -> None:
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"on_bad_row={on_bad_row!r} is not accepted; use one of {', '.join(ON_BAD_ROW)}.")
 
 
 # ---- training data ------------------------------------------------------------------------
@@ -264,139 +162,6 @@ def unpair(pairs: list[dict]) -> list[dict]:
         for side, label in (("chosen", True), ("rejected", False)):
             rows.append({"id": f"{pair['id']}-{side}", "prompt": pair["prompt"], "completion": pair[side], "label": label})
     return rows
-
-
-# ---- evaluation sets ----------------------------------------------------------------------
-
-def _options(where: str, record: dict) -> dict:
-    options = record.get("options")
-    if not isinstance(options, dict) or sorted(options) != list(LETTERS):
-        raise _error(where, "options", f"expected an object with keys A, B, C, D, got {options!r:.80}",
-                     "Give exactly four options keyed A-D")
-    return {letter: _text(where, options, letter, f"options.{letter}") for letter in LETTERS}
-
-
-def load_medqa(path, on_bad_row: str = "error", source: str | None = None):
-    """MedQA-USMLE 4-option JSON Lines -> (rows, LoadReport)."""
-    _check_mode(on_bad_row)
-    text, report = _read(path, source)
-
-    def convert(where, line):
-        record = _parse_object(where, line)
-        if not isinstance(record.get("realidx"), int) or isinstance(record.get("realidx"), bool):
-            raise _error(where, "realidx", f"expected an integer, got {record.get('realidx')!r}",
-                         "Give each row its integer index")
-        question, options = _text(where, record, "question"), _options(where, record)
-        answer = _text(where, record, "answer_idx")
-        if answer not in options:
-            raise _error(where, "answer_idx", f"{answer!r} is not one of the options A-D", "Set it to the gold letter")
-        if "answer" in record and record["answer"] != options[answer]:
-            raise _error(where, "answer", f"does not match options.{answer}", "Make answer_idx and answer agree")
-        return {"id": f"medqa/{record['realidx']}", "set": "medqa", "subject": _text(where, record, "meta_info"),
-                "question": question, "options": options, "answer": answer, "lang": "en"}
-
-    return _collect(report, _jsonl_records(path, text), convert, on_bad_row, "MedQA"), report
-
-
-def _cmmlu_file(path, on_bad_row: str, source: str | None):
-    text, report = _read(path, source)
-    subject = Path(path).stem
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if header != CMMLU_HEADER:
-        raise _error(f"{path}:1", "(header)", f"expected {','.join(CMMLU_HEADER)!r}, got {','.join(header or [])!r}",
-                     "Use CMMLU's CSV layout")
-
-    def records():
-        try:
-            for row in reader:
-                if any(cell.strip() for cell in row):
-                    yield f"{path}:{reader.line_num}", row
-        except csv.Error as e:
-            raise _error(f"{path}:{reader.line_num}", "(row)", f"unreadable CSV ({e})",
-                         "Fix the quoting on this line") from None
-
-    def convert(where, row):
-        if len(row) != len(CMMLU_HEADER):
-            raise _error(where, "(row)", f"{len(row)} columns instead of {len(CMMLU_HEADER)}",
-                         "Quote cells that contain commas")
-        record = dict(zip(CMMLU_HEADER, row))
-        if not record[""].strip().isdigit():
-            raise _error(where, "(index)", f"row index {record['']!r} is not an integer", "Restore the first column")
-        options = {letter: _text(where, record, letter) for letter in LETTERS}
-        answer = record["Answer"].strip()
-        if answer not in options:
-            raise _error(where, "Answer", f"{answer!r} is not one of the options A-D", "Set it to the gold letter")
-        return {"id": f"cmmlu/{subject}/{int(record[''])}", "set": "cmmlu", "subject": subject,
-                "question": _text(where, record, "Question"), "options": options, "answer": answer, "lang": "zh"}
-
-    return _collect(report, records(), convert, on_bad_row, "CMMLU"), report
-
-
-def load_cmmlu(paths, on_bad_row: str = "error", source: str | None = None):
-    """CMMLU CSV files (a list of files, or a folder of *.csv) -> (rows, [LoadReport per file])."""
-    _check_mode(on_bad_row)
-    if isinstance(paths, (str, Path)):
-        folder = Path(paths)
-        paths = sorted(folder.glob("*.csv")) if folder.is_dir() else [folder]
-        if not paths:
-            raise DataError(f"{folder}: no *.csv files in this folder. "
-                            f"Point {source or 'the CMMLU path'} at the CMMLU CSVs.")
-    rows, reports = [], []
-    for path in paths:
-        file_rows, report = _cmmlu_file(path, on_bad_row, source)
-        rows += file_rows
-        reports.append(report)
-    return rows, reports
-
-
-def _json_object(path, source: str | None) -> tuple[dict, LoadReport]:
-    text, report = _read(path, source)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _error(f"{path}:{e.lineno}", "(whole file)", f"not valid JSON ({e.msg} at column {e.colno})",
-                     "Fix the file or restore the bundled copy") from None
-    if not isinstance(data, dict):
-        raise _error(f"{path}:1", "(whole file)", f"a JSON {type(data).__name__}, not an object keyed by PMID",
-                     "Use PubMedQA's layout")
-    return data, report
-
-
-def load_pubmedqa(ori_path, test_ids_path, on_bad_row: str = "error", source: str | None = None):
-    """PubMedQA-L restricted to the official test PMIDs -> (rows, [ori report, test-ids report])."""
-    _check_mode(on_bad_row)
-    ori, ori_report = _json_object(ori_path, source)
-    truth, truth_report = _json_object(test_ids_path, source)
-    ori_name = Path(ori_path).name
-
-    def convert(where, item):
-        pmid, label = item
-        if label not in PUBMEDQA_LABELS:
-            raise _error(where, "label", f"{label!r} is not yes, no or maybe", "Fix the gold label")
-        if pmid not in ori:
-            raise _error(where, "PMID", f"not found in {ori_name}",
-                         "Use the ori_pqal.json that goes with this test split")
-        record, ori_where = ori[pmid], f"{ori_path}:PMID {pmid}"
-        if not isinstance(record, dict):
-            raise _error(ori_where, "(entry)", f"a JSON {type(record).__name__}, not an object", "Restore the entry")
-        question = _text(ori_where, record, "QUESTION")
-        contexts = record.get("CONTEXTS")
-        if not (isinstance(contexts, list) and contexts and all(isinstance(c, str) and c.strip() for c in contexts)):
-            raise _error(ori_where, "CONTEXTS", "expected a non-empty list of non-empty strings",
-                         "Restore the abstract")
-        if record.get("final_decision", label) != label:
-            raise _error(ori_where, "final_decision",
-                         f"{record['final_decision']!r} disagrees with the test label {label!r}",
-                         "Use matching copies of ori_pqal.json and test_ground_truth.json")
-        return {"id": f"pubmedqa/{pmid}", "set": "pubmedqa", "subject": "reasoning_required",
-                "question": question + "\n\n" + "\n".join(contexts), "options": list(PUBMEDQA_LABELS),
-                "answer": label, "lang": "en"}
-
-    records = ((f"{test_ids_path}:PMID {pmid}", (pmid, label)) for pmid, label in truth.items())
-    rows = _collect(truth_report, records, convert, on_bad_row, "PubMedQA")
-    ori_report.n_rows = len(rows)
-    return rows, [ori_report, truth_report]
 
 
 # ---- sampling and overlap -----------------------------------------------------------------

@@ -22,6 +22,7 @@ from pipeline.__main__ import main
 from pipeline.settings import load_config
 from pipeline import training as T
 from pipeline.stages import gpu_selftest as S
+from pipeline.selftest_kit import TokenCounter
 
 EVIDENCE = "reports/migration/gpu_selftest.json"
 REPO = Path(__file__).resolve().parents[2]
@@ -126,7 +127,7 @@ def test_tokens_are_counted_from_the_attention_mask_and_only_in_forwards_that_bu
             return input_ids
 
     decoder = Decoder()
-    counter = S.TokenCounter(decoder)
+    counter = TokenCounter(decoder)
     decoder(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]))
     with torch.no_grad():   # a reference (or KTO KL) forward
         decoder(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3))

