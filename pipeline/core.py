@@ -74,6 +74,8 @@ class Stage:
     done_status: str = "ok"
     always_run: bool = False                         # machine-dependent (the hardware probe): never "up to date"
     method: Method | None = None
+    distributed: bool = False                        # NPROC>1: the engine's runner launches N ranks of run()
+    prepare: Callable | None = None                  # prepare(ctx): once in the parent before the ranks start
     schema: str | None = None                        # schema file name (default: the stage name)
     run: Callable | None = None                      # run(ctx) -> dict of evidence fields
     checks: Callable | None = None                   # checks(gate_ctx, doc) -> list[Check]
