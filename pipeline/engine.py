@@ -167,7 +167,8 @@ def tee_output(log_path: Path, header: str):
 
 
 # --- running -------------------------------------------------------------------------------------
-def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: bool = False, launcher=None) -> str:
+def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: bool = False,
+              launcher=None) -> str:
     """`launcher(n)`: the runner for a distributed stage with n > 1 processes (default launch.Accelerate)."""
     root = Path(cfg.root)
     fp, inputs = fingerprint(stage, cfg, registry)

@@ -1,20 +1,22 @@
-"""Where a stage runs: the engine asks `runner_for(stage, ctx)` and calls `runner.run(stage, ctx)`, which hands it
-one result (the evidence dict, or the SkipStage/StageFailed it raises).
+"""Where a stage runs: the engine asks `runner_for(stage, ctx)` and calls `runner.run(stage, ctx)`, which
+hands it one result (the evidence dict, or the SkipStage/StageFailed it raises).
 
-- `InProcess`: `stage.run(ctx)` here. Every stage that does not declare `distributed=True`, and every one under
-  NPROC=1 (or a plan with one GPU).
-- `Accelerate(n)`: a `distributed` stage under NPROC > 1. It calls the stage's `prepare(ctx)` once here (the skip
-  check, the base model built once rather than by every rank), writes the whole config, and runs, from the
-  repository root,
+- `InProcess`: `stage.run(ctx)` here. Every stage that does not declare `distributed=True`, and every one
+  under NPROC=1 (or a plan with one GPU).
+- `Accelerate(n)`: a `distributed` stage under NPROC > 1. It calls the stage's `prepare(ctx)` once here (the
+  skip check, the base model built once rather than by every rank), writes the whole config, and runs, from
+  the repository root,
 
     python -m accelerate.commands.launch --multi_gpu --num_processes N --num_machines 1 \
-        --mixed_precision {no|fp16|bf16} --main_process_port P -m pipeline.train_worker <stage> <fp> <config> <result>
+        --mixed_precision {no|fp16|bf16} --main_process_port P \
+        -m pipeline.train_worker <stage> <fp> <config> <result>
 
   (accelerate's torchrun launcher; `--cpu` would need mpirun, so a CPU run uses the same launcher and each
-  rank's TrainingArguments(use_cpu=True) makes accelerate choose gloo). Each rank calls the same `stage.run(ctx)`
-  once; training touches ranks only through accelerate's PartialState (pipeline/training.py); rank 0 writes the
-  result. A rank that runs out of memory stops them all (pipeline.ranks.RankOOM): the launch is repeated with
-  half the batch, and the relaunches are put in front of the evidence with the `distributed` block.
+  rank's TrainingArguments(use_cpu=True) makes accelerate choose gloo). Each rank calls the same
+  `stage.run(ctx)` once; training touches ranks only through accelerate's PartialState (pipeline/training.py);
+  rank 0 writes the result. A rank that runs out of memory stops them all (pipeline.ranks.RankOOM): the
+  launch is repeated with half the batch, and the relaunches are put in front of the evidence with the
+  `distributed` block.
 
 Imports no training code: the batch rules and the rank signals are in pipeline/ranks.py.
 """
@@ -72,7 +74,7 @@ class Accelerate:
 
     def run(self, stage: Stage, ctx) -> dict:
         if stage.prepare is not None:
-            stage.prepare(ctx)                     # once, here: a skip before launching anything, one model build
+            stage.prepare(ctx)   # once, here: a skip before launching anything, one model build
         cfg, plan, kind, n = ctx.cfg, ctx.plan, stage.name, self.n
         work = Path(cfg.cache_dir) / "launch" / kind
         work.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,8 @@ class Accelerate:
         while True:
             result_file.unlink(missing_ok=True)
             oom_file.unlink(missing_ok=True)
-            run_cfg = config_from_dict(cfg.unscoped().to_dict())   # the workers scope it again; only the batch changes
+            # the whole config (the workers scope it again); only the batch changes
+            run_cfg = config_from_dict(cfg.unscoped().to_dict())
             getattr(run_cfg, kind).batch_size, getattr(run_cfg, kind).grad_acc = batch, grad_acc
             ev.atomic_write_json(config_file, run_cfg.to_dict())
             cmd = command(n, plan, kind, ctx.fingerprint, config_file, result_file)
@@ -93,14 +96,14 @@ class Accelerate:
             oom = ev.read_json(oom_file)
             if not oom:
                 break
-            batch, grad_acc = ranks.halved_after_oom(batch, grad_acc, len(retries),
-                                                     f"on rank {oom.get('rank')} of {n} at step {oom.get('step')}",
-                                                     floor, tc.max_oom_retries)
+            where = f"on rank {oom.get('rank')} of {n} at step {oom.get('step')}"
+            batch, grad_acc = ranks.halved_after_oom(batch, grad_acc, len(retries), where, floor,
+                                                     tc.max_oom_retries)
             retries.append({"attempt": len(retries) + 1, "batch_size": batch, "grad_acc": grad_acc,
                             "step": oom.get("step"), "error": f"rank {oom.get('rank')}: {oom.get('error')}",
                             "action": f"all {n} ranks stopped; relaunched with half the batch, resumed"})
-            ctx.log(f"[yellow]rank {oom.get('rank')} ran out of memory at step {oom.get('step')}: relaunching all "
-                    f"ranks with batch {batch} x accumulation {grad_acc}")
+            ctx.log(f"[yellow]rank {oom.get('rank')} ran out of memory at step {oom.get('step')}: relaunching "
+                    f"all ranks with batch {batch} x accumulation {grad_acc}")
         outcome = ev.read_json(result_file) or {}
         cfg.reads.update(outcome.get("config_read", []))   # what rank 0 read, for the evidence's config_read
         if "skip" in outcome:
@@ -136,7 +139,8 @@ def runner_for(stage: Stage, ctx, launcher=Accelerate):
         return IN_PROCESS                          # the stage's own gate skips it, with evidence
     n = processes(ctx.cfg, plan)
     if n <= 1:
-        ctx.log(f"NPROC={ctx.cfg.runtime.nproc} but the plan has {plan['n_gpus']} GPU: training in this process")
+        ctx.log(f"NPROC={ctx.cfg.runtime.nproc} but the plan has {plan['n_gpus']} GPU: "
+                "training in this process")
         return IN_PROCESS
     return launcher(n)
 

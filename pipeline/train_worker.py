@@ -3,8 +3,8 @@
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... \
         -m pipeline.train_worker sft <fingerprint> <config.json> <result.json>
 
-Every rank rebuilds the stage's context (engine.make_ctx: scoped again) and calls the stage's run(ctx) once; the
-training code syncs through accelerate's PartialState; rank 0 alone copies the final checkpoint and writes
+Every rank rebuilds the stage's context (engine.make_ctx: scoped again) and calls the stage's run(ctx) once;
+the training code syncs through accelerate's PartialState; rank 0 alone copies the final checkpoint and writes
 <result.json> ({"evidence": ...} or {"skip"|"failed": reason}, with the `distributed` block and what it read).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except ranks.RankDone:
         print(f"{rank}: training done; rank 0 copies the final and writes the evidence", flush=True)
         return 0
-    except ranks.RankOOM as exc:   # this rank cannot retry alone: exit, torchrun stops the others, the parent retries
+    except ranks.RankOOM as exc:   # it cannot retry alone: exit, torchrun stops the others, the parent retries
         ev.atomic_write_json(Path(result_file).with_name("oom.json"), exc.info)
         print(f"{rank}: {exc}; exiting so that the launcher relaunches every rank with half the batch", flush=True)
         return 3

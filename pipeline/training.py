@@ -245,15 +245,16 @@ def make_callbacks(cfg, kind: str, stop_at: int):
 
 
 def process_state(plan: dict):
-    """accelerate's PartialState: main-process-first, barriers and rank-0 writes (no-ops in one process). Made as
-    TrainingArguments makes it (cpu=use_cpu), so the Trainer finds the same state; a rank's is set up already."""
+    """accelerate's PartialState: main-process-first, barriers and rank-0 writes (no-ops in one process). Made
+    as TrainingArguments makes it (cpu=use_cpu), so the Trainer finds the same state; a rank's is set up
+    already (pipeline.train_worker)."""
     from accelerate import PartialState
     return PartialState(cpu=plan["device"] == "cpu")
 
 
 def prepare(ctx) -> None:
-    """Once in the parent, before the engine's runner launches the ranks (core.Stage.prepare): the skip check before
-    anything starts, and the base model built once rather than raced by every rank."""
+    """Once in the parent, before the engine's runner launches the ranks (core.Stage.prepare): the skip check
+    before anything starts, and the base model built once rather than raced by every rank."""
     gate(ctx)
     from pipeline import models
     models.base_for(ctx.cfg)
@@ -311,7 +312,7 @@ def fit(ctx, kind: str, build_trainer) -> dict:
             del trainer
             model = None
             models.release()
-            if state.num_processes > 1:   # a rank cannot retry alone: every rank stops, the launcher retries them
+            if state.num_processes > 1:   # a rank cannot retry alone: all stop, the launcher retries them
                 raise ranks.RankOOM({"kind": kind, "rank": state.process_index, "batch_size": batch,
                                      "grad_acc": grad_acc, **failure})
             batch, grad_acc = ranks.halved_after_oom(batch, grad_acc, len(oom), f"at step {failure['step']}",

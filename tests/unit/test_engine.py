@@ -4,7 +4,6 @@ Run: .venv/bin/python -m pytest -q tests/unit/test_engine.py
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -404,9 +403,9 @@ def test_a_reason_with_brackets_is_printed_not_parsed_as_markup(tmp_path):
     assert "[/__w/pytorch/third_party/gloo/pair.cc:553]" in console.file.getvalue()
 
 
-# --- where a stage runs: launch.runner_for, chosen by the engine from the declaration and the plan ----------------
+# --- where a stage runs: launch.runner_for, chosen by the engine from the declaration and the plan -----------
 class FakeLaunch:
-    """Stands in for launch.Accelerate: records the process count and the stage, calls prepare like it, no launch."""
+    """Stands in for launch.Accelerate: records the stage and the process count, calls prepare, no launch."""
     launched: list = []
 
     def __init__(self, n: int):
@@ -465,7 +464,7 @@ def test_the_engine_runs_a_distributed_stage_through_the_launcher_only_with_seve
     assert train["ran"] == ("launched" if launched else "in process")
     assert fake_stages.CALLS["fake_train"] == (0 if launched else 1)          # run() once, in one place
     assert fake_stages.CALLS["fake_train.prepare"] == (1 if launched else 0)  # prepare: only before a launch
-    assert plain["ran"] == "in process" and fake_stages.CALLS["fake_plain"] == 1   # not distributed: always here
+    assert plain["ran"] == "in process" and fake_stages.CALLS["fake_plain"] == 1   # not distributed: here
     ctx = engine.make_ctx(registry["fake_plain"], cfg, console, registry)
     assert launch.runner_for(registry["fake_plain"], ctx, FakeLaunch) is launch.IN_PROCESS
     assert "runtime.nproc" not in plain["config_read"]   # the choice for a plain stage reads no config
