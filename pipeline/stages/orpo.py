@@ -10,6 +10,7 @@ from pipeline.core import Method, Stage
 # chosen + rejected in one batch; it takes outputs.logits (trl/experimental/orpo/orpo_trainer.py:777) and, given a
 # PeftModel without a peft_config, leaves the adapters' dtype alone (orpo_trainer.py:202-265)
 STAGE = Stage("orpo", "reports/training/orpo_metrics.json", needs=("sft",), training=True,
+              distributed=True, prepare=T.prepare,
               reads=T.reads("orpo", "beta"), untracked=T.UNTRACKED, inputs=D.files("preference_path"),
               method=Method("checkpoints/orpo-real-baseline", sequences_per_example=2, full_logits=True,
                             casts_adapters_bf16=False, trainer="ORPOTrainer", reference="none"))
