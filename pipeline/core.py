@@ -76,6 +76,8 @@ class Stage:
     machine: Callable | None = None                  # cfg -> facts about this machine that enter the fingerprint
     method: Method | None = None
     config: type | None = None                       # a method's config section (settings.SFTCfg, ...)
+    distributed: bool = False                        # NPROC>1: the engine's runner launches N ranks of run()
+    prepare: Callable | None = None                  # prepare(ctx): once in the parent before the ranks start
     schema: str | None = None                        # schema file name (default: the stage name)
     run: Callable | None = None                      # run(ctx) -> dict of evidence fields
     checks: Callable | None = None                   # checks(gate_ctx, doc) -> list[Check]

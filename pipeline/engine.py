@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline import evidence as ev
+from pipeline import launch
 from pipeline.core import Ctx, Registry, ScopedCfg, SkipStage, Stage, StageFailed, config_part
 from pipeline.settings import REPO, Config, secret
 
@@ -166,7 +167,9 @@ def tee_output(log_path: Path, header: str):
 
 
 # --- running -------------------------------------------------------------------------------------
-def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: bool = False) -> str:
+def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: bool = False,
+              launcher=None) -> str:
+    """`launcher(n)`: the runner for a distributed stage with n > 1 processes (default launch.Accelerate)."""
     root = Path(cfg.root)
     fp, inputs = fingerprint(stage, cfg, registry)
     current = status_of(stage, cfg, fp)
@@ -198,7 +201,8 @@ def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: boo
     _fresh_process_state()
     with tee_output(root / "reports" / "logs" / f"{stage.name}_full.log", f"{stage.name} attempt at {started} (pid {os.getpid()})"):
         try:
-            result = stage.run(make_ctx(stage, cfg, console, registry, fp, reads))
+            ctx = make_ctx(stage, cfg, console, registry, fp, reads)   # where it runs: launch.runner_for
+            result = launch.runner_for(stage, ctx, launcher or launch.Accelerate).run(stage, ctx)
             if not isinstance(result, dict):
                 raise StageFailed(f"run() returned {type(result).__name__}, not a dict of evidence fields: "
                                   f"end pipeline/stages/{stage.name}.py's run() with `return {{...}}`")

@@ -1,11 +1,11 @@
-"""One rank of a multi-process training stage. Started by pipeline/launch.py, not by hand:
+"""One rank of a distributed stage. Started by pipeline/launch.py's Accelerate runner, not by hand:
 
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 ... \
         -m pipeline.train_worker sft <fingerprint> <config.json> <result.json>
 
-Every rank runs the stage's ordinary in-process path (launch.maybe_distributed sees the process group
-and returns None) and trains; rank 0 alone copies the final checkpoint and writes <result.json>
-({"evidence": ...} or {"skip"|"failed": reason}).
+Every rank rebuilds the stage's context (engine.make_ctx: scoped again) and calls the stage's run(ctx) once;
+the training code syncs through accelerate's PartialState; rank 0 alone copies the final checkpoint and writes
+<result.json> ({"evidence": ...} or {"skip"|"failed": reason}, with the `distributed` block and what it read).
 """
 from __future__ import annotations
 
@@ -20,21 +20,20 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
     from rich.console import Console
 
-    from pipeline import engine, launch
+    from pipeline import engine, launch, ranks
     from pipeline import evidence as ev
     from pipeline.stages import REGISTRY
     cfg = launch.config_from_dict(json.loads(Path(config_file).read_text()))
     ctx = engine.make_ctx(REGISTRY[kind], cfg, Console(highlight=False), REGISTRY, fingerprint)
-    # before any Trainer: the process group the TrainingArguments will join (gloo on a CPU, nccl on GPUs);
-    # inside it launch.maybe_distributed returns None, so the stage trains in this process
+    # before any Trainer: the process group the TrainingArguments will join (gloo on a CPU, nccl on GPUs)
     state = PartialState(cpu=ctx.plan["device"] == "cpu")
     rank = f"train_worker rank {state.process_index} of {state.num_processes}"
     try:
         outcome = {"evidence": ctx.stage.run(ctx)}
-    except launch.RankDone:
+    except ranks.RankDone:
         print(f"{rank}: training done; rank 0 copies the final and writes the evidence", flush=True)
         return 0
-    except launch.RankOOM as exc:   # this rank cannot retry alone: exit, torchrun stops the others, the parent retries
+    except ranks.RankOOM as exc:   # it cannot retry alone: exit, torchrun stops the others, the parent retries
         ev.atomic_write_json(Path(result_file).with_name("oom.json"), exc.info)
         print(f"{rank}: {exc}; exiting so that the launcher relaunches every rank with half the batch", flush=True)
         return 3
@@ -48,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         outcome["distributed"] = {"world_size": state.num_processes, "backend": state.backend,
                                   "distributed_type": str(state.distributed_type)}
+        outcome["config_read"] = sorted(ctx.cfg.reads)
         ev.atomic_write_json(result_file, outcome)
         print(f"{rank}: wrote {result_file}", flush=True)
     return 0 if "evidence" in outcome else 1

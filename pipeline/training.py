@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import data as D
 from pipeline import evidence as ev
+from pipeline import ranks
 from pipeline.core import SkipStage, StageFailed
 
 # --- what a training stage reads (its declaration: pipeline/stages/<method>.py) ---------------------------
@@ -151,21 +152,7 @@ def is_oom(exc: BaseException) -> bool:
 
 def first_batch(kind: str, batch: int, grad_acc: int) -> tuple[int, int, str | None]:
     """The per-device batch a stage can start with: raised to the trainer's minimum, the effective batch kept."""
-    floor = method(kind).min_batch
-    if batch >= floor:
-        return batch, grad_acc, None
-    new_acc = max(1, math.ceil(batch * grad_acc / floor))
-    return floor, new_acc, (f"{kind}: per-device batch {batch} raised to {floor} (TRL's {kind.upper()} trainer needs "
-                            f">= {floor}), accumulation {grad_acc} -> {new_acc} to keep the effective batch")
-
-
-def halved_after_oom(kind: str, tc, batch: int, grad_acc: int, retries: int, where: str) -> tuple[int, int]:
-    """The batch to retry with after an out-of-memory error: half the per-device batch, twice the accumulation;
-    StageFailed at the trainer's minimum batch or after max_oom_retries. In process (fit) and for DDP (launch)."""
-    if batch // 2 < method(kind).min_batch or retries >= tc.max_oom_retries:
-        raise StageFailed(f"CUDA out of memory {where} with per-device batch {batch} (after {retries} retries): "
-                          "shorten max_length, turn on QLoRA (QLORA=true), or use a bigger GPU", code="oom")
-    return batch // 2, grad_acc * 2
+    return ranks.first_batch(kind, batch, grad_acc, method(kind).min_batch)
 
 
 def precision_args(plan: dict) -> dict:
@@ -260,6 +247,22 @@ def make_callbacks(cfg, kind: str, stop_at: int):
     return [StopAt()]
 
 
+def process_state(plan: dict):
+    """accelerate's PartialState: main-process-first, barriers and rank-0 writes (no-ops in one process). Made
+    as TrainingArguments makes it (cpu=use_cpu), so the Trainer finds the same state; a rank's is set up
+    already (pipeline.train_worker)."""
+    from accelerate import PartialState
+    return PartialState(cpu=plan["device"] == "cpu")
+
+
+def prepare(ctx) -> None:
+    """Once in the parent, before the engine's runner launches the ranks (core.Stage.prepare): the skip check
+    before anything starts, and the base model built once rather than raced by every rank."""
+    gate(ctx)
+    from pipeline import models
+    models.base_for(ctx.cfg)
+
+
 def fit(ctx, kind: str, build_trainer) -> dict:
     """Run the (curriculum of) sub-stages with auto-resume and OOM retry; return what the evidence needs.
 
@@ -269,9 +272,11 @@ def fit(ctx, kind: str, build_trainer) -> dict:
     from pipeline import models
     cfg, tc = ctx.cfg, getattr(ctx.cfg, kind)
     out = ctx.root / output_dir(cfg, kind)
-    from pipeline import launch   # [launch hook] multi-process (NPROC>1) sync; no-ops in one process
-    launch.on_main_then_wait(claim_output_dir, ctx, out)   # [launch hook] rank 0 claims the folder
     plan = ctx.plan
+    state = process_state(plan)   # one process, or one rank of pipeline.launch's N (the runner chose)
+    with state.main_process_first():   # rank 0 claims the folder; the others wait, then see it claimed
+        if state.is_main_process:
+            claim_output_dir(ctx, out)
     subs = tc.curriculum or [{"max_length": tc.max_length, "until_step": tc.max_steps}]
     batch, grad_acc, raised = first_batch(kind, tc.batch_size, tc.grad_acc)
     if raised:
@@ -283,7 +288,7 @@ def fit(ctx, kind: str, build_trainer) -> dict:
     t0, model = time.monotonic(), None
     for sub in subs:
         while True:
-            launch.wait_for_everyone()   # [launch hook] every rank sees rank 0's newest checkpoint
+            state.wait_for_everyone()   # every rank sees rank 0's newest checkpoint
             ckpt = latest_checkpoint(out)
             done = ev.read_json(ckpt / STATE_FILE)["global_step"] if ckpt else 0
             if done >= sub["until_step"]:
@@ -310,8 +315,11 @@ def fit(ctx, kind: str, build_trainer) -> dict:
             del trainer
             model = None
             models.release()
-            launch.oom_unless_alone(kind, failure, batch, grad_acc)   # [launch hook] DDP: every rank stops, parent retries
-            batch, grad_acc = halved_after_oom(kind, tc, batch, grad_acc, len(oom), f"at step {failure['step']}")
+            if state.num_processes > 1:   # a rank cannot retry alone: all stop, the launcher retries them
+                raise ranks.RankOOM({"kind": kind, "rank": state.process_index, "batch_size": batch,
+                                     "grad_acc": grad_acc, **failure})
+            batch, grad_acc = ranks.halved_after_oom(batch, grad_acc, len(oom), f"at step {failure['step']}",
+                                                     method(kind).min_batch, tc.max_oom_retries)
             oom.append({"attempt": len(oom) + 1, "batch_size": batch, "grad_acc": grad_acc, **failure,
                         "action": "halved batch, doubled accumulation, resumed"})
             attempts.append({"attempt": len(attempts) + 1, "per_device": batch, "grad_acc": grad_acc,
@@ -321,7 +329,8 @@ def fit(ctx, kind: str, build_trainer) -> dict:
         reached.append({"max_length": sub["max_length"], "planned_step": sub["until_step"],
                         "reached_step": ev.read_json(ckpt / STATE_FILE)["global_step"] if ckpt else 0})
     runtime = time.monotonic() - t0
-    launch.stop_unless_main()   # [launch hook] ranks > 0 stop: rank 0 alone copies the final, writes evidence
+    if not state.is_main_process:   # ranks > 0 stop: rank 0 alone copies the final and writes the evidence
+        raise ranks.RankDone
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise StageFailed(f"no valid checkpoint under {out} after training: check reports/logs/{kind}_full.log")
@@ -436,9 +445,6 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
     """Start from the verified SFT final, train the SFT adapter further against its frozen copy (TRL adds
     the "ref" adapter itself), save the final adapter and return its evidence."""
     gate(ctx)
-    from pipeline import launch
-    if (done := launch.maybe_distributed(ctx, kind)) is not None:   # NPROC>1: every rank trains, rank 0 reports
-        return done
     from datasets import Dataset
     from pipeline import models
     cfg, plan, tc = ctx.cfg, ctx.plan, getattr(ctx.cfg, kind)

@@ -11,6 +11,7 @@ from pipeline.training_checks import checks
 # chosen + rejected go through the model as one batch; QLoRA trainables cast to bf16 (trl/trainer/dpo_trainer.py:726-729)
 STAGE = Stage("dpo", "reports/training/dpo_metrics.json", config=PreferenceCfg,
               needs=("sft",), training=True,
+              distributed=True, prepare=T.prepare,
               reads=T.reads("dpo", "beta"), untracked=T.UNTRACKED, inputs=D.files("preference_path"),
               method=Method("checkpoints/dpo-real-baseline", sequences_per_example=2, trainer="DPOTrainer"))
 

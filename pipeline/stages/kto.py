@@ -12,6 +12,7 @@ from pipeline.training_checks import checks
 # no_grad (kto_trainer.py:1364); QLoRA trainables cast to bf16 (kto_trainer.py:777-780)
 STAGE = Stage("kto", "reports/training/kto_metrics.json", config=PreferenceCfg,
               needs=("sft",), training=True,
+              distributed=True, prepare=T.prepare,
               reads=T.reads("kto", "beta", data=T.PREFERENCE_DATA + ("data.kto_path",)), untracked=T.UNTRACKED,
               inputs=D.files("preference_path", "kto_path"),
               method=Method("checkpoints/kto-real-baseline", min_batch=2, trainer="KTOTrainer"))

@@ -12,6 +12,7 @@ from pipeline.sections import PreferenceCfg
 # PeftModel without a peft_config, leaves the adapters' dtype alone (orpo_trainer.py:202-265)
 STAGE = Stage("orpo", "reports/training/orpo_metrics.json", config=PreferenceCfg,
               needs=("sft",), training=True,
+              distributed=True, prepare=T.prepare,
               reads=T.reads("orpo", "beta"), untracked=T.UNTRACKED, inputs=D.files("preference_path"),
               method=Method("checkpoints/orpo-real-baseline", sequences_per_example=2, full_logits=True,
                             casts_adapters_bf16=False, trainer="ORPOTrainer", reference="none"))

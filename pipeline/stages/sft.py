@@ -13,6 +13,7 @@ from pipeline.training_checks import checks
 # QLoRA trainables cast to bf16 (trl/trainer/sft_trainer.py:908-911)
 STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", config=SFTCfg,
               needs=("gpu_check",), training=True,
+              distributed=True, prepare=T.prepare,
               reads=T.reads("sft", "eval_steps", "packing", data=T.SFT_DATA)
               + ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"),
               untracked=T.UNTRACKED, inputs=D.files("sft_path"),
@@ -23,9 +24,6 @@ __all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by e
 
 def run(ctx) -> dict:
     T.gate(ctx)                                        # skip with evidence before anything is downloaded
-    from pipeline import launch
-    if (done := launch.maybe_distributed(ctx, "sft")) is not None:   # NPROC>1: every rank trains, rank 0 reports
-        return done
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer

@@ -185,3 +185,13 @@ def test_a_methods_trl_block_passes_verbatim_and_unknown_or_clashing_keys_are_on
     clash = load_config(tier="tiny", overrides=["sft.trl={learning_rate: 5}"])
     with pytest.raises(core.StageFailed, match=r"sft\.trl sets learning_rate"):
         T.trl_config(FakeConfig, "sft", clash.sft, learning_rate=0.1)
+
+
+def test_every_training_method_runs_on_n_ranks_and_prepares_once_in_the_parent():
+    """NPROC>1 trains a method on N ranks (launch.runner_for): a method file that forgets `distributed=True`
+    would silently train in one process; `prepare` (training.prepare) gates and builds the model once."""
+    from pipeline import training
+    for name in REGISTRY.methods:
+        stage = REGISTRY[name]
+        assert stage.distributed and stage.prepare is training.prepare, name
+    assert not any(s.distributed for s in REGISTRY.stages if not s.method)

@@ -4,7 +4,6 @@ Run: .venv/bin/python -m pytest -q tests/unit/test_engine.py
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -416,3 +415,79 @@ def test_a_machine_dependent_stage_reruns_on_another_machine_and_its_downstream_
     fake.run("fake_b")
     assert dict(CALLS) == {"fake_a": 2, "fake_b": 1}
     assert fake.doc("fake_a")["machine_sha256"] == ev.sha256_json({"boot": "B"})
+# --- where a stage runs: launch.runner_for, chosen by the engine from the declaration and the plan -----------
+class FakeLaunch:
+    """Stands in for launch.Accelerate: records the stage and the process count, calls prepare, no launch."""
+    launched: list = []
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def run(self, stage, ctx) -> dict:
+        if stage.prepare is not None:
+            stage.prepare(ctx)
+        FakeLaunch.launched.append((stage.name, self.n))
+        return {"answer": 7, "ran": "launched"}
+
+
+def runner_registry(plan: dict):
+    from pipeline.core import Registry, Stage
+
+    def probe(ctx):
+        return {"plan": plan}
+
+    def in_process(ctx):
+        fake_stages.CALLS[ctx.name] += 1
+        return {"answer": 1, "ran": "in process"}
+
+    def prepare(ctx):
+        fake_stages.CALLS[f"{ctx.name}.prepare"] += 1
+    return Registry([
+        Stage("gpu_check", evidence_rel("probe"), schema="fake_probe", run=probe),
+        Stage("fake_train", evidence_rel("fake_train"), needs=("gpu_check",), reads=("runtime.nproc",),
+              distributed=True, prepare=prepare, run=in_process),
+        Stage("fake_plain", evidence_rel("fake_plain"), needs=("gpu_check",), run=in_process),
+    ])
+
+
+CPU_PLAN = {"device": "cpu", "n_gpus": 0, "feasible": True, "precision": "fp32"}
+
+
+@pytest.mark.parametrize("nproc, plan, launched", [
+    (1, CPU_PLAN, []),                                                       # NPROC=1: in process
+    (2, CPU_PLAN, [("fake_train", 2)]),                                      # a CPU: NPROC ranks
+    (3, {**CPU_PLAN, "device": "cuda", "n_gpus": 2}, [("fake_train", 2)]),   # CUDA: capped at the plan's GPUs
+    (2, {**CPU_PLAN, "device": "cuda", "n_gpus": 1}, []),                    # one GPU: in process
+    (2, {**CPU_PLAN, "feasible": False}, []),                                # the stage's own gate skips it
+])
+def test_the_engine_runs_a_distributed_stage_through_the_launcher_only_with_several_processes(
+        tiny_env, nproc, plan, launched):
+    from pipeline import launch
+    registry = runner_registry(plan)
+    fake_stages.CALLS.clear()
+    FakeLaunch.launched = []
+    cfg = load_config(overrides=[f"runtime.nproc={nproc}"])
+    console = Console(file=io.StringIO(), width=250)
+    for name in ("gpu_check", "fake_train", "fake_plain"):
+        assert engine.run_stage(registry[name], cfg, console, registry, launcher=FakeLaunch) == "ok"
+    train = ev.read_json(tiny_env / evidence_rel("fake_train"))
+    plain = ev.read_json(tiny_env / evidence_rel("fake_plain"))
+    assert FakeLaunch.launched == launched
+    assert train["ran"] == ("launched" if launched else "in process")
+    assert fake_stages.CALLS["fake_train"] == (0 if launched else 1)          # run() once, in one place
+    assert fake_stages.CALLS["fake_train.prepare"] == (1 if launched else 0)  # prepare: only before a launch
+    assert plain["ran"] == "in process" and fake_stages.CALLS["fake_plain"] == 1   # not distributed: here
+    ctx = engine.make_ctx(registry["fake_plain"], cfg, console, registry)
+    assert launch.runner_for(registry["fake_plain"], ctx, FakeLaunch) is launch.IN_PROCESS
+    assert "runtime.nproc" not in plain["config_read"]   # the choice for a plain stage reads no config
+
+
+def test_the_default_launcher_is_accelerate(tiny_env):
+    from pipeline import launch
+    registry = runner_registry(CPU_PLAN)
+    cfg = load_config(overrides=["runtime.nproc=2"])
+    console = Console(file=io.StringIO(), width=250)
+    engine.run_stage(registry["gpu_check"], cfg, console, registry)
+    ctx = engine.make_ctx(registry["fake_train"], cfg, console, registry)
+    runner = launch.runner_for(registry["fake_train"], ctx)
+    assert isinstance(runner, launch.Accelerate) and runner.n == 2
