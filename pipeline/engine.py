@@ -8,16 +8,12 @@ here, not in Make timestamps. The fingerprint is made from the stage's declarati
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import faulthandler
-import functools
 import fcntl
 import os
-import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 
 from pipeline import evidence as ev
@@ -25,37 +21,10 @@ from pipeline import launch
 from pipeline.core import Ctx, Registry, ScopedCfg, SkipStage, Stage, StageFailed, config_part
 from pipeline.settings import REPO, Config, secret
 
-__all__ = ["Ctx", "Registry", "SkipStage", "Stage", "StageFailed", "run", "run_stage", "fingerprint", "status_of"]
+from pipeline.provenance import git_commit, now, versions
 
-PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "openai",
-            "tokenizers", "safetensors", "jsonschema")
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-@functools.lru_cache(maxsize=1)   # one lookup per process: a run does not change its own commit
-def git_commit() -> str | None:
-    try:
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
+__all__ = ["Ctx", "Registry", "SkipStage", "Stage", "StageFailed", "run", "run_stage", "fingerprint", "status_of",
+           "git_commit", "now", "versions"]
 
 # --- fingerprint and freshness -------------------------------------------------------------------
 def input_files(stage: Stage, cfg: Config) -> list[Path]:

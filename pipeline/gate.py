@@ -151,7 +151,7 @@ def evaluate(cfg, registry: Registry | None = None) -> dict:
             above = registry.upstream(name) if name in registry else []
             c["todo"] = advice(cfg, c, [s.name for s in registry.stages if s.name in above and s.name in failing])
     failed = [c["id"] for c in rows if not c["passed"]]
-    from pipeline.engine import git_commit, now
+    from pipeline.provenance import git_commit, now
     return {"strict_pass": not failed, "failed": failed, "tier": cfg.tier, "root": cfg.root, "checked_at": now(),
             "git_commit": git_commit(), "probe_plan": plan, **memory, "checks": rows}
 

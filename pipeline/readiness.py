@@ -47,7 +47,7 @@ def thesis_readiness(cfg, strict_pass: bool, registry=None) -> dict:
     missing = [a for a, ok in present.items() if not ok] + ([] if figures else ["reports/figures/*.png"])
     if missing:
         blockers.append(f"missing thesis artifact(s): {', '.join(missing)} (run `python -m pipeline run reports`)")
-    from pipeline.engine import now
+    from pipeline.provenance import now
     return {"ready_for_writing": not blockers, "blockers": blockers, "tier": cfg.tier, "strict_pass": strict_pass,
             "rehearsal": rehearsal, "eval_full_size": not partial, "artifacts": present, "figures": figures,
             "checked_at": now()}

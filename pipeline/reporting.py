@@ -219,10 +219,11 @@ def experiment_record(ctx, judge_doc: dict | None) -> dict:
     import sys
     from importlib import metadata
 
-    from pipeline import engine, evalsets, judgekit, settings
+    from pipeline import evalsets, judgekit, settings
+    from pipeline import provenance
     from pipeline.evidence import sha256_file
     cfg = ctx.cfg
-    commit = engine.git_commit() or ""
+    commit = provenance.git_commit() or ""
     env = settings.environment()
     names = [*settings.ENV_MAP, "BRANCH", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ENDPOINT", "CUDA_VISIBLE_DEVICES"]
     env_rec = {k: env[k] for k in names if env.get(k) not in (None, "") and k not in settings.SECRET_VARS}
@@ -249,7 +250,7 @@ def experiment_record(ctx, judge_doc: dict | None) -> dict:
                              "finished_at": doc.get("finished_at")}
     record = {
         "git": {"commit": commit.removesuffix("-dirty") or None, "dirty": commit.endswith("-dirty")},
-        "command": sys.argv, "config": config, "env": env_rec, "versions": {**engine.versions(), **extra},
+        "command": sys.argv, "config": config, "env": env_rec, "versions": {**provenance.versions(), **extra},
         "hardware": {k: (check.get("probe") or {}).get(k) for k in ("cuda_available", "torch_version", "torch_cuda_build",
                                                                     "driver", "devices", "flash_attn", "bitsandbytes")},
         "precision_plan": check.get("plan"),

@@ -18,7 +18,7 @@ from pipeline import evalkit, evalsets, judgekit, models
 from pipeline import evidence as ev
 from pipeline import reporting as R
 from pipeline.core import SkipStage
-from pipeline.engine import git_commit
+from pipeline.provenance import git_commit
 from pipeline.variants import Variants, base_model_path, decoding, generate, variant_table
 from pipeline.core import Stage
 

@@ -74,7 +74,8 @@ def test_rerun_is_up_to_date_and_loads_no_model(trained, monkeypatch, capsys):
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a no-op run loaded a model"))
     assert main(["run", "sft", "dpo", "simpo", "kto"]) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date") == 4
+    assert out.count("up to date") == 5   # the four and gpu_check (the same machine: no new probe)
+    assert all(f"{s}: up to date" in out for s in ("gpu_check", "sft", "dpo", "simpo", "kto"))
 
 
 def test_tampered_sft_final_is_refused(trained, tmp_path):

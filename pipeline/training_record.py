@@ -1,0 +1,154 @@
+"""What a training stage records and trusts: its checkpoints (resume, the SFT final it starts from, the output
+folder it claims) and its evidence (curves from the trainer's own log, figures, memory, the metrics document).
+pipeline.training re-exports these names; the training loop itself is there.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+from pathlib import Path
+
+from pipeline import evidence as ev
+from pipeline.core import StageFailed
+
+STATE_FILE = "trainer_state.json"
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+def latest_checkpoint(out: Path) -> Path | None:
+    """Newest checkpoint-N whose trainer_state.json parses, says step N, and whose adapter is present."""
+    best = None
+    for d in out.glob("checkpoint-*"):
+        state = ev.read_json(d / STATE_FILE)
+        try:
+            step = int(d.name.split("-")[1])
+        except ValueError:
+            continue
+        if not state or state.get("global_step") != step or not (d / "adapter_model.safetensors").is_file():
+            continue
+        if best is None or step > best[0]:
+            best = (step, d)
+    return best[1] if best else None
+
+
+def verify_sft_final(ctx) -> dict:
+    """DPO/SimPO/KTO start from the SFT final on disk: its files must re-hash to what the SFT metrics recorded."""
+    sft = ctx.evidence("sft")
+    if not sft or sft.get("status") != "ok":
+        raise StageFailed("the SFT metrics are missing or not ok: run `python -m pipeline run sft` first")
+    folder = ctx.root / sft["checkpoint_dir"]
+    if not folder.is_dir():
+        raise StageFailed(f"the SFT final {sft['checkpoint_dir']} is missing: re-run sft (python -m pipeline run sft --force)")
+    now = ev.sha256_tree(folder)
+    if now != sft["checkpoint_files"]:
+        changed = sorted(set(now.items()) ^ set(sft["checkpoint_files"].items()))
+        raise StageFailed(f"the SFT final {sft['checkpoint_dir']} does not match the hashes recorded in its metrics "
+                          f"(first difference: {changed[0][0]}): refusing to start from it; re-run sft")
+    return {"dir": sft["checkpoint_dir"], "checkpoint_sha256": ev.sha256_json(now)}
+
+
+def claim_output_dir(ctx, out: Path) -> None:
+    """Resume only checkpoints of the same fingerprint; checkpoints of another config are moved aside."""
+    stamp = out / "FINGERPRINT"
+    if out.is_dir() and any(out.iterdir()) and (not stamp.is_file() or stamp.read_text().strip() != ctx.fingerprint):
+        aside = out.with_name(out.name + ".stale")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(out, aside)
+        ctx.log(f"checkpoints in {out.name} belong to another config: moved to {aside.name}, training from the start")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(ctx.fingerprint + "\n")
+
+
+# --- evidence --------------------------------------------------------------------------------------
+def curves(state: dict) -> dict:
+    """Series from the trainer's own log_history: loss, eval_loss and every reward metric TRL logs."""
+    out: dict[str, list] = {}
+    for e in state.get("log_history", []):
+        for k, v in e.items():
+            if k in ("step", "epoch") or not isinstance(v, (int, float)) or k.startswith(("train_", "total_flos")):
+                continue
+            out.setdefault(k, []).append([e["step"], v])
+    return out
+
+
+def plot(series: dict, keys: list[str], path: Path, title: str) -> str | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in keys if series.get(k)]
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k in keys:
+        xs, ys = zip(*series[k])
+        ax.plot(xs, ys, marker=".", label=k)
+    ax.set_xlabel("global step"), ax.set_title(title), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
+    return str(path)
+
+
+def memory_record(ctx, kind: str) -> dict:
+    """Peak memory of this stage (CUDA: reserved by the caching allocator, what nvidia-smi sees and what OOMs;
+    CPU: the process's peak RSS), the plan's estimate for the stage beside it, and the live-model high-water."""
+    import torch
+    from pipeline import models
+    plan = ctx.plan
+    check = ctx.evidence("gpu_check") or {}
+    estimate = ((check.get("plan") or {}).get("memory_estimates") or {}).get(kind) \
+        or (check.get("plan") or {}).get("memory_estimate") or {}
+    if plan["device"] == "cuda" and torch.cuda.is_available():
+        peak, where = torch.cuda.max_memory_reserved() / 2**30, "cuda_max_reserved"
+    else:
+        peak, where = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_peak_rss_of_process"
+    return {"max_live_models": models.live_high_water(), "peak_gb": round(peak, 3), "peak_kind": where,
+            "estimate_gb": estimate.get("total_gb")}
+
+
+def training_evidence(ctx, kind: str, res: dict, base: str, extra: dict) -> dict:
+    from pipeline import models
+    cfg, plan, state = ctx.cfg, ctx.plan, res["state"]
+    final: Path = res["final"]
+    model = res["model"]
+    if model is None:   # nothing left to train (a resumed run past its plan): audit the final as trained
+        model = models.load_model(base, plan, adapter=str(final), trainable=True)
+        res["trainable_dtype"] = models.fix_trainable_dtype(model, plan)
+    series = curves(state)
+    bad = [(k, step) for k, pts in series.items() for step, v in pts if not math.isfinite(v)]
+    if bad:
+        raise StageFailed(f"training diverged: {bad[0][0]} is not finite at step {bad[0][1]} (trainer_state.json): "
+                          f"lower {kind}.learning_rate or check the data; the checkpoint is not usable")
+    figs = [plot(series, ["loss", "eval_loss"], ctx.root / f"reports/figures/{kind}_loss.png", f"{kind} loss"),
+            plot(series, [k for k in series if k.startswith(("rewards/", "kl"))],
+                 ctx.root / f"reports/figures/{kind}_rewards.png", f"{kind} reward metrics")]
+    files = ev.sha256_tree(final)
+    rel = final.relative_to(ctx.root).as_posix()
+    tokens, token_source = state.get("num_input_tokens_seen") or 0, "trainer num_input_tokens_seen"
+    per_sample = extra.pop("tokens_per_sample_estimate", None)
+    if not tokens and per_sample:
+        tokens = per_sample * res["batch_size"] * res["grad_acc"] * cfg.runtime.nproc * state["global_step"]
+        token_source = "estimate: mean tokenized sample length x effective batch x steps"
+    reward_keys = [k for k in series if k.startswith(("rewards/", "logps/", "kl"))]
+    return {
+        "model_name": models.display_name(cfg.tier, base), "base_model": base, "model_tier": cfg.tier,
+        "global_step": state["global_step"], "planned_max_steps": getattr(cfg, kind).max_steps,
+        "curriculum": res["curriculum"], "loss_curve": series.get("loss", []), "eval_loss_curve": series.get("eval_loss", []),
+        "precision": {"dtype": plan["precision"], "quantization": plan.get("quantization"),
+                      "attn_implementation": plan["attn_implementation"], "device": plan["device"],
+                      "trainable_dtype": res["trainable_dtype"]},
+        "dtype_audit": models.dtype_audit(model), "memory": (mem := memory_record(ctx, kind)),
+        "peak_mem_gb": mem["peak_gb"], "peak_mem_kind": mem["peak_kind"],
+        "batch": res["batch"], "optimizer": res["optimizer"],
+        **({"rehearsal": check["rehearsal"]} if (check := ctx.evidence("gpu_check") or {}).get("rehearsal") else {}),
+        "tokens_per_s": round(tokens / res["runtime_s"], 2) if tokens and res["runtime_s"] else None,
+        "tokens_per_s_source": token_source,
+        "train_runtime_s": round(res["runtime_s"], 2), "oom_retries": res["oom_retries"],
+        "final_batch_size": res["batch_size"], "final_grad_acc": res["grad_acc"], "resumed_from": res["resumed_from"],
+        "checkpoint_dir": rel, "checkpoint_files": files, "checkpoint_sha256": ev.sha256_json(files),
+        "trainer_state_file": f"{rel}/{STATE_FILE}", "trainer_state_sha256": files[STATE_FILE],
+        "reward_curves": {k: series[k] for k in reward_keys},
+        "final_reward_metrics": {k: series[k][-1][1] for k in reward_keys},
+        "figures": [f for f in figs if f],
+        "outputs": [rel] + [Path(f).relative_to(ctx.root).as_posix() for f in figs if f], **extra}
