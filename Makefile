@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: help venv test test-slow test-fast day1-smoke gpu-bootstrap gpu-check dry-run gpu-run gpu-complete-check \
-        gpu-selftest day1-v100-dual rehearse bench soak export verify-export ls
+        gpu-selftest day1-v100-dual rehearse bench soak export verify-export ls prune
 
 help:                ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -62,3 +62,6 @@ verify-export: venv  ## check an archive against its manifest: make verify-expor
 
 ls: venv             ## stages in order with their status
 	$(PY) -m pipeline ls
+
+prune: venv          ## delete checkpoint folders kept aside for other configs (*.stale-<fingerprint>); says what it frees
+	$(PY) -m pipeline prune

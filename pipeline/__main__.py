@@ -1,4 +1,4 @@
-"""CLI.  python -m pipeline run <stage>|all [key=value ...] [--force] | ls | check | config | day1 <subcommand> ..."""
+"""CLI.  python -m pipeline run <stage>|all [key=value ...] [--force] | ls | check | config | prune | day1 ..."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--force", action="store_true", help="re-run the named stages even when up to date")
     p_run.add_argument("--no-deps", action="store_true", help="run only the named stages; their needs must be done")
     for name, text in (("ls", "stages in order with their status"), ("check", "the strict completion gate"),
-                       ("config", "print the resolved config")):
+                       ("config", "print the resolved config"),
+                       ("prune", "delete checkpoint folders kept aside for other configs; says what it frees")):
         p = sub.add_parser(name, help=text)
         p.add_argument("targets", nargs="*", help="key=value overrides")
     sub.add_parser("day1", help="day1_run.sh's helpers: keys, root, flag NAME, summary STEPS.jsonl (see -h)",
@@ -46,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "config":
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
+        return 0
+    if args.cmd == "prune":
+        from pathlib import Path
+
+        from pipeline.training_record import prune
+        with engine.pipeline_lock(Path(cfg.root), console):   # never while a run uses them
+            freed = prune(Path(cfg.root))
+        for rel, size in freed:
+            console.print(f"deleted {rel} ({size / 2**20:.1f} MiB)")
+        console.print(f"pruned {len(freed)} folder(s), freed {sum(s for _, s in freed) / 2**20:.1f} MiB"
+                      if freed else "nothing to prune: no checkpoint folder is kept aside for another config")
         return 0
     from pipeline import gate
     return gate.main(cfg, console)

@@ -50,15 +50,50 @@ def verify_sft_final(ctx) -> dict:
 
 
 def claim_output_dir(ctx, out: Path) -> None:
-    """Resume only checkpoints of the same fingerprint; checkpoints of another config are moved aside."""
+    """Resume only checkpoints of the same fingerprint. Checkpoints of another config are kept aside as
+    <folder>.stale-<their fingerprint>, never deleted (`make prune` does that, saying what it frees), and are
+    restored when their config runs again: an attempt with other settings that fails loses nothing finished."""
     stamp = out / "FINGERPRINT"
-    if out.is_dir() and any(out.iterdir()) and (not stamp.is_file() or stamp.read_text().strip() != ctx.fingerprint):
-        aside = out.with_name(out.name + ".stale")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(out, aside)
-        ctx.log(f"checkpoints in {out.name} belong to another config: moved to {aside.name}, training from the start")
+    if out.is_dir() and any(out.iterdir()):
+        theirs = stamp.read_text().strip() if stamp.is_file() else ""
+        if theirs != ctx.fingerprint:
+            aside = _free_name(out.with_name(f"{out.name}{STALE}{theirs[:16] or 'unstamped'}"))
+            os.replace(out, aside)
+            ctx.log(f"checkpoints in {out.name} belong to another config: kept aside as {aside.name} (restored when "
+                    "that config runs again; `make prune` deletes such folders)")
+    mine = out.with_name(f"{out.name}{STALE}{ctx.fingerprint[:16]}")
+    if not out.exists() and mine.is_dir():
+        os.replace(mine, out)
+        ctx.log(f"restored {mine.name}: the checkpoints of this config, kept aside by an earlier attempt; resuming")
     out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(ctx.fingerprint + "\n")
+    ev.atomic_write_text(stamp, ctx.fingerprint + "\n")
+
+
+STALE = ".stale-"   # <checkpoint folder>.stale-<fingerprint[:16]>: another config's checkpoints, kept
+
+
+def _free_name(path: Path) -> Path:
+    n, candidate = 1, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def stale_folders(root: Path) -> list[Path]:
+    """Checkpoint folders kept aside for another config (and the old single `.stale` ones)."""
+    base = root / "checkpoints"
+    return sorted(p for p in base.rglob("*.stale*") if p.is_dir() and (STALE in p.name or p.name.endswith(".stale")))
+
+
+def prune(root: Path) -> list[tuple[str, int]]:
+    """Delete the kept-aside checkpoint folders; (folder, bytes freed) for each."""
+    out = []
+    for p in stale_folders(root):
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        shutil.rmtree(p)
+        out.append((p.relative_to(root).as_posix(), size))
+    return out
 
 
 # --- evidence --------------------------------------------------------------------------------------

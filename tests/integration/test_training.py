@@ -16,6 +16,8 @@ from pipeline import evidence as ev
 from pipeline.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
+SFT_FINAL = "checkpoints/layer_b/tiny_sft/final"
+SFT_METRICS = "reports/training/layer_b_tiny_sft_metrics.json"
 METRICS = {"sft": "layer_b_tiny_sft_metrics.json", "dpo": "dpo_metrics.json",
            "simpo": "simpo_metrics.json", "kto": "kto_metrics.json"}
 
@@ -156,3 +158,32 @@ def test_kill_minus_9_then_resume_gives_one_continuous_curve(tmp_path):
     m = metrics(tmp_path, "sft")
     assert m["global_step"] == 80 and m["resumed_from"].startswith("checkpoint-")
     assert [s for s, _ in m["loss_curve"]] == list(range(1, 81))   # one continuous series, no gap, no repeat
+
+
+def test_a_failed_attempt_with_other_settings_loses_no_finished_checkpoint(trained, capsys):
+    """Issue 14: a run that changed SFT's fingerprint and then failed had moved the finished SFT folder to .stale;
+    the re-run with the original config deleted that .stale and trained from step 0 (hours on a 7B)."""
+    root, _ = trained
+    final = root / SFT_FINAL
+    before = ev.sha256_tree(final)
+    assert main(["run", "sft", "sft.trl={no_such_field: 1}"]) != 0          # another fingerprint, fails at once
+    kept = [p for p in (root / "checkpoints/layer_b").iterdir() if ".stale-" in p.name]
+    assert len(kept) == 1 and ev.sha256_tree(kept[0] / "final") == before     # kept aside, not deleted
+    assert main(["run", "sft", "sft.trl={no_such_field: 1}"]) != 0          # a second failure keeps it too
+    capsys.readouterr()
+    assert main(["run", "sft"]) == 0                                          # the original config again
+    assert "restored" in capsys.readouterr().out
+    assert ev.sha256_tree(final) == before                                    # the same final: not retrained
+    assert json.loads((root / SFT_METRICS).read_text())["checkpoint_files"] == before
+
+
+def test_prune_deletes_the_kept_aside_folders_and_says_what_it_freed(tiny_env, capsys):
+    aside = tiny_env / "checkpoints/dpo-real-baseline.stale-0123456789abcdef/final"
+    aside.mkdir(parents=True)
+    (aside / "adapter_model.safetensors").write_bytes(b"x" * 2**20)
+    keep = tiny_env / "checkpoints/dpo-real-baseline/final"
+    keep.mkdir(parents=True)
+    assert main(["prune"]) == 0
+    out = capsys.readouterr().out
+    assert "dpo-real-baseline.stale-0123456789abcdef" in out and "1.0 MiB" in out
+    assert not aside.exists() and keep.is_dir()
