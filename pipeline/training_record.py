@@ -41,11 +41,11 @@ def verify_sft_final(ctx) -> dict:
     folder = ctx.root / sft["checkpoint_dir"]
     if not folder.is_dir():
         raise StageFailed(f"the SFT final {sft['checkpoint_dir']} is missing: re-run sft (python -m pipeline run sft --force)")
-    now = ev.sha256_tree(folder)
-    if now != sft["checkpoint_files"]:
-        changed = sorted(set(now.items()) ^ set(sft["checkpoint_files"].items()))
+    now, diff = ev.verify_tree(folder, sft["checkpoint_files"])
+    if diff:
+        kind, paths = next(iter(diff.items()))
         raise StageFailed(f"the SFT final {sft['checkpoint_dir']} does not match the hashes recorded in its metrics "
-                          f"(first difference: {changed[0][0]}): refusing to start from it; re-run sft")
+                          f"(first difference: {paths[0]}, {kind}): refusing to start from it; re-run sft")
     return {"dir": sft["checkpoint_dir"], "checkpoint_sha256": ev.sha256_json(now)}
 
 

@@ -49,11 +49,11 @@ def verified_adapter(ctx, name: str) -> Path:
     folder = ctx.root / doc["checkpoint_dir"]
     if not folder.is_dir():
         raise StageFailed(f"the {name} final {doc['checkpoint_dir']} is missing: re-run `python -m pipeline run {name} --force`")
-    now, recorded = ev.sha256_tree(folder), doc.get("checkpoint_files") or {}
-    if now != recorded:
-        changed = sorted(set(now.items()) ^ set(recorded.items()))
+    _, diff = ev.verify_tree(folder, doc.get("checkpoint_files"))
+    if diff:
+        kind, paths = next(iter(diff.items()))
         raise StageFailed(f"the {name} final {doc['checkpoint_dir']} does not match the hashes in its metrics "
-                          f"(first difference: {changed[0][0] if changed else '?'}): refusing to load it; "
+                          f"(first difference: {paths[0]}, {kind}): refusing to load it; "
                           f"re-run `python -m pipeline run {name} --force`")
     return folder
 
