@@ -678,3 +678,24 @@ def test_gpu_check_rehearsal_records_plan_run_plan_and_the_differences(tmp_path)
                                                    optimizers={s: getattr(ctx.cfg, s).optimizer
                                                                for s in REGISTRY.methods})[1]
     assert any("NCCL -> gloo" in m for m in out["messages"])
+
+
+def test_a_rehearsal_checks_the_disk_for_its_stand_in_and_warns_about_the_tier_need(tmp_path, monkeypatch):
+    """CI failed on a host with 68.3 GB free: a 14b rehearsal trains a stand-in model, so the host disk
+    must hold the stand-in, while the tier's own need is recorded and warned about, not enforced."""
+    from collections import namedtuple
+
+    from pipeline.engine import StageFailed
+    from pipeline.stages import gpu_bootstrap
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(gpu_bootstrap.shutil, "disk_usage",
+                        lambda p: usage(100 * 2**30, 32 * 2**30, int(68.3 * 2**30)))
+    monkeypatch.setattr(gpu_bootstrap, "REQUIRED_IMPORTS", ("torch",))
+    ctx = fake_ctx(tmp_path, tier="14b")
+    with pytest.raises(StageFailed, match="disk_space.*68.3 GB free.*needs >= 70 GB"):
+        gpu_bootstrap.run(ctx)
+    ctx.cfg.runtime.rehearsal = True
+    out = gpu_bootstrap.run(ctx)
+    jsonschema.validate({"status": "ok", **out}, ev.schema_file("gpu_bootstrap"))
+    assert out["disk"]["need_gb"] == gpu_bootstrap.DISK_NEED_GB["tiny"] and out["disk"]["tier_need_gb"] == 70
+    assert any("the 14b tier needs >= 70 GB" in w and "GPU host" in w for w in out["warnings"])
