@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import evalsets
 from pipeline import evidence as ev
 
 READINESS = "reports/thesis_support/thesis_readiness.json"
@@ -37,11 +38,11 @@ def thesis_readiness(cfg, strict_pass: bool, registry=None) -> dict:
         blockers.append(REHEARSAL_BLOCKER)
     sets = (ev.read_json(root / registry["eval"].evidence(cfg)) or {}).get("sets") or {}
     partial = [f"{n} ({sets[n].get('planned_n')} of {sets[n].get('full_size')})" if isinstance(sets.get(n), dict)
-               else f"{n} (not evaluated)" for n in cfg.eval.sets
+               else f"{n} (not evaluated)" for n in evalsets.names()
                if not isinstance(sets.get(n), dict) or sets[n].get("planned_n") != sets[n].get("full_size")
                or not sets[n].get("full_size")]
     if partial:
-        blockers.append(f"the eval is not on the full sets: {', '.join(partial)}; set eval.sample_sizes to null")
+        blockers.append(f"the eval is not on the full sets: {', '.join(partial)}; set eval.sample_sizes to null and keep every set in eval.sets")
     present = {a: (root / a).is_file() for a in ARTIFACTS}
     figures = sorted(p.relative_to(root).as_posix() for p in (root / "reports/figures").glob("*.png"))
     missing = [a for a, ok in present.items() if not ok] + ([] if figures else ["reports/figures/*.png"])

@@ -171,6 +171,9 @@ class EvalCfg:
         bad = [s for s in self.sample_sizes if s not in known]
         _check(not bad, f"eval.sample_sizes has unknown set(s) {bad}: use {', '.join(known)}")
         _check(self.batch_size >= 1 and self.max_new_tokens >= 1, "eval.batch_size and eval.max_new_tokens must be >= 1")
+        bad = {s: n for s, n in self.sample_sizes.items() if n is not None and (type(n) is not int or n < 1)}
+        _check(not bad, f"eval.sample_sizes {bad}: use a count >= 1, or null for the full set (leave a set out "
+                        "with eval.sets)")
 
 
 @dataclass

@@ -285,6 +285,11 @@ def scaled_steps(tc: TrainCfg, steps: int) -> dict:
             if tc.curriculum else []}
 
 
+def tier_file(tier: str) -> dict:
+    """The shipped configs/tiers/<tier>.yaml as written (what the tier is, before any user setting)."""
+    return _yaml_with_lines(CONFIG_DIR / "tiers" / f"{tier}.yaml")[0]
+
+
 def _rehearse(cfg: Config, origin: dict) -> None:
     """REHEARSAL=true: the GPU tier's configuration as it is, with only step counts and eval samples scaled down."""
     where = origin.get("runtime.rehearsal", "REHEARSAL")
@@ -294,7 +299,7 @@ def _rehearse(cfg: Config, origin: dict) -> None:
                                              "(configs/probes/*.json): the plan is made from the GPU it rehearses")
     _check(not cfg.model.name, f"{where}: REHEARSAL=true trains a stand-in model; unset MODEL_NAME={cfg.model.name}")
     sft_steps = cfg.sft.max_steps
-    tiny, _ = _yaml_with_lines(CONFIG_DIR / "tiers" / "tiny.yaml")
+    tiny = tier_file("tiny")
     changes = []
     for stage in method_sections():
         tc = getattr(cfg, stage)

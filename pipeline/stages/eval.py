@@ -180,6 +180,16 @@ def run(ctx) -> dict:
 
 
 # --- the gate's checks of this stage ----------------------------------------------------------------------
+def required_sizes(cfg) -> dict:
+    """{set: least n} the gate accepts, whatever eval.sets and eval.sample_sizes say: every bundled set
+    (evalsets.NAMES), each with at least the tier's shipped sample size (configs/tiers/<tier>.yaml; none there,
+    as for the thesis tiers: None, the full set); in a rehearsal its scaled size (readiness still wants full)."""
+    from pipeline.settings import tier_file
+    shipped = (tier_file(cfg.tier).get("eval") or {}).get("sample_sizes") or {}
+    scaled = cfg.runtime.rehearsal_eval_samples if cfg.runtime.rehearsal else None
+    return {s: min((n for n in (shipped.get(s), scaled) if n is not None), default=None) for s in evalsets.names()}
+
+
 def checks(g, doc) -> list:
     """eval.coverage: every set on its planned question ids, every training method scored on its current final,
     every scored variant on the same ids."""
@@ -189,17 +199,24 @@ def checks(g, doc) -> list:
     problems = [f"status is {doc.get('status')!r}: {doc.get('reason')}"] if doc.get("status") != "ok" else []
     problems += [f"does not match its schema: {e}" for e in ev.validate("eval", doc)[:1]]
     sets, variants, results = doc.get("sets") or {}, doc.get("variants") or {}, doc.get("results") or {}
-    planned = {}
-    for name in cfg.eval.sets:
+    planned, floor = {}, required_sizes(cfg)
+    for name in dict.fromkeys([*floor, *cfg.eval.sets]):
         info = sets.get(name)
         if not isinstance(info, dict):
-            problems.append(f"set {name} was not evaluated")
+            problems.append(f"set {name} was not evaluated" + (
+                "" if name in cfg.eval.sets else f" (eval.sets={list(cfg.eval.sets)} leaves it out; the gate "
+                f"requires every bundled benchmark: {', '.join(floor)})"))
             continue
         size, full, ids = cfg.eval.sample_sizes.get(name), info.get("full_size"), info.get("question_ids") or []
         want = full if size is None else (min(size, full) if isinstance(full, int) else size)
         if info.get("planned_n") != want or len(ids) != want or len(set(map(str, ids))) != want:
             problems.append(f"set {name}: planned_n {info.get('planned_n')}, {len(ids)} question ids, the plan is "
                             f"{want}")
+        least = full if floor.get(name) is None else min(floor[name], full if isinstance(full, int) else floor[name])
+        if not isinstance(least, int) or not isinstance(info.get("planned_n"), int) or info["planned_n"] < least:
+            problems.append(f"set {name}: {info.get('planned_n')} questions, the {cfg.tier} tier needs at least "
+                            f"{least} ({'the full set' if floor.get(name) is None else 'configs/tiers/' + cfg.tier + '.yaml'}"
+                            "): raise eval.sample_sizes or set it to null")
         planned[name] = (info.get("planned_n"), list(ids))
     for method in g.registry.methods:
         entry = variants.get(method)

@@ -190,3 +190,37 @@ def test_the_up_to_date_path_imports_no_torch_transformers_or_trl(day1):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "HEAVY []" in done.stdout
     assert done.stdout.count("up to date") >= 9, done.stdout[-2000:]
+
+
+@pytest.mark.parametrize("override", ["eval.sets=[]", "eval.sets=[medqa]"])
+def test_an_eval_configured_away_does_not_pass_the_gate(day1, override):
+    """Issue 14 §2: with eval.sets=[] the eval was ok with no sets and strict_pass stayed true. The gate requires
+    every bundled benchmark (pipeline/evalsets NAMES), whatever the config asks for."""
+    root, _ = day1
+    assert main(["run", "eval", override, "--no-deps"]) == 0
+    assert main(["check", override]) == 1
+    verdict = json.loads((root / "reports/migration/gpu_completion_check.json").read_text())
+    assert "eval.coverage" in verdict["failed"]
+    detail = next(c["detail"] for c in verdict["checks"] if c["id"] == "eval.coverage")
+    assert "pubmedqa" in detail and "eval.sets" in detail
+
+
+def test_eval_sample_sizes_below_the_tiers_are_refused_by_the_gate_and_readiness(day1):
+    """The tiny tier's shipped sizes are the floor the gate accepts; a GPU tier's is the full set, for readiness
+    even when eval.sets leaves sets out."""
+    root, _ = day1
+    cfg = load_config(tier="tiny", env={"PIPELINE_ROOT": str(root)}, overrides=["eval.sample_sizes={medqa: 2}"])
+    doc = json.loads((root / "reports/eval/eval_default.json").read_text())
+    info = doc["sets"]["medqa"]
+    info.update(planned_n=2, question_ids=info["question_ids"][:2])
+    for res in doc["results"].values():
+        res["medqa"].update(n=2, question_ids=res["medqa"].get("question_ids", [])[:2])
+    (root / "reports/eval/eval_default.json").write_text(json.dumps(doc))
+    verdict = G.evaluate(cfg)
+    assert "eval.coverage" in verdict["failed"]
+    detail = next(c["detail"] for c in verdict["checks"] if c["id"] == "eval.coverage")
+    assert "medqa" in detail and "at least 8" in detail
+    from pipeline.readiness import thesis_readiness
+    cfg7 = load_config(tier="7b", env={"PIPELINE_ROOT": str(root)}, overrides=["eval.sets=[medqa]"])
+    blockers = " ".join(thesis_readiness(cfg7, True)["blockers"])
+    assert "pubmedqa" in blockers and "cmmlu" in blockers and "full sets" in blockers

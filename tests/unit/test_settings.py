@@ -196,6 +196,9 @@ MALFORMED = {
     "tier argument not known": ({}, {}, ["tier=huge"], ["argument tier=huge", "tiny, demo, 7b, 14b"]),
     "mapping argument that is not a mapping": (
         {}, {}, ["eval.sample_sizes=medqa"], ["argument eval.sample_sizes=medqa", "mapping"]),
+    "negative eval sample size": ({}, {}, ["eval.sample_sizes={medqa: -1}"], ["eval.sample_sizes", "medqa", ">= 1"]),
+    "zero eval sample size": ({}, {}, ["eval.sample_sizes={cmmlu: 0}"], ["eval.sample_sizes", "cmmlu", "null"]),
+    "non-numeric eval sample size": ({}, {}, ["eval.sample_sizes={medqa: many}"], ["argument eval.sample_sizes", "medqa"]),
 }
 
 
