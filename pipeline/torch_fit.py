@@ -135,7 +135,7 @@ class Fit:
 
 
 def _gpus_text(gpus: list[dict]) -> str:
-    """"2x Tesla V100-SXM2-32GB (sm_70)", GPUs of one kind counted, kinds joined by " + "."""
+    """The GPUs as a user reads them: one kind counted ("2x Tesla V100-SXM2-32GB (sm_70)"), kinds joined by +."""
     kinds = {}
     for g in gpus:
         sm = "sm_{}{}".format(*g["capability"]) if g.get("capability") else "sm unknown"

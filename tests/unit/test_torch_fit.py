@@ -292,12 +292,13 @@ def test_torch_facts_of_a_real_a_missing_and_a_broken_torch(tmp_path):
     if torch.version.cuda is None:
         assert mine["arch_list"] == []
     else:   # get_arch_list() is [] without a visible device; the facts have the build's list all the same
-        assert mine["arch_list"] and (not torch.cuda.is_available() or mine["arch_list"] == torch.cuda.get_arch_list())
+        assert mine["arch_list"]
+        assert not torch.cuda.is_available() or mine["arch_list"] == torch.cuda.get_arch_list()
     none = script(tmp_path / "none", "echo \"ModuleNotFoundError: No module named 'torch'\" >&2; exit 1")
     assert tf.torch_facts(none) is None
-    broken = script(tmp_path / "broken", 'echo "OSError: libcudnn.so.9: cannot open shared object file" >&2; exit 1')
-    assert tf.torch_facts(broken) == {"version": None, "error": "OSError: libcudnn.so.9: cannot open shared "
-                                                                "object file"}
+    error = "OSError: libcudnn.so.9: cannot open shared object file"
+    broken = script(tmp_path / "broken", f'echo "{error}" >&2; exit 1')
+    assert tf.torch_facts(broken) == {"version": None, "error": error}
     fit = tf.decide(tf.torch_facts(broken), [], None)
     assert fit.action == "stop" and "does not import (OSError: libcudnn.so.9" in fit.problem
 
@@ -317,8 +318,9 @@ WRITE_CONSTRAINT = ('while [ $# -gt 0 ]; do [ "$1" = --constraint ] && echo torc
 
 
 def bootstrap(tmp_path, env, system_fit=None, venv_fit=WRITE_CONSTRAINT, with_venv=False):
-    """scripts/bootstrap_venv.sh in a copy of the repo. The system Python has a torch; its torch check is the
-    real one, on `system_fit` (a probe file). The venv's Python is a fake that logs, whose check runs `venv_fit`."""
+    """scripts/bootstrap_venv.sh in a copy of the repo. The system Python has a torch when `system_fit` (a probe
+    file) is given, and its torch check is the real one on that probe. The venv's Python is a fake that logs;
+    its torch check runs `venv_fit`."""
     import shutil
     (tmp_path / "scripts").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "bootstrap_venv.sh", tmp_path / "scripts")
