@@ -11,9 +11,11 @@ from pathlib import Path
 PROBE_DIR = "configs/probes"
 
 PROBE_FIELDS = ("devices", "driver", "cuda_runtime", "torch_version", "torch_arch_list", "flash_attn",
-                "bitsandbytes", "note")
+                "bitsandbytes", "note", "driver_cuda")   # driver_cuda: optional, nvidia-smi's "CUDA Version"
 DEVICE_FIELDS = ("name", "capability", "total_gb", "free_gb")
 ARCH_RE = re.compile(r"^(sm|compute)_(\d+)(\d)([a-z]?)$")   # sm_70, sm_120, sm_90a, compute_90
+DRIVER_RE = re.compile(r"^\d+\.\d+(\.\d+)?$")                 # 570.124.06, 570.26
+CUDA_RE = re.compile(r"^\d+\.\d+$")                             # 12.8
 
 
 def _number(v) -> bool:
@@ -82,6 +84,11 @@ def load_probe_file(path, resolved=None) -> dict:
                          ("torch_version", '"2.13.0+cu128" (torch.__version__)')):
         if not isinstance(doc.get(key), str) or not doc[key].strip():
             bad(key, f"is {doc.get(key)!r}", f"add it as a string, e.g. {example}")
+    if not DRIVER_RE.match(doc["driver"]):
+        bad("driver", f"is {doc['driver']!r}", 'use the driver version nvidia-smi prints, e.g. "570.124.06"')
+    if "driver_cuda" in doc and not (isinstance(doc["driver_cuda"], str) and CUDA_RE.match(doc["driver_cuda"])):
+        bad("driver_cuda", f"is {doc['driver_cuda']!r}",
+            'use the "CUDA Version" nvidia-smi prints, e.g. "12.8", or leave it out')
     arch = doc.get("torch_arch_list")
     if not isinstance(arch, list) or not arch:
         bad("torch_arch_list", f"is {arch!r}", 'add torch.cuda.get_arch_list(), e.g. ["sm_80", "sm_90"]')
@@ -98,6 +105,7 @@ def load_probe_file(path, resolved=None) -> dict:
     return {"source": "file", "file": shown, "note": doc.get("note"), "cuda_available": True,
             "torch_version": doc["torch_version"], "torch_cuda_build": doc["cuda_runtime"],
             "cuda_runtime": doc["cuda_runtime"], "torch_arch_list": list(arch), "driver": doc["driver"],
+            "driver_cuda": doc.get("driver_cuda"),   # None: pipeline.torch_fit uses NVIDIA's driver table
             "devices": devices,
             "flash_attn": doc.get("flash_attn", False),   # default false: flash-attn is not pinned
             "flash_attn_error": None,
