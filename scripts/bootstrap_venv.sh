@@ -32,7 +32,7 @@ index_args=()
 fit_args=(--pin "${TORCH_SPEC#torch==}" ${index_args[@]+"${index_args[@]}"})
 [ "$auto" = true ] && fit_args+=(--auto)
 stamp=.venv/.requirements.sha256
-want=$(cat requirements.txt scripts/bootstrap_venv.sh | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt scripts/bootstrap_venv.sh pipeline/torch_fit.py | sha256sum | cut -d' ' -f1)
 if [ "$reinstall" = false ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
    && .venv/bin/python -c "import torch" 2>/dev/null; then
   exit 0

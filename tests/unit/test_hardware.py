@@ -384,13 +384,15 @@ def run_bootstrap(tmp_path, env, stamp_ok=True):
     (tmp_path / "scripts").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "bootstrap_venv.sh", tmp_path / "scripts")
     shutil.copy(REPO / "requirements.txt", tmp_path)
+    (tmp_path / "pipeline").mkdir()
+    shutil.copy(REPO / "pipeline" / "torch_fit.py", tmp_path / "pipeline")   # hashed into the up-to-date stamp
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     log = tmp_path / "calls.log"
     (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
     (bin_dir / "python").chmod(0o755)
     if stamp_ok:
-        want = subprocess.run("cat requirements.txt scripts/bootstrap_venv.sh | sha256sum | cut -d' ' -f1",
+        want = subprocess.run("cat requirements.txt scripts/bootstrap_venv.sh pipeline/torch_fit.py | sha256sum | cut -d' ' -f1",
                               shell=True, cwd=tmp_path, capture_output=True, text=True, check=True)
         want = want.stdout.strip()
         (tmp_path / ".venv" / ".requirements.sha256").write_text(want + "\n")

@@ -325,6 +325,8 @@ def bootstrap(tmp_path, env, system_fit=None, venv_fit=WRITE_CONSTRAINT, with_ve
     (tmp_path / "scripts").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "bootstrap_venv.sh", tmp_path / "scripts")
     shutil.copy(REPO / "requirements.txt", tmp_path)
+    (tmp_path / "pipeline").mkdir()
+    shutil.copy(REPO / "pipeline" / "torch_fit.py", tmp_path / "pipeline")   # hashed into the up-to-date stamp
     log = tmp_path / "calls.log"
     venv_python = tmp_path / "fake_venv_python"
     venv_python.write_text(FAKE.format(log=log, has_torch=0, fit=venv_fit, venv_python=venv_python))
