@@ -27,12 +27,28 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _numbers(obj) -> None:
+    """Every int/float field of a section is a finite number >= 0 (or None where the field allows it): no knob of
+    ours means anything below zero, and NaN/inf would pass every comparison a stage makes."""
+    import math
+    import typing
+    for name, typ in typing.get_type_hints(type(obj)).items():
+        value = getattr(obj, name, None)
+        kinds = set(typing.get_args(typ)) or {typ}
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not kinds & {int, float}:
+            continue
+        _check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
+
+
 @dataclass
 class ModelCfg:
     name: str | None = None          # MODEL_NAME: a local folder (or a hub name on a machine that can reach one)
     qlora: bool = False              # 4-bit QLoRA where the hardware plan allows it
     flash_attn: bool = True          # use flash_attention_2 when installed, Ampere+, not 4-bit
     tiny_seed: int = 0               # seed of the locally built tiny model
+
+    def __post_init__(self):
+        _numbers(self)
 
 
 @dataclass
@@ -44,6 +60,7 @@ class LoraCfg:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
     def __post_init__(self):
+        _numbers(self)
         _check(self.r > 0, f"lora.r must be > 0, got {self.r}")
         _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
         _check(bool(self.target_modules), "lora.target_modules is empty: name at least one module")
@@ -72,6 +89,7 @@ class TrainCfg:
     trl: dict = field(default_factory=dict)   # passed verbatim to the TRL config class, which validates them   # [{"max_length": 512, "until_step": 40}, ...]
 
     def __post_init__(self):
+        _numbers(self)
         _check(self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
         _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -136,6 +154,7 @@ class DataCfg:
     seed: int = 42
 
     def __post_init__(self):
+        _numbers(self)
         _check(self.on_bad_row in ("error", "skip"), f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
         _check(self.sft_eval_size >= 1 and self.judge_heldout_size >= 0, "sft_eval_size must be >= 1, judge_heldout_size >= 0")
 
@@ -165,6 +184,7 @@ class EvalCfg:
     n_bootstrap: int = 2000
 
     def __post_init__(self):
+        _numbers(self)
         known = _eval_sets()
         bad = [s for s in self.sets if s not in known]
         _check(not bad, f"eval.sets has unknown set(s) {bad}: use {', '.join(known)}")
@@ -191,8 +211,13 @@ class JudgeCfg:
     prices: dict = field(default_factory=dict)   # {model: {"input_per_1m": usd, "output_per_1m": usd}}
 
     def __post_init__(self):
+        _numbers(self)
         _check(0 < self.min_coverage <= 1, f"judge.min_coverage must be in (0, 1], got {self.min_coverage}")
         _check(self.concurrency >= 1, "judge.concurrency must be >= 1")
+
+
+REPORTERS = ("none", "all", "tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "trackio", "swanlab", "dvclive",
+             "neptune", "codecarbon", "azure_ml", "dagshub", "flyte")   # transformers' report_to integrations
 
 
 @dataclass
@@ -217,8 +242,16 @@ class RuntimeCfg:
     rehearsal_fraction: float = 1.0         # filled by the rehearsal: its SFT steps / the tier's (data scale too)
 
     def __post_init__(self):
+        _numbers(self)
         _check(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
         _check(self.rehearsal_steps >= 2, f"rehearsal_steps must be >= 2, got {self.rehearsal_steps}")
+        bad = [r for r in self.report_to if r not in REPORTERS]
+        _check(not bad, f"report_to has {bad}: use {', '.join(REPORTERS)} (transformers' integrations)")
+        if self.deepspeed_config:
+            ds = Path(self.deepspeed_config)
+            _check((ds if ds.is_absolute() else REPO / ds).is_file(),
+                   f"deepspeed_config {self.deepspeed_config} does not exist (relative paths start at {REPO}): "
+                   "use configs/deepspeed/zero2.json or unset DEEPSPEED_CONFIG")
 
 
 BASE_SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "eval": EvalCfg, "judge": JudgeCfg,
@@ -250,6 +283,7 @@ class Config:
     methods: dict = field(default_factory=lambda: {k: cls() for k, cls in method_sections().items()})
 
     def __post_init__(self):
+        _numbers(self)
         _check(self.tier in TIERS, f"tier {self.tier!r} is not one of {', '.join(TIERS)}")
 
     def __getattr__(self, name: str):   # cfg.sft, cfg.dpo, ...: the methods' sections

@@ -54,11 +54,18 @@ ENV_MAP: dict[str, tuple[str, ...]] = {
 }
 
 
+DOTENV = REPO / ".env"   # the one .env the settings read (beside .env.example); not the output root's
+
+
 def environment(dotenv_path: Path | None = None) -> dict[str, str]:
     """The process env over .env (python-dotenv); the process env wins."""
     from dotenv import dotenv_values
-    path = dotenv_path or REPO / ".env"
-    merged = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    path = dotenv_path or DOTENV
+    if path.is_file():
+        import io
+        merged = {k: v for k, v in dotenv_values(stream=io.StringIO(_utf8(path))).items() if v is not None}
+    else:
+        merged = {}
     merged.update(os.environ)
     return merged
 
@@ -83,9 +90,21 @@ def env_flag(name: str, default: bool = False) -> bool:
 
 
 # --- loading -----------------------------------------------------------------------------------
+def _utf8(path: Path) -> str:
+    """The text of a config or .env file; one saved in another encoding (GBK from a Chinese Windows editor) is a
+    one-line error naming the file and line, never a UnicodeDecodeError."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}; saved as GBK?): re-save the "
+                          "file as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
+
+
 def _yaml_with_lines(path: Path) -> tuple[dict, dict]:
     """Load a YAML mapping and the line of each dotted key (for error messages)."""
-    text = path.read_text(encoding="utf-8")
+    text = _utf8(path)
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -233,7 +252,11 @@ def load_config(tier: str | None = None, overrides: list[str] | None = None,
                                              (values.get("tier"), origin.get("tier")), (Config.tier, "default")) if v)
     if chosen not in TIERS:
         raise ConfigError(f"{where}: tier {chosen!r} is not one of {', '.join(TIERS)}")
-    put_file(CONFIG_DIR / "tiers" / f"{chosen}.yaml")
+    tier_path = CONFIG_DIR / "tiers" / f"{chosen}.yaml"
+    if not tier_path.is_file():   # without it the tier would silently run the base config's step counts
+        raise ConfigError(f"{where}: tier {chosen}: {tier_path} is missing: restore it "
+                          f"(git checkout -- configs/tiers/{chosen}.yaml)")
+    put_file(tier_path)
     for var, keys in ENV_MAP.items():
         raw = env.get(var)
         if raw is None or raw == "":
@@ -327,6 +350,16 @@ def _rehearse(cfg: Config, origin: dict) -> None:
     cfg.runtime.rehearsal_changes = changes
 
 
+def _writable_root(root: Path, where: str) -> None:
+    """The output root is a folder, or can become one, that this user may write to."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{where}: PIPELINE_ROOT {root} is a file: point PIPELINE_ROOT at a folder")
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: PIPELINE_ROOT {root} is not writable ({existing} is read-only for this "
+                          "user): point PIPELINE_ROOT at a folder you own")
+
+
 def _build(values: dict, origin: dict) -> Config:
     kwargs: dict = {}
     for sec, cls in sections().items():
@@ -342,6 +375,7 @@ def _build(values: dict, origin: dict) -> Config:
     methods = {k: kwargs.pop(k) for k in method_sections()}
     cfg = Config(**top, **kwargs, methods=methods)
     cfg.root = str(Path(cfg.root).expanduser().resolve())
+    _writable_root(Path(cfg.root), origin.get("root", "the output root"))
     if not cfg.cache_dir:
         cfg.cache_dir = str(Path(cfg.root) / ".cache")
     return cfg

@@ -19,7 +19,6 @@ from pipeline.core import Stage
 STAGE = Stage("gpu_bootstrap", "reports/migration/gpu_bootstrap.json", reads=("model.qlora", "runtime.hf_home", "runtime.rehearsal"), in_all=False,
               in_dry_run=True)
 
-REPO = Path(__file__).resolve().parents[2]
 REQUIRED_IMPORTS = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "openai")
 VERSIONED = REQUIRED_IMPORTS + ("tokenizers", "safetensors", "huggingface-hub", "jsonschema", "pyyaml",
                                 "python-dotenv", "rich", "scipy", "matplotlib", "gguf")
@@ -64,11 +63,13 @@ def _writable(folder: Path) -> str | None:
     return None
 
 
-def _env_file(root: Path) -> dict:
-    for path in dict.fromkeys([root / ".env", REPO / ".env"]):
-        if path.is_file():
-            mode = path.stat().st_mode & 0o777
-            return {"path": str(path), "present": True, "mode": f"{mode:04o}", "private": mode & 0o077 == 0}
+def _env_file() -> dict:
+    """The .env the settings read (pipeline.settings.DOTENV): present, and private (it holds API keys)."""
+    from pipeline import settings
+    path = Path(settings.DOTENV)
+    if path.is_file():
+        mode = path.stat().st_mode & 0o777
+        return {"path": str(path), "present": True, "mode": f"{mode:04o}", "private": mode & 0o077 == 0}
     return {"path": None, "present": False, "mode": None, "private": None}
 
 
@@ -132,10 +133,13 @@ def run(ctx) -> dict:
                         f"weights may not fit: set HF_HOME to a larger disk")
 
     # ---- .env: present and private (it holds API keys)
-    env_file = _env_file(root)
+    env_file = _env_file()
+    from pipeline.settings import DOTENV
+    stray = root / ".env"
+    if stray.is_file() and stray.resolve() != Path(DOTENV).resolve():
+        warnings.append(f"{stray} is ignored: the settings read {DOTENV} only: move it there")
     if not env_file["present"]:
-        warnings.append(f"no .env in {root} or {REPO}: LLM judges stay off unless OPENAI_API_KEY is set "
-                        "in the environment")
+        warnings.append(f"no {DOTENV}: LLM judges stay off unless OPENAI_API_KEY is set in the environment")
     elif not env_file["private"]:
         warnings.append(f"{env_file['path']} has mode {env_file['mode']}, readable by others: "
                         f"chmod 600 {env_file['path']}")

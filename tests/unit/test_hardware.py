@@ -221,8 +221,11 @@ def test_gpu_bootstrap_fails_with_each_broken_check_named(tmp_path, monkeypatch)
 
 def test_gpu_bootstrap_passes_and_warns_about_a_readable_env_file(tmp_path, monkeypatch):
     from pipeline.stages import gpu_bootstrap
+    from pipeline import settings
     monkeypatch.setattr(gpu_bootstrap, "REQUIRED_IMPORTS", ("torch", "bitsandbytes"))
-    env = tmp_path / ".env"
+    (tmp_path / "repo").mkdir()
+    env = tmp_path / "repo" / ".env"
+    monkeypatch.setattr(settings, "DOTENV", env)
     env.write_text("OPENAI_API_KEY=sk-test\n")
     env.chmod(0o644)
     out = gpu_bootstrap.run(fake_ctx(tmp_path))
@@ -234,6 +237,19 @@ def test_gpu_bootstrap_passes_and_warns_about_a_readable_env_file(tmp_path, monk
     assert out["disk"]["shortfall_gb"] == 0 and "sk-test" not in json.dumps(out)
     env.chmod(0o600)
     assert not any("chmod" in w for w in gpu_bootstrap.run(fake_ctx(tmp_path))["warnings"])
+
+
+def test_gpu_bootstrap_reports_the_env_file_the_settings_read_and_warns_about_a_stray_one(tmp_path, monkeypatch):
+    """Issue 14 §4: a .env in the output root was reported present, but the settings never read it."""
+    from pipeline import settings
+    from pipeline.stages import gpu_bootstrap
+    monkeypatch.setattr(gpu_bootstrap, "REQUIRED_IMPORTS", ("torch",))
+    monkeypatch.setattr(settings, "DOTENV", tmp_path / "repo" / ".env")
+    (tmp_path / ".env").write_text("OPENAI_API_KEY=sk-stray\n")
+    out = gpu_bootstrap.run(fake_ctx(tmp_path))
+    assert out["env_file"]["present"] is False
+    assert any(f"{tmp_path / '.env'} is ignored" in w and str(tmp_path / "repo" / ".env") in w for w in out["warnings"])
+    assert "sk-stray" not in json.dumps(out)
 
 
 # ---------------------------------------------------------------- recorded probes (GPU_PROBE_FILE)

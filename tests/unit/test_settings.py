@@ -21,6 +21,8 @@ def cfg_dir(tmp_path, monkeypatch):
     """An empty configs/ folder in place of the repository's; returns write(relpath, yaml_text) -> Path."""
     folder = tmp_path / "configs"
     (folder / "tiers").mkdir(parents=True)
+    for tier in settings.TIERS:   # a tier file must exist (an empty one sets nothing)
+        (folder / "tiers" / f"{tier}.yaml").write_text("")
     monkeypatch.setattr(settings, "CONFIG_DIR", folder)
 
     def write(rel: str, text: str):
