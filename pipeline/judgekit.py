@@ -173,6 +173,20 @@ def _scrub(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
 
 
+def scrub(obj, secret: str | None):
+    """obj with the secret replaced in every string it holds (keys and values, at any depth): whatever an
+    endpoint sends back (model id, fingerprint, a verdict's reason) reaches no file with the key in it."""
+    if not secret:
+        return obj
+    if isinstance(obj, str):
+        return _scrub(obj, secret)
+    if isinstance(obj, dict):
+        return {scrub(k, secret): scrub(v, secret) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub(v, secret) for v in obj]
+    return obj
+
+
 async def judge_all(items: list[dict], *, kind: str, base_url: str, api_key: str, model: str,
                     cache: JudgeCache, concurrency: int = 8, timeout_s: float = 60, max_retries: int = 3,
                     max_reasks: int = 1, max_tokens: int | None = None, on_progress=None) -> dict:
@@ -239,6 +253,7 @@ async def judge_all(items: list[dict], *, kind: str, base_url: str, api_key: str
                 except Exception as e:  # the client already retried; record, never invent a verdict
                     record.update(reason="api_error", error=type(e).__name__,
                                   error_message=_scrub(str(e), api_key)[:300])
+            record = scrub(record, api_key)
             if record["status"] == "judged":
                 cache.put(key, record)
         done += 1

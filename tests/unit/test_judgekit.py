@@ -182,3 +182,21 @@ def test_api_key_is_never_written(fake_openai, tmp_path):
     for p in files:
         data = p.read_bytes()
         assert FAKE_KEY.encode() not in data and wrong.encode() not in data, p
+
+
+def test_a_reply_that_echoes_the_key_in_any_field_never_writes_it(tmp_path, monkeypatch):
+    """Issue 14 §5: only raw_reply and error_message were scrubbed; an endpoint that puts the key into the
+    model id, the system fingerprint or the verdict's reason wrote it into the cache and the evidence."""
+    from tests.fakes import openai_server
+    from tests.fakes.openai_server import FakeOpenAI
+    echo = json.dumps({"winner": "A", "reason": f"your key is {FAKE_KEY}"})
+    monkeypatch.setattr(openai_server, "fake_reply", lambda messages: echo)
+    with FakeOpenAI(api_key=FAKE_KEY, fingerprint=f"fp-{FAKE_KEY}", model_suffix=f"-{FAKE_KEY}") as server:
+        out = run(pair_items(2), server, JudgeCache(tmp_path / "c.jsonl"))
+    assert out["n_judged"] == 2
+    from pipeline import evidence as ev
+    ev.atomic_write_json(tmp_path / "summary.json", out)
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert FAKE_KEY.encode() not in p.read_bytes(), p
+    assert out["results"][0]["verdict"]["reason"] == "your key is ***"
