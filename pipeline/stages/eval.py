@@ -237,5 +237,12 @@ def checks(g, doc) -> list:
                 elif "question_ids" in res and list(res["question_ids"]) != ids:
                     problems.append(f"variant {variant} on {name} used other question ids than planned")
     sizes = ", ".join(f"{k} {v[0]}" for k, v in planned.items())
-    return [g.result("coverage", problems[:8], f"{', '.join(g.registry.methods)} scored on the same question ids "
-                     f"({sizes})", code=doc.get("reason_code"))]
+    coverage = g.result("coverage", problems[:8], f"{', '.join(g.registry.methods)} scored on the same question ids "
+                        f"({sizes})", code=doc.get("reason_code"))
+    if problems:
+        return [coverage, g.blocked("numbers", "coverage")]
+    from pipeline.eval_audit import audit
+    wrong = audit(cfg, g.root, doc, g.registry.aligned)
+    return [coverage, g.result("numbers", wrong[:8] + ([f"{len(wrong) - 8} more"] if len(wrong) > 8 else []),
+                               "every accuracy, CI, count and paired test recomputes from the re-scored "
+                               "predictions")]

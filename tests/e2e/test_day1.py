@@ -71,6 +71,34 @@ def _replace_sft_after_dpo(root: Path) -> None:
     _edit_json(root / SFT, lambda d: d.update(checkpoint_files=files, checkpoint_sha256=sha256_json(files)))
 
 
+EVAL = "reports/eval/eval_default.json"
+
+
+def _all_accuracies(value: float):
+    def edit(doc):
+        for sets in doc["results"].values():
+            for res in sets.values():
+                res["accuracy"] = value
+    return edit
+
+
+def _mark_correct_and_rehash(root: Path) -> None:
+    """A wrong answer turned right in the predictions, the accuracy and the recorded hash made consistent."""
+    from pipeline.evidence import sha256_file
+    rel = "reports/eval/predictions/sft.jsonl"
+    rows = [json.loads(line) for line in (root / rel).read_text().splitlines()]
+    wrong = next(r for r in rows if not r["correct"])
+    wrong["correct"] = True
+    (root / rel).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    def edit(doc):
+        res = doc["results"]["sft"][wrong["set"]]
+        res["correct"] += 1
+        res["accuracy"] = res["correct"] / res["n"]
+        doc["outputs"][rel] = sha256_file(root / rel)
+    _edit_json(root / EVAL, edit)
+
+
 TAMPERS = {
     "one byte changed in a final adapter": (lambda r: _flip_byte(r / "checkpoints/kto-real-baseline/final/adapter_model.safetensors"), "kto.checkpoint"),
     "a final checkpoint deleted": (lambda r: shutil.rmtree(r / "checkpoints/simpo-real-baseline/final"), "simpo.checkpoint"),
@@ -78,6 +106,9 @@ TAMPERS = {
     "dry-run evidence copied over a real one": (lambda r: shutil.copy(r / "reports/migration/dry_run.json", r / "reports/training/dpo_metrics.json"), "dpo.metrics"),
     "loss curve edited away from the trainer's log": (lambda r: _edit_json(r / SFT, lambda d: d["loss_curve"][-1].__setitem__(1, 0.001)), "sft.curve"),
     "global_step edited to the plan of a longer run": (lambda r: _edit_json(r / "reports/training/simpo_metrics.json", lambda d: d.update(planned_max_steps=d["planned_max_steps"] + 5)), "simpo.steps"),
+    "every accuracy of the eval set to 0.93": (lambda r: _edit_json(r / EVAL, _all_accuracies(0.93)), "eval.numbers"),
+    "a paired test's p-value edited": (lambda r: _edit_json(r / EVAL, lambda d: d["paired"][0].update(p_value=0.001)), "eval.numbers"),
+    "a prediction marked correct, its file re-hashed": (_mark_correct_and_rehash, "eval.numbers"),
     "a stage marked incomplete (killed)": (lambda r: (r / "reports/.incomplete").mkdir(exist_ok=True) or (r / "reports/.incomplete/kto.marker").write_text("{}"), "chain.no_incomplete"),
 }
 

@@ -1,0 +1,107 @@
+"""The gate's recomputation of every figure eval_default.json quotes (check `eval.numbers`).
+
+A figure in the evidence is believed only if the gate gets it again from the per-item predictions:
+  1. each predictions file re-hashes to the sha256 the eval evidence records for it;
+  2. each item is re-scored: its gold answer comes from the bundled data (by id), its extracted answer from its
+     raw output by the set's rules (an LLM-fallback answer must be one of the options), `correct` from the two;
+  3. the accuracies, CIs, counts, format failures, lengths, methods, answer distributions, per-subject figures and
+     the paired tests are recomputed with the eval stage's own functions (summarize, paired_tests) at the seed and
+     bootstrap size the evidence records, and must equal what the evidence says, field for field; a field the
+     functions do not produce is itself a problem (nothing quoted is left uncovered).
+A forger who rewrites raw outputs and every hash consistently still passes: `make export`'s root hash is the
+external anchor for that (issue 14 §2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+from pipeline import evalsets
+from pipeline import evidence as ev
+
+PREDICTIONS = "reports/eval/predictions/{variant}.jsonl"
+
+
+def _diff(got, want, where: str, out: list[str]) -> None:
+    """Where got (the evidence) differs from want (recomputed): one line each."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        for k in sorted(set(got) | set(want), key=str):
+            if k not in want:
+                out.append(f"{where}.{k} is quoted but not produced by the eval's functions")
+            elif k not in got:
+                out.append(f"{where}.{k} is missing")
+            else:
+                _diff(got[k], want[k], f"{where}.{k}", out)
+    elif isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
+        if len(got) != len(want):
+            out.append(f"{where}: {len(got)} entries, recomputed {len(want)}")
+        for i, (a, b) in enumerate(zip(got, want)):
+            _diff(a, b, f"{where}[{i}]", out)
+    elif isinstance(want, float) or isinstance(got, float):
+        ok = (isinstance(got, (int, float)) and not isinstance(got, bool) and isinstance(want, (int, float))
+              and (math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(got) and math.isnan(want))))
+        if not ok:
+            out.append(f"{where} is {got!r}, recomputed {want!r}")
+    elif got != want:
+        out.append(f"{where} is {str(got)[:60]!r}, recomputed {str(want)[:60]!r}")
+
+
+def load_predictions(root, doc: dict, out: list[str]) -> dict:
+    """{variant: [prediction]} of every variant with results, each file verified against the recorded sha256."""
+    outputs, preds = doc.get("outputs") or {}, {}
+    for variant in doc.get("results") or {}:
+        rel = PREDICTIONS.format(variant=variant)
+        path = root / rel
+        if not path.is_file():
+            out.append(f"{rel} is missing: the figures of {variant} cannot be recomputed")
+        elif ev.sha256_file(path) != outputs.get(rel):
+            out.append(f"{rel} does not re-hash to the sha256 the eval evidence records")
+        else:
+            preds[variant] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return preds
+
+
+def rescore(cfg, preds: dict, out: list[str]) -> None:
+    """Each item's gold, extracted answer and verdict, against the bundled data and the set's rules."""
+    from pipeline.stages.eval import allowed, extract
+    names = sorted({p.get("set") for ps in preds.values() for p in ps if p.get("set") in evalsets.SETS})
+    gold = {r["id"]: r for name in names for r in evalsets.SETS[name].load(cfg)[0]}
+    for variant, ps in preds.items():
+        bad = []
+        for p in ps:
+            row = gold.get(p.get("id"))
+            if row is None:
+                bad.append(f"{p.get('id')}: not a question of the bundled data")
+                continue
+            if p.get("method") == "llm_fallback":
+                fine = p.get("extracted") in allowed(row)
+            else:
+                fine = tuple(extract(row, p.get("raw") or "")) == (p.get("extracted"), p.get("method"))
+            if not fine:
+                bad.append(f"{p['id']}: extracted {p.get('extracted')!r} is not what the rules get from its output")
+            elif p.get("gold") != row["answer"] or p.get("correct") is not (p.get("extracted") == row["answer"]):
+                bad.append(f"{p['id']}: gold/correct do not match the bundled answer {row['answer']!r}")
+        out += [f"predictions of {variant}: {b}" for b in bad[:3]] + (
+            [f"predictions of {variant}: {len(bad) - 3} more items like these"] if len(bad) > 3 else [])
+
+
+def audit(cfg, root, doc: dict, aligned: tuple[str, ...]) -> list[str]:
+    """The problems with the figures of the eval evidence `doc` (empty: every figure recomputes)."""
+    from pipeline.stages.eval import paired_tests, summarize
+    out: list[str] = []
+    preds = load_predictions(root, doc, out)
+    if out:
+        return out
+    rescore(cfg, preds, out)
+    sets = doc.get("sets") or {}
+    seeds = {info.get("seed") for info in sets.values() if isinstance(info, dict)}
+    if len(seeds) > 1 or not isinstance(doc.get("n_bootstrap"), int):
+        return out + [f"the eval evidence records seeds {sorted(map(str, seeds))} and n_bootstrap "
+                      f"{doc.get('n_bootstrap')!r}: the figures cannot be recomputed"]
+    ecfg = dataclasses.replace(cfg.eval, sets=[s for s in evalsets.names() if s in sets],
+                               seed=seeds.pop() if seeds else cfg.eval.seed, n_bootstrap=doc["n_bootstrap"])
+    at = dataclasses.replace(cfg, eval=ecfg)
+    _diff(doc.get("results"), {v: summarize(ps, at) for v, ps in preds.items()}, "results", out)
+    _diff(doc.get("paired"), paired_tests(preds, at, aligned), "paired", out)
+    return out
