@@ -163,6 +163,7 @@ class EvalCfg:
     max_new_tokens: int = 32
     llm_fallback: bool = True        # ENABLE_V2_LLM_FALLBACK
     n_bootstrap: int = 2000
+    degenerate_share: float = 0.6    # one answer above this share of a set, the gold's largest below: degenerate
 
     def __post_init__(self):
         known = _eval_sets()
@@ -171,6 +172,8 @@ class EvalCfg:
         bad = [s for s in self.sample_sizes if s not in known]
         _check(not bad, f"eval.sample_sizes has unknown set(s) {bad}: use {', '.join(known)}")
         _check(self.batch_size >= 1 and self.max_new_tokens >= 1, "eval.batch_size and eval.max_new_tokens must be >= 1")
+        _check(0 < self.degenerate_share < 1,
+               f"eval.degenerate_share must be in (0, 1) (a share of a set's questions), got {self.degenerate_share}")
 
 
 @dataclass
