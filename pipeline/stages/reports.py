@@ -84,7 +84,8 @@ def error_analysis(ctx, eval_doc, judge_doc) -> str:
                   R.md_table(["variant", "set", "helped", "hurt", "example ids"], rows), "", src, ""]
     if variants:
         lines += ["## Answers against the gold (degenerate predictors)", "", R.answers_table(eval_doc), "",
-                  *R.degenerate_lines(eval_doc), "", f"(Source: `{R.EVAL_JSON}`, `results.<variant>.<set>.answers`.)", ""]
+                  *R.degenerate_lines(eval_doc), "",
+                  f"(Source: `{R.EVAL_JSON}`, `results.<variant>.<set>.answers`.)", ""]
         lines += ["## Format failures (no answer extracted)", ""]
         for v in variants:
             bad = [p for p in preds[v] if p["extracted"] is None]

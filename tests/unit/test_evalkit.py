@@ -124,7 +124,7 @@ def test_length_stats():
     assert length_stats([])["mean"] is None
 
 
-# ---------------------------------------------------------------- issue 12: corrected tests, power, degenerate predictors
+# ------------------------------------------------ issue 12: corrected tests, power, degenerate predictors
 def test_holm_matches_a_hand_computed_family():
     # sorted p 0.005, 0.01, 0.03, 0.04 (m=4): x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max
     # 0.02, 0.03, 0.06, 0.06; in input order 0.03, 0.06, 0.06, 0.02; only 0.01 and 0.005 survive at 0.05
@@ -209,7 +209,8 @@ def test_a_degenerate_trained_variant_blocks_writing(tmp_path):
 
     def blockers(sft_answers, flag=None):
         for v, answers in (("base", "AAAAAAAB"), ("sft", sft_answers)):
-            rows = [{"id": f"q{i}", "set": "medqa", "extracted": x, "gold": g} for i, (x, g) in enumerate(zip(answers, gold))]
+            rows = [{"id": f"q{i}", "set": "medqa", "extracted": x, "gold": g}
+                    for i, (x, g) in enumerate(zip(answers, gold))]
             (tmp_path / "reports/eval/predictions").mkdir(parents=True, exist_ok=True)
             (tmp_path / f"reports/eval/predictions/{v}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         ev.atomic_write_json(tmp_path / "reports/eval/eval_default.json", {
