@@ -1,4 +1,5 @@
-"""Evaluation toolkit: answer extraction rules, bootstrap confidence intervals, McNemar, lengths.
+"""Evaluation toolkit: answer extraction rules, bootstrap confidence intervals, McNemar with Holm's correction,
+the minimum detectable difference, answer distributions (degenerate predictors), lengths.
 
 Extraction never guesses: an output that asserts two different answers, says "A or B", or matches
 no rule gives `(None, method)`, and the caller counts it as unanswered.
@@ -14,9 +15,15 @@ from __future__ import annotations
 import re
 import statistics
 import unicodedata
+from collections import Counter
 from functools import lru_cache
 
-__all__ = ["extract_choice", "extract_yes_no_maybe", "accuracy_ci", "mcnemar_exact", "length_stats"]
+__all__ = ["extract_choice", "extract_yes_no_maybe", "accuracy_ci", "diff_ci", "mcnemar_exact", "holm_by_protocol",
+           "min_detectable_difference", "answer_distribution", "length_stats"]
+ALPHA, POWER = 0.05, 0.8     # two-sided significance level and power of every statement the reports make
+MDD_METHOD = ("normal approximation for two proportions at p = 0.5 (the largest variance), unpaired: "
+              "(z_{1-alpha/2} + z_{power}) * sqrt(2 p (1 - p) / n); conservative for the paired McNemar test "
+              "whenever the two systems disagree on at most half the questions")
 
 
 def _normalize(text: str) -> str:
@@ -135,10 +142,23 @@ def extract_yes_no_maybe(text: str) -> tuple[str | None, str]:
 
 
 # ---------------------------------------------------------------- statistics
+def _bootstrap_mean(x, out: dict, seed: int, n_resamples: int, confidence: float) -> dict:
+    """`out` with the percentile-bootstrap interval of the mean of x (scipy.stats.bootstrap, seeded)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if np.all(x == x[0]):
+        point = float(x.mean())
+        return out | {"ci_low": point, "ci_high": point,
+                      "note": "degenerate: every outcome is the same, so the bootstrap interval is the point"}
+    res = bootstrap((x,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                    method="percentile", rng=np.random.default_rng(seed))
+    return out | {"ci_low": float(res.confidence_interval.low), "ci_high": float(res.confidence_interval.high)}
+
+
 def accuracy_ci(correct: list[bool], seed: int = 0, n_resamples: int = 2000, confidence: float = 0.95) -> dict:
     """Accuracy with a percentile-bootstrap confidence interval (scipy.stats.bootstrap, seeded)."""
     import numpy as np
-    from scipy.stats import bootstrap
 
     x = np.asarray(correct, dtype=float)
     out = {"n": int(x.size), "correct": int(x.sum()), "accuracy": None, "ci_low": None, "ci_high": None,
@@ -146,23 +166,35 @@ def accuracy_ci(correct: list[bool], seed: int = 0, n_resamples: int = 2000, con
            "method": "percentile bootstrap (scipy.stats.bootstrap)"}
     if x.size == 0:
         return out | {"note": "no questions: accuracy and interval are undefined"}
-    acc = float(x.mean())
-    out["accuracy"] = acc
-    if np.all(x == x[0]):
-        return out | {"ci_low": acc, "ci_high": acc,
-                      "note": "degenerate: every outcome is the same, so the bootstrap interval is the point"}
-    res = bootstrap((x,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                    method="percentile", rng=np.random.default_rng(seed))
-    return out | {"ci_low": float(res.confidence_interval.low), "ci_high": float(res.confidence_interval.high)}
+    return _bootstrap_mean(x, out | {"accuracy": float(x.mean())}, seed, n_resamples, confidence)
+
+
+def _same_questions(name: str, a: list, b: list) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{name}: a has {len(a)} outcomes and b has {len(b)}; "
+                         "pass both systems' results on the same questions in the same order")
+
+
+def diff_ci(a: list[bool], b: list[bool], seed: int = 0, n_resamples: int = 2000, confidence: float = 0.95) -> dict:
+    """accuracy(a) - accuracy(b) with a paired percentile-bootstrap interval: questions are resampled with both
+    systems' outcomes together, i.e. the bootstrap of the mean per-question difference (1, 0 or -1)."""
+    import numpy as np
+
+    _same_questions("diff_ci", a, b)
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    out = {"n": int(d.size), "difference": None, "ci_low": None, "ci_high": None, "confidence": confidence,
+           "n_resamples": n_resamples, "seed": seed,
+           "method": "paired percentile bootstrap over questions (scipy.stats.bootstrap)"}
+    if d.size == 0:
+        return out | {"note": "no questions: the difference and its interval are undefined"}
+    return _bootstrap_mean(d, out | {"difference": float(d.mean())}, seed, n_resamples, confidence)
 
 
 def mcnemar_exact(a: list[bool], b: list[bool]) -> dict:
     """Exact McNemar test for two systems scored on the same questions (paired by position)."""
     from scipy.stats import binomtest
 
-    if len(a) != len(b):
-        raise ValueError(f"mcnemar_exact: a has {len(a)} outcomes and b has {len(b)}; "
-                         "pass both systems' results on the same questions in the same order")
+    _same_questions("mcnemar_exact", a, b)
     pairs = list(zip(map(bool, a), map(bool, b)))
     a_only = sum(x and not y for x, y in pairs)
     b_only = sum(y and not x for x, y in pairs)
@@ -171,6 +203,43 @@ def mcnemar_exact(a: list[bool], b: list[bool]) -> dict:
     return {"n": len(pairs), "a_only": a_only, "b_only": b_only,
             "both": sum(x and y for x, y in pairs), "neither": sum(not x and not y for x, y in pairs),
             "p_value": float(p), "method": "McNemar exact (scipy.stats.binomtest on discordant pairs)"}
+
+
+def holm_by_protocol(tests: list[dict], alpha: float = ALPHA) -> list[dict]:
+    """Adds `p_holm` (Holm-Bonferroni, statsmodels multipletests) and `survives_holm` (rejected at alpha) to
+    each test, the family being the tests of one `protocol`; returns the same list."""
+    from statsmodels.stats.multitest import multipletests
+
+    for protocol in dict.fromkeys(t["protocol"] for t in tests):
+        family = [t for t in tests if t["protocol"] == protocol]
+        reject, adjusted, _, _ = multipletests([t["p_value"] for t in family], alpha=alpha, method="holm")
+        for t, r, p in zip(family, reject, adjusted):
+            t.update(p_holm=float(p), survives_holm=bool(r))
+    return tests
+
+
+def min_detectable_difference(n: int, alpha: float = ALPHA, power: float = POWER, p: float = 0.5) -> float | None:
+    """The smallest accuracy difference (a fraction) a two-sided test at `alpha` finds with `power` on n questions
+    per system; the formula is MDD_METHOD. None without questions."""
+    from scipy.stats import norm
+
+    if n <= 0:
+        return None
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * (2 * p * (1 - p) / n) ** 0.5)
+
+
+def answer_distribution(predicted: list[str | None], gold: list[str], share: float = 0.6) -> dict:
+    """Extracted answers against the gold answers of the same questions, and the degenerate-predictor flag: one
+    answer takes more than `share` of the questions while the gold's largest share is below `share`.
+    Shares are of all questions; an unanswered question (None) counts in n, never as an answer."""
+    n, pred, gold_counts = len(gold), Counter(p for p in predicted if p is not None), Counter(gold)
+    top, top_n = pred.most_common(1)[0] if pred else (None, 0)
+    top_share = top_n / n if n else None
+    gold_share = max(gold_counts.values()) / n if n else None
+    return {"predicted": dict(sorted(pred.items())), "unanswered": len(predicted) - sum(pred.values()),
+            "gold": dict(sorted(gold_counts.items())), "top_answer": top, "top_share": top_share,
+            "gold_top_share": gold_share, "threshold": share,
+            "degenerate": bool(n and top_share > share and gold_share < share)}
 
 
 def length_stats(texts: list[str]) -> dict:

@@ -22,6 +22,34 @@ def rehearsal_evidence(cfg, registry=None) -> list[str]:
     return [rel for rel, d in docs.items() if isinstance(d, dict) and d.get("rehearsal") not in (None, False)]
 
 
+def degenerate_blockers(cfg, eval_doc: dict, methods) -> list[str]:
+    """A trained variant that answers one thing to most questions of a set is not a result. Recomputed from the
+    per-question predictions with the current eval.degenerate_share (the flag in eval_default.json is not read
+    back). The base is exempt: its habits are the starting point, not the method's outcome."""
+    import json
+
+    from pipeline.evalkit import answer_distribution
+    out, variants = [], eval_doc.get("variants") or {}
+    for v in (m for m in methods if (variants.get(m) or {}).get("status") == "scored"):
+        rel = f"reports/eval/predictions/{v}.jsonl"
+        try:
+            preds = [json.loads(line) for line in (Path(cfg.root) / rel).read_text(encoding="utf-8").splitlines()]
+        except (OSError, ValueError) as e:
+            out.append(f"{rel} is missing or unreadable ({type(e).__name__}): the answers of {v} cannot be checked "
+                       "for a degenerate predictor; re-run `python -m pipeline run eval`")
+            continue
+        for s in dict.fromkeys(p.get("set") for p in preds):
+            ps = [p for p in preds if p.get("set") == s]
+            a = answer_distribution([p.get("extracted") for p in ps], [p.get("gold") for p in ps],
+                                    cfg.eval.degenerate_share)
+            if a["degenerate"]:
+                out.append(f"variant {v} is a degenerate predictor on {s}: it answers {a['top_answer']!r} to "
+                           f"{a['top_share']:.0%} of the questions while the gold's largest share is "
+                           f"{a['gold_top_share']:.0%} (eval.degenerate_share {a['threshold']:.0%}; answer "
+                           "distributions in reports/eval_default.md): retrain it before writing")
+    return out
+
+
 def thesis_readiness(cfg, strict_pass: bool, registry=None) -> dict:
     from pipeline.gate import GATE, _registry
     from pipeline.settings import GPU_TIERS
@@ -36,13 +64,16 @@ def thesis_readiness(cfg, strict_pass: bool, registry=None) -> dict:
     rehearsal = rehearsal_evidence(cfg, registry)
     if rehearsal:
         blockers.append(REHEARSAL_BLOCKER)
-    sets = (ev.read_json(root / registry["eval"].evidence(cfg)) or {}).get("sets") or {}
+    eval_doc = ev.read_json(root / registry["eval"].evidence(cfg))
+    eval_doc = eval_doc if isinstance(eval_doc, dict) else {}
+    sets = eval_doc.get("sets") or {}
     partial = [f"{n} ({sets[n].get('planned_n')} of {sets[n].get('full_size')})" if isinstance(sets.get(n), dict)
                else f"{n} (not evaluated)" for n in evalsets.names()
                if not isinstance(sets.get(n), dict) or sets[n].get("planned_n") != sets[n].get("full_size")
                or not sets[n].get("full_size")]
     if partial:
         blockers.append(f"the eval is not on the full sets: {', '.join(partial)}; set eval.sample_sizes to null and keep every set in eval.sets")
+    blockers += degenerate_blockers(cfg, eval_doc, registry.methods)
     present = {a: (root / a).is_file() for a in ARTIFACTS}
     figures = sorted(p.relative_to(root).as_posix() for p in (root / "reports/figures").glob("*.png"))
     missing = [a for a, ok in present.items() if not ok] + ([] if figures else ["reports/figures/*.png"])

@@ -100,11 +100,77 @@ def results_table(doc: dict) -> str:
     return md_table(["variant"] + [f"{s} accuracy [95% CI]" for s in sets], rows)
 
 
+def _pt(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def reading(doc: dict, p: dict) -> str:
+    """What a comparison lets a thesis say: a difference that survives Holm, or the bound of a null result."""
+    if p.get("survives_holm"):
+        return "a difference (survives Holm at 0.05)"
+    bound = (((doc.get("min_detectable_difference") or {}).get("sets") or {}).get(p["set"]) or {}).get("difference")
+    return f"no evidence of a difference larger than {_pt(bound)} points"
+
+
 def paired_table(doc: dict) -> str:
-    rows = [[f"{p['a']} vs {p['b']}", p["set"], pct(p["accuracy_a"]), pct(p["accuracy_b"]),
-             f"{100 * p['difference']:+.1f} pt" if p.get("difference") is not None else "n/a",
-             f"{p['a_only']} / {p['b_only']}", f"{p['p_value']:.3g}"] for p in doc.get("paired") or []]
-    return md_table(["comparison", "set", "acc a", "acc b", "a - b", "discordant a-only / b-only", "McNemar exact p"], rows)
+    rows = []
+    for p in doc.get("paired") or []:
+        ci = p.get("diff_ci") or {}
+        diff = f"{100 * p['difference']:+.1f} pt" if p.get("difference") is not None else "n/a"
+        if ci.get("ci_low") is not None:
+            diff += f" [{100 * ci['ci_low']:+.1f}, {100 * ci['ci_high']:+.1f}]"
+        holm = f"{p['p_holm']:.3g}" if p.get("p_holm") is not None else "n/a"
+        rows.append([f"{p['a']} vs {p['b']}", p["set"], pct(p["accuracy_a"]), pct(p["accuracy_b"]), diff,
+                     f"{p['a_only']} / {p['b_only']}", f"{p['p_value']:.3g}", holm, reading(doc, p)])
+    return md_table(["comparison", "set", "acc a", "acc b", "a - b [95% paired bootstrap CI]",
+                     "discordant a-only / b-only", "McNemar exact p", "Holm p", "reading"], rows)
+
+
+def statistics_lines(doc: dict) -> list[str]:
+    """Which comparisons survive Holm's correction, and the minimum detectable difference per set (its formula)."""
+    paired, mc = doc.get("paired") or [], doc.get("multiple_comparisons") or {}
+    lines = []
+    for protocol in dict.fromkeys(p.get("protocol") for p in paired):
+        family = [p for p in paired if p.get("protocol") == protocol]
+        kept = [f"{p['a']} vs {p['b']} on {p['set']}" for p in family if p.get("survives_holm")]
+        lines.append(f"- Protocol `{protocol}`: {len(family)} paired tests, one Holm-Bonferroni family "
+                     f"(alpha {mc.get('alpha', 0.05)}); {len(kept)} survive correction"
+                     + (f": {', '.join(kept)}." if kept else "."))
+    power = doc.get("min_detectable_difference") or {}
+    per_set = ", ".join(f"{s} {_pt(e.get('difference'))} points (n={e.get('n')})"
+                        for s, e in (power.get("sets") or {}).items())
+    if per_set:
+        lines.append(f"- Minimum detectable difference (two-sided alpha {power.get('alpha')}, power "
+                     f"{power.get('power')}): {per_set}. Formula: {power.get('method')}. A comparison that does not "
+                     "survive correction is no evidence of a difference larger than its set's figure.")
+    return lines
+
+
+def _counts(c: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in c.items()) or "-"
+
+
+def answers_table(doc: dict) -> str:
+    """Per variant and set: extracted answers against the gold answers, and the degenerate-predictor flag."""
+    rows = []
+    for v in scored(doc):
+        for s, res in (doc["results"].get(v) or {}).items():
+            a = res.get("answers") or {}
+            if not a:
+                continue
+            top = f"{a['top_answer']} {pct(a['top_share'], 0)}" if a.get("top_answer") is not None else "-"
+            rows.append([v, s, _counts(a["predicted"]), a["unanswered"], _counts(a["gold"]), top,
+                         pct(a["gold_top_share"], 0), "**DEGENERATE**" if a["degenerate"] else "-"])
+    return md_table(["variant", "set", "extracted answers", "unanswered", "gold answers", "top answer (share)",
+                     "gold's top share", "degenerate predictor"], rows)
+
+
+def degenerate_lines(doc: dict) -> list[str]:
+    flagged = [(v, s, r["answers"]["threshold"]) for v in scored(doc) for s, r in (doc["results"].get(v) or {}).items()
+               if (r.get("answers") or {}).get("degenerate")]
+    return [f"Degenerate predictors (one answer above eval.degenerate_share of a set's questions while the gold's "
+            f"largest share is below it): {', '.join(f'{v} on {s} (> {pct(t, 0)})' for v, s, t in flagged) or 'none'}. "
+            "A flagged trained variant is not a result: thesis readiness lists it as a blocker."]
 
 
 def skipped_lines(doc: dict) -> list[str]:
@@ -133,8 +199,11 @@ def eval_markdown(doc: dict, cfg, commit: str | None) -> str:
         lines += [f"Tier {cfg.tier} is a smoke test on small samples: these numbers check the pipeline, not the method.", ""]
     lines += ["## Format failures (no answer extracted; counted as wrong)", "",
               md_table(["variant"] + list(sets), fails), "", f"(Source: `{EVAL_JSON}`, `results.<variant>.<set>.format_failures`.)", "",
-              "## Paired comparisons (same question ids)", "", paired_table(doc), "",
-              f"(Source: `{EVAL_JSON}`, field `paired`; no correction for multiple comparisons.)", ""]
+              "## Answers against the gold (degenerate predictors)", "", answers_table(doc), "",
+              *degenerate_lines(doc), "", f"(Source: `{EVAL_JSON}`, `results.<variant>.<set>.answers`.)", "",
+              "## Paired comparisons (same question ids)", "", paired_table(doc), "", *statistics_lines(doc), "",
+              f"(Source: `{EVAL_JSON}`, fields `paired` (p_holm, survives_holm, diff_ci) and "
+              "`min_detectable_difference`.)", ""]
     if skipped_lines(doc):
         lines += ["## Variants not scored", ""] + skipped_lines(doc) + [""]
     return "\n".join(lines)
@@ -187,7 +256,8 @@ def thesis_draft(ctx, eval_doc: dict | None, judge_doc: dict | None) -> str:
               "", "(learning rate: resolved config in `reports/thesis_support/experiment_record.json`, field config.<stage>.)", ""]
     lines += ["## Results", ""]
     if scored(eval_doc):
-        lines += [results_table(eval_doc), "", f"[{EVAL_JSON}: results]", "", paired_table(eval_doc), "", f"[{EVAL_JSON}: paired]", ""]
+        lines += [results_table(eval_doc), "", f"[{EVAL_JSON}: results]", "", paired_table(eval_doc), "",
+                  *statistics_lines(eval_doc), "", f"[{EVAL_JSON}: paired, min_detectable_difference]", ""]
     else:
         lines += [f"No measured results: eval {(eval_doc or {}).get('status', 'missing')} ({(eval_doc or {}).get('reason')}).", ""]
     lines += skipped_lines(eval_doc or {}) + [""]
@@ -200,8 +270,9 @@ def thesis_draft(ctx, eval_doc: dict | None, judge_doc: dict | None) -> str:
         lines.append(f"- Preference data length bias: chosen answers average {lb['chosen_mean_chars']} characters, rejected "
                      f"{lb['rejected_mean_chars']} (ratio {lb['ratio']}, {lb['n_pairs']} pairs) [{rel}: data.length_bias]; "
                      "preference training may reward length rather than quality.")
-    lines += ["- Accuracies carry 95% percentile-bootstrap intervals; paired McNemar p-values are not corrected for "
-              "multiple comparisons.",
+    lines += ["- Accuracies carry 95% percentile-bootstrap intervals, differences paired-bootstrap intervals; paired "
+              "McNemar p-values are Holm-Bonferroni adjusted within each protocol's family (`p_holm`), and a null "
+              "result is bounded by the minimum detectable difference of its set, not read as equality.",
               "- Published figures in reports/sota_compare.md come from other models, prompts and settings.",
               "- LLM judges are themselves models: position and length bias are reported (order inconsistency, "
               "length-controlled win rate), not removed."]
@@ -230,7 +301,7 @@ def experiment_record(ctx, judge_doc: dict | None) -> dict:
     if "OPENAI_BASE_URL" in env_rec:
         env_rec["OPENAI_BASE_URL"] = judgekit.endpoint_host(env_rec["OPENAI_BASE_URL"])
     extra = {}
-    for pkg in ("numpy", "scipy", "matplotlib", "rich", "pyyaml", "python-dotenv", "tensorboard", "gguf"):
+    for pkg in ("numpy", "scipy", "statsmodels", "matplotlib", "rich", "pyyaml", "python-dotenv", "tensorboard", "gguf"):
         try:
             extra[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -182,6 +182,7 @@ class EvalCfg:
     max_new_tokens: int = 32
     llm_fallback: bool = True        # ENABLE_V2_LLM_FALLBACK
     n_bootstrap: int = 2000
+    degenerate_share: float = 0.6    # one answer above this share of a set, the gold's largest below: degenerate
 
     def __post_init__(self):
         _numbers(self)
@@ -194,6 +195,8 @@ class EvalCfg:
         bad = {s: n for s, n in self.sample_sizes.items() if n is not None and (type(n) is not int or n < 1)}
         _check(not bad, f"eval.sample_sizes {bad}: use a count >= 1, or null for the full set (leave a set out "
                         "with eval.sets)")
+        _check(0 < self.degenerate_share < 1,
+               f"eval.degenerate_share must be in (0, 1) (a share of a set's questions), got {self.degenerate_share}")
 
 
 @dataclass

@@ -3,13 +3,16 @@
 Same seeded sample of question ids for every variant, all on one base model load (variants.Variants);
 greedy batched generation with explicit decoding settings (HF, left padding);
 answers extracted by evalkit's rules (then, optionally, an LLM that only extracts); accuracy with a
-bootstrap CI, format failures, lengths, and paired McNemar tests against SFT and base.
+bootstrap CI, format failures, lengths, answer distributions against the gold (degenerate predictors), paired
+McNemar tests against SFT and base with Holm-adjusted p-values (one family per protocol) and a paired bootstrap
+CI of each difference, and the minimum detectable difference per set.
 Writes reports/eval/predictions/<variant>.jsonl, reports/eval_default.md, reports/eval/eval_default.json.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import json
 from collections import Counter
 
@@ -17,7 +20,7 @@ from pipeline import data as D
 from pipeline import evalkit, evalsets, judgekit, models
 from pipeline import evidence as ev
 from pipeline import reporting as R
-from pipeline.core import SkipStage
+from pipeline.core import SkipStage, StageFailed
 from pipeline.provenance import git_commit
 from pipeline.variants import Variants, base_model_path, decoding, generate, variant_table
 from pipeline.core import Stage
@@ -106,25 +109,40 @@ def summarize(preds: list[dict], cfg) -> dict:
             "format_failure_rate": fails / len(ps) if ps else None,
             "length_chars": evalkit.length_stats([p["raw"] for p in ps]),
             "methods": dict(Counter(p["method"] for p in ps)),
+            "answers": evalkit.answer_distribution([p["extracted"] for p in ps], [p["gold"] for p in ps],
+                                                   cfg.eval.degenerate_share),
             "by_subject": {s: ci([p for p in ps if p["subject"] == s]) for s in subjects}}
     return out
 
 
-def paired_tests(preds: dict, sets: list[str], aligned: tuple[str, ...]) -> list[dict]:
-    """McNemar exact of SFT and each aligned variant against SFT and against base, on the same ids."""
+PROTOCOL = "generative_letter"   # greedy generation, "answer with the letter", rule extraction: `results`
+
+
+def paired_tests(preds: dict, cfg, aligned: tuple[str, ...], protocol: str = PROTOCOL) -> list[dict]:
+    """McNemar exact of SFT and each aligned variant against SFT and against base, on the same ids, with the paired
+    bootstrap CI of the accuracy difference; Holm's adjustment over the family of this protocol's tests."""
     out = []
     for a in ("sft", *aligned):
         for b in ("sft", "base"):
             if a == b or a not in preds or b not in preds:
                 continue
-            for s in sets:
+            for s in cfg.eval.sets:
                 pa, pb = ([p for p in preds[v] if p["set"] == s] for v in (a, b))
                 assert [p["id"] for p in pa] == [p["id"] for p in pb], f"{a} and {b} answered other ids on {s}"
-                test = evalkit.mcnemar_exact([p["correct"] for p in pa], [p["correct"] for p in pb])
+                ca, cb = [p["correct"] for p in pa], [p["correct"] for p in pb]
+                test = evalkit.mcnemar_exact(ca, cb)
                 acc = lambda ps: sum(p["correct"] for p in ps) / len(ps) if ps else None  # noqa: E731
-                out.append({"a": a, "b": b, "set": s, "accuracy_a": acc(pa), "accuracy_b": acc(pb),
-                            "difference": (acc(pa) - acc(pb)) if pa else None, **test})
-    return out
+                out.append({"protocol": protocol, "a": a, "b": b, "set": s, "accuracy_a": acc(pa),
+                            "accuracy_b": acc(pb), "difference": (acc(pa) - acc(pb)) if pa else None, **test,
+                            "diff_ci": evalkit.diff_ci(ca, cb, seed=cfg.eval.seed, n_resamples=cfg.eval.n_bootstrap)})
+    return evalkit.holm_by_protocol(out)
+
+
+def power(sets: dict) -> dict:
+    """The minimum detectable difference at each set's n (two-sided alpha, power: evalkit.ALPHA, POWER)."""
+    return {"alpha": evalkit.ALPHA, "power": evalkit.POWER, "method": evalkit.MDD_METHOD,
+            "sets": {s: {"n": len(rows), "difference": evalkit.min_detectable_difference(len(rows))}
+                     for s, (rows, _) in sets.items()}}
 
 
 def predict(ctx, vs, name: str, rows: list[dict], prompts: list[list[dict]]) -> list[dict]:
@@ -149,6 +167,9 @@ def run(ctx) -> dict:
         raise SkipStage("FORCE_SKIP_TRAINING=true: no trained variant to evaluate (unset it to train and evaluate)")
     if not ctx.plan.get("feasible"):
         raise SkipStage(f"hardware plan: {ctx.plan.get('feasible_reason', 'not feasible')} (no model is loaded)")
+    if importlib.util.find_spec("statsmodels") is None:   # before the generation, not after it
+        raise StageFailed("statsmodels is not installed (Holm's correction of the paired tests needs it): "
+                          "run `make venv` or `.venv/bin/pip install -r requirements.txt`")
     table, sets, fb = variant_table(ctx), load_sets(cfg), fallback_setup(ctx)
     rows = [r for name in cfg.eval.sets for r in sets[name][0]]
     prompts = [messages(r) for r in rows]
@@ -167,12 +188,16 @@ def run(ctx) -> dict:
             outputs.append(rel)
         memory = vs.memory()
     fb = {k: v for k, v in fb.items() if not k.startswith("_")}
+    paired = paired_tests(preds, cfg, ctx.registry.aligned)
     doc = {"model_name": models.display_name(cfg.tier, base := base_model_path(ctx)), "base_model": base,
-           "variants": table, "results": results, "paired": paired_tests(preds, cfg.eval.sets, ctx.registry.aligned),
+           "variants": table, "results": results, "paired": paired,
            "sets": {s: {"planned_n": len(r), "full_size": full, "question_ids": [x["id"] for x in r], "seed": cfg.eval.seed}
                     for s, (r, full) in sets.items()},
            "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens, "n_bootstrap": cfg.eval.n_bootstrap,
-           "fallback": fb, "memory": memory,
+           "fallback": fb, "memory": memory, "min_detectable_difference": power(sets),
+           "multiple_comparisons": {"method": "Holm-Bonferroni (statsmodels multipletests)", "alpha": evalkit.ALPHA,
+                                    "family": "the paired tests of one protocol",
+                                    "protocols": sorted({t["protocol"] for t in paired})},
            "generation": {"backend": "hf", "greedy": True, "padding_side": "left",
                           "batched_by_prompt_length": True, "decoding": decoding(cfg.eval.max_new_tokens)}}
     ev.atomic_write_text(ctx.path("reports/eval_default.md"), R.eval_markdown(doc, cfg, git_commit()))

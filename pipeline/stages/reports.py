@@ -45,8 +45,9 @@ def sota_compare(ctx, eval_doc, refs: list[dict]) -> str:
     lines += eval_state(eval_doc) + [""]
     if R.scored(eval_doc):
         lines += [R.results_table(eval_doc), "", f"(Source: `{R.EVAL_JSON}`, fields `results.<variant>.<set>`.)", "",
-                  "Paired tests (exact McNemar on the same question ids):", "", R.paired_table(eval_doc), "",
-                  f"(Source: `{R.EVAL_JSON}`, field `paired`.)", ""]
+                  "Paired tests (exact McNemar on the same question ids, Holm-adjusted per protocol):", "",
+                  R.paired_table(eval_doc), "", *R.statistics_lines(eval_doc), "",
+                  f"(Source: `{R.EVAL_JSON}`, fields `paired` and `min_detectable_difference`.)", ""]
     lines += ["## 2. Published figures (other models, prompts and settings)", "",
               "These numbers are quoted from the papers named beside them (`configs/references.yaml`); they were "
               "measured with other models, prompts, shots and test splits, so they give context only and are not a "
@@ -82,6 +83,9 @@ def error_analysis(ctx, eval_doc, judge_doc) -> str:
         lines += ["## Flips against SFT (helped: SFT wrong, variant right; hurt: the reverse)", "",
                   R.md_table(["variant", "set", "helped", "hurt", "example ids"], rows), "", src, ""]
     if variants:
+        lines += ["## Answers against the gold (degenerate predictors)", "", R.answers_table(eval_doc), "",
+                  *R.degenerate_lines(eval_doc), "",
+                  f"(Source: `{R.EVAL_JSON}`, `results.<variant>.<set>.answers`.)", ""]
         lines += ["## Format failures (no answer extracted)", ""]
         for v in variants:
             bad = [p for p in preds[v] if p["extracted"] is None]

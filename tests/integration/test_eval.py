@@ -249,3 +249,56 @@ def test_generation_is_greedy_whatever_the_models_generation_config_says(pushy_m
     del model
     with Variants(None, plan) as vs:
         assert checker.probe_checkpoint(vs, str(pushy_model), pushy_model) == (True, want)
+
+
+def _holm_by_hand(ps: list[float]) -> list[float]:
+    """Holm step-down: the i-th smallest of m p-values times (m - i), running maximum, capped at 1."""
+    order = sorted(range(len(ps)), key=ps.__getitem__)
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def test_the_day1_eval_reports_corrected_tests_power_and_answer_distributions(day1_env):
+    """On the shared finished tiny Day-1: every paired test has p_holm (its protocol's family, checked by hand) and
+    a paired CI of its difference; every variant and set has its answers against the gold; the reports say so."""
+    root = day1_env
+    d = doc(root)
+    assert ev.validate("eval", d) == []
+    paired = d["paired"]
+    assert paired and all(p["protocol"] == "generative_letter" for p in paired)
+    assert [p["p_holm"] for p in paired] == pytest.approx(_holm_by_hand([p["p_value"] for p in paired]))
+    for p in paired:
+        ci = p["diff_ci"]
+        assert p["survives_holm"] == (p["p_holm"] <= 0.05)
+        assert ci["difference"] == pytest.approx(p["difference"]) and ci["n_resamples"] == d["n_bootstrap"]
+        assert ci["ci_low"] <= p["difference"] <= ci["ci_high"]
+    for s, info in d["sets"].items():
+        assert d["min_detectable_difference"]["sets"][s]["n"] == info["planned_n"]
+    for v in (v for v, e in d["variants"].items() if e["status"] == "scored"):
+        rows = [json.loads(x) for x in (root / f"reports/eval/predictions/{v}.jsonl").read_text().splitlines()]
+        for s, res in d["results"][v].items():
+            a, ps = res["answers"], [r for r in rows if r["set"] == s]
+            assert sum(a["predicted"].values()) + a["unanswered"] == res["n"] == len(ps)
+            assert a["gold"] == {g: sum(r["gold"] == g for r in ps) for g in sorted({r["gold"] for r in ps})}
+            assert a["unanswered"] == res["format_failures"]
+    md = (root / "reports/eval_default.md").read_text()
+    assert "Holm p" in md and "Holm-Bonferroni family" in md and "Minimum detectable difference" in md
+    assert "no evidence of a difference larger than" in md or "survives Holm" in md
+    assert "Answers against the gold" in md
+    assert "Answers against the gold" in (root / "reports/error_analysis.md").read_text()
+    assert "not corrected" not in (root / "reports/thesis_support/thesis_draft_material.md").read_text()
+
+
+def test_eval_without_statsmodels_fails_before_generating(day1_env, monkeypatch):
+    import importlib.util
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "statsmodels" else find(name, *a))
+    from pipeline.stages import eval as eval_stage
+    monkeypatch.setattr(eval_stage, "generate", lambda *a, **k: pytest.fail("generated before checking statsmodels"))
+    assert main(["run", "eval", "--force", "--no-deps"]) != 0
+    d = doc(day1_env)
+    assert d["status"] == "failed" and "statsmodels is not installed" in d["reason"]
+    assert "requirements.txt" in d["reason"]

@@ -75,6 +75,7 @@ def train(root, cfg, stage, seed=0):
 
 
 def eval_doc(root, cfg):
+    from pipeline.evalkit import answer_distribution
     sets = {s: {"planned_n": 8, "question_ids": [f"{s}-{i}" for i in range(8)], "full_size": 100, "seed": 1234}
             for s in cfg.eval.sets}
     variants = {"base": {"status": "scored", "reason": None, "checkpoint_dir": None, "checkpoint_sha256": None}}
@@ -85,14 +86,17 @@ def eval_doc(root, cfg):
     score = {"correct": 4, "accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8, "confidence": 0.95, "n_resamples": 500,
              "seed": 1234, "method": "percentile bootstrap"}
     results = {v: {s: {"n": 8, **score, "question_ids": info["question_ids"], "format_failures": 0,
-                       "format_failure_rate": 0.0, "length_chars": 20.0, "methods": {"rule": 8}, "by_subject": {}}
+                       "format_failure_rate": 0.0, "length_chars": 20.0, "methods": {"rule": 8}, "by_subject": {},
+                       "answers": answer_distribution(list("ABCDABCD"), list("ABCDABCD"))}
                    for s, info in sets.items()}
                for v, entry in variants.items() if entry["status"] == "scored"}
     from pipeline.variants import decoding
     return common(cfg, "eval", variants=variants, sets=sets, results=results, paired=[], batch_size=8, max_new_tokens=8,
                   fallback={"enabled": False, "available": False, "reason": "off"},
                   generation={"backend": "hf", "decoding": decoding(8)},
-                  memory={"max_live_models": 1, "base_loads": 1})
+                  memory={"max_live_models": 1, "base_loads": 1},
+                  min_detectable_difference={"alpha": 0.05, "power": 0.8, "method": "m", "sets": {}},
+                  multiple_comparisons={"method": "holm", "alpha": 0.05, "family": "f", "protocols": []})
 
 
 def judge_doc(cfg, risk=(10, 10)):

@@ -1,7 +1,8 @@
 """Answer extraction, bootstrap CI, McNemar and length statistics (pipeline/evalkit.py)."""
 import pytest
 
-from pipeline.evalkit import accuracy_ci, extract_choice, extract_yes_no_maybe, length_stats, mcnemar_exact
+from pipeline.evalkit import (accuracy_ci, answer_distribution, diff_ci, extract_choice, extract_yes_no_maybe,
+                             holm_by_protocol, length_stats, mcnemar_exact, min_detectable_difference)
 
 CHOICE_CASES = [
     # (model output, expected letter or None)
@@ -121,3 +122,107 @@ def test_length_stats():
     r = length_stats(["a" * n for n in range(1, 11)])
     assert r == {"n": 10, "mean": 5.5, "median": 5.5, "p90": 9, "max": 10}
     assert length_stats([])["mean"] is None
+
+
+# ------------------------------------------------ issue 12: corrected tests, power, degenerate predictors
+def test_holm_matches_a_hand_computed_family():
+    # sorted p 0.005, 0.01, 0.03, 0.04 (m=4): x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max
+    # 0.02, 0.03, 0.06, 0.06; in input order 0.03, 0.06, 0.06, 0.02; only 0.01 and 0.005 survive at 0.05
+    tests = [{"protocol": "generative_letter", "p_value": p} for p in (0.01, 0.04, 0.03, 0.005)]
+    holm_by_protocol(tests)
+    assert [t["p_holm"] for t in tests] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert [t["survives_holm"] for t in tests] == [True, False, False, True]
+    assert all(t["p_holm"] >= t["p_value"] for t in tests)
+
+
+def test_holm_families_are_per_protocol():
+    """Two protocols: each is its own family (pooled, 0.02 would be x3 = 0.06 and fail)."""
+    tests = [{"protocol": "generative_letter", "p_value": 0.02}, {"protocol": "loglik", "p_value": 0.02},
+             {"protocol": "loglik", "p_value": 0.03}]
+    holm_by_protocol(tests)
+    assert [t["p_holm"] for t in tests] == pytest.approx([0.02, 0.04, 0.04])
+    assert all(t["survives_holm"] for t in tests)
+    assert holm_by_protocol([]) == []
+
+
+def test_diff_ci_is_paired_and_seeded():
+    """b = a with 10 of 200 right answers lost: a 5-point difference that a paired bootstrap resolves
+    (two unpaired accuracy CIs at n=200 are each about 13 points wide and overlap)."""
+    import random
+    rng = random.Random(0)
+    a = [rng.random() < 0.6 for _ in range(200)]
+    right = [i for i, x in enumerate(a) if x][:10]
+    b = [x and i not in right for i, x in enumerate(a)]
+    r = diff_ci(a, b, seed=3, n_resamples=1000)
+    assert r["difference"] == pytest.approx(0.05)
+    assert 0 < r["ci_low"] < 0.05 < r["ci_high"] < 0.1
+    assert (r["n"], r["n_resamples"], r["seed"], r["confidence"]) == (200, 1000, 3, 0.95)
+    ca, cb = accuracy_ci(a, seed=3, n_resamples=1000), accuracy_ci(b, seed=3, n_resamples=1000)
+    assert cb["ci_high"] > ca["ci_low"]                    # unpaired intervals overlap
+    assert diff_ci(a, b, seed=3, n_resamples=1000) == r
+    same = diff_ci(a, a)
+    assert (same["difference"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0) and "degenerate" in same["note"]
+    with pytest.raises(ValueError, match="same questions"):
+        diff_ci([True], [True, False])
+
+
+def test_minimum_detectable_difference_by_hand():
+    # (z_0.975 + z_0.8) * sqrt(2 * 0.5 * 0.5 / n) = 2.801585 * sqrt(0.5 / n)
+    assert min_detectable_difference(8) == pytest.approx(2.801585 * 0.25, abs=1e-6)
+    assert min_detectable_difference(1273) == pytest.approx(0.05553, abs=1e-5)
+    assert min_detectable_difference(200, power=0.9) > min_detectable_difference(200)
+    assert min_detectable_difference(0) is None
+
+
+def test_degenerate_predictor_flag():
+    gold = list("AAABBCCD")                               # the gold's largest share: 3/8
+    smol = answer_distribution(list("AAAAAAAB"), gold)      # the SmolLM2 base on MedQA: 'A' 7 of 8
+    assert smol["predicted"] == {"A": 7, "B": 1} and smol["gold"] == {"A": 3, "B": 2, "C": 2, "D": 1}
+    assert (smol["top_answer"], smol["top_share"], smol["gold_top_share"]) == ("A", 0.875, 0.375)
+    assert smol["degenerate"] is True and smol["threshold"] == 0.6
+    assert answer_distribution(list("AAAAAAAB"), gold, share=0.9)["degenerate"] is False
+    assert answer_distribution(list("ABCDABCD"), gold)["degenerate"] is False
+    blank = answer_distribution([None] * 8, gold)          # unanswered is a format failure, not an answer
+    assert blank["unanswered"] == 8 and blank["top_answer"] is None and blank["degenerate"] is False
+    yes_heavy = ["yes"] * 5 + ["no"] * 3                  # gold itself mostly 'yes': 'yes' 8 of 8 is not flagged
+    assert answer_distribution(["yes"] * 8, yes_heavy)["degenerate"] is False
+    assert answer_distribution([], [])["degenerate"] is False
+
+
+def test_degenerate_share_is_validated(tmp_path):
+    from pipeline.settings import ConfigError, load_config
+    env = {"PIPELINE_ROOT": str(tmp_path)}
+    assert load_config(tier="tiny", env=env).eval.degenerate_share == 0.6
+    assert load_config(tier="tiny", env=env, overrides=["eval.degenerate_share=0.8"]).eval.degenerate_share == 0.8
+    with pytest.raises(ConfigError, match="eval.degenerate_share"):
+        load_config(tier="tiny", env=env, overrides=["eval.degenerate_share=1.5"])
+
+
+def test_a_degenerate_trained_variant_blocks_writing(tmp_path):
+    """Recomputed from the predictions, not read back from the flag in eval_default.json."""
+    import json
+    from pipeline import evidence as ev
+    from pipeline.readiness import thesis_readiness
+    from pipeline.settings import load_config
+    cfg = load_config(tier="7b", env={"PIPELINE_ROOT": str(tmp_path)})
+    gold = "AAABBCCD"
+
+    def blockers(sft_answers, flag=None):
+        for v, answers in (("base", "AAAAAAAB"), ("sft", sft_answers)):
+            rows = [{"id": f"q{i}", "set": "medqa", "extracted": x, "gold": g}
+                    for i, (x, g) in enumerate(zip(answers, gold))]
+            (tmp_path / "reports/eval/predictions").mkdir(parents=True, exist_ok=True)
+            (tmp_path / f"reports/eval/predictions/{v}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ev.atomic_write_json(tmp_path / "reports/eval/eval_default.json", {
+            "status": "ok", "variants": {v: {"status": "scored"} for v in ("base", "sft")},
+            "results": {"sft": {"medqa": {"answers": {"degenerate": flag}}}}})
+        return [b for b in thesis_readiness(cfg, strict_pass=True)["blockers"] if "sft" in b]
+
+    assert blockers("ABCDABCA") == []                      # the base's own 'A' habit is not the method's result
+    [blocker] = blockers("BBBBBBBB", flag=False)             # a flag edited to false changes nothing
+    assert "degenerate predictor on medqa" in blocker and "'B' to 100%" in blocker and "38%" in blocker
+    (tmp_path / "reports/eval/predictions/sft.jsonl").unlink()
+    ev.atomic_write_json(tmp_path / "reports/eval/eval_default.json",
+                         {"status": "ok", "variants": {"sft": {"status": "scored"}}})
+    [blocker] = [b for b in thesis_readiness(cfg, strict_pass=True)["blockers"] if "sft" in b]
+    assert "predictions/sft.jsonl is missing" in blocker
