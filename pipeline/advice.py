@@ -30,6 +30,10 @@ ADVICE = {   # code -> what to do; a check's code is the one its stage raised, e
     "base_model": "the stage trained another base model than the config names: check MODEL_TIER/MODEL_NAME, "
                   "then " + REDO,
     "from_sft": "the SFT final changed after {stage} trained on it: " + REDO,
+    "reference": "the reference {stage} compared against is not the SFT final on disk (or the metrics predate "
+                 "the field): " + REDO,
+    "reference_mismatch": "TRL's reference was not the frozen SFT adapter (read the reason: a base-model "
+                          "fallback or another adapter); check `pip show trl peft` and {stage}.trl, then " + REDO,
     "invariants": "the metrics predate these fields, or the trainer broke an invariant: " + REDO + "; if it "
                   "breaks again, report it with reports/logs/{stage}_full.log (a pipeline defect)",
     "coverage": "run `python -m pipeline run eval --force` once every training stage is ok",

@@ -53,7 +53,8 @@ class Method:
     casts_adapters_bf16: bool = True  # under QLoRA the trainer casts the trainable params to bf16
     min_batch: int = 1               # KTO refuses a per-device batch of 1
     trainer: str = ""                # TRL trainer class, for reports
-    reference: str = "frozen SFT adapter"   # what the loss compares against: "none" for reference-free methods
+    reference: str = "ref_adapter"   # what the loss compares against (pipeline/reference.py KINDS): TRL's frozen
+                                     # copy of the SFT adapter, checked at train begin; "none": reference-free
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline import data as D
 from pipeline import evidence as ev
 from pipeline import ranks
+from pipeline import reference
 from pipeline.core import SkipStage, StageFailed
 from pipeline.training_record import (STATE_FILE, claim_output_dir, latest_checkpoint, training_evidence,
                                       verify_sft_final)
@@ -246,7 +247,8 @@ def fit(ctx, kind: str, build_trainer) -> dict:
 # --- DPO / SimPO / KTO: one flow, three TRL trainers ------------------------------------------------
 def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extra_args: dict) -> dict:
     """Start from the verified SFT final, train the SFT adapter further against its frozen copy (TRL adds
-    the "ref" adapter itself), save the final adapter and return its evidence."""
+    the "ref" adapter itself; pipeline.reference checks it is the SFT final's when training begins), save the final
+    adapter and return its evidence."""
     gate(ctx)
     from datasets import Dataset
     from pipeline import models
@@ -274,16 +276,21 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
     if dropped:
         ctx.log(f"dropped {dropped} rows whose prompt leaves no room for an answer within max_length")
     dataset = Dataset.from_list(rows)
+    declared = method(kind).reference   # the registry says which methods compare against a reference
+    ref_check = reference.watcher(declared, kind, sft_dir, start["dir"]) if declared != "none" else None
 
     def build(max_length: int, args: dict):
         targs = trl_config(config_cls, kind, tc, **args, max_length=max_length, beta=tc.beta, **extra_args)
         model = models.load_model(base, plan, adapter=str(sft_dir), trainable=True,
                                   activation_checkpointing=tc.activation_checkpointing)
-        return trainer_cls(model=model, args=targs, train_dataset=dataset, processing_class=tok)
+        trainer = trainer_cls(model=model, args=targs, train_dataset=dataset, processing_class=tok)
+        return ref_check.watch(trainer) if ref_check else trainer
 
     res = fit(ctx, kind, build)
+    out = ctx.root / output_dir(cfg, kind)
+    ref = {"reference": ref_check.final(latest_checkpoint(out))} if ref_check else {}
     return training_evidence(ctx, kind, res, base, {
-        "base_model_identity": models.base_model_identity(base), "start_checkpoint": start,
+        "base_model_identity": models.base_model_identity(base), "start_checkpoint": start, **ref,
         "tokens_per_sample_estimate": sum(min(tc.max_length, tok_len(r["prompt"] + r.get("chosen", r.get("completion"))))
                                           + (min(tc.max_length, tok_len(r["prompt"] + r["rejected"])) if paired else 0)
                                           for r in rows[:64]) / min(len(rows), 64),

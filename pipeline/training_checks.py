@@ -20,18 +20,21 @@ ABSENT = object()
 
 def checks(g, doc) -> list:
     """metrics, checkpoint, loads, curve, steps, base_model, invariants and, for a method that trains on from
-    another's final, from_<start>. Everything after metrics is blocked when the metrics are not this stage's ok."""
+    another's final, from_<start>, and for one that declares a reference (Method.reference), reference.
+    Everything after metrics is blocked when the metrics are not this stage's ok."""
     metrics = check_metrics(g, doc)
     start = g.stage.method.start if g.stage.method and g.stage.method.start in g.registry else None
+    refers = bool(start) and g.stage.method.reference != "none"
     kinds = ["checkpoint", "loads", "curve", "steps", "base_model", "invariants"]
-    kinds += [f"from_{start}"] if start else []
+    kinds += ([f"from_{start}"] if start else []) + (["reference"] if refers else [])
     if not isinstance(doc, dict) or doc.get("status") != "ok" or doc.get("stage") != g.stage.name:
         return [metrics] + [g.blocked(k, "metrics", g.rel) for k in kinds]
     checkpoint = check_checkpoint(g, doc)
     loads = check_loads(g, doc) if checkpoint.passed else g.blocked("loads", "checkpoint", checkpoint.evidence)
     out = [metrics, checkpoint, loads, check_curve(g, doc), check_steps(g, doc), check_base(g, doc),
            check_invariants(g, doc)]
-    return out + ([check_from_start(g, doc, start)] if start else [])
+    out += [check_from_start(g, doc, start)] if start else []
+    return out + ([check_reference(g, doc, start)] if refers else [])
 
 
 def final_dir(g, stage=None) -> str:
@@ -214,6 +217,34 @@ def check_from_start(g, doc, start: str):
         problems.append(f"{g.stage.name} started from an {start.upper()} final that is no longer on disk "
                         f"({start_dir} changed since)")
     return g.result(f"from_{start}", problems, f"started from {start_dir} as it is on disk now (hash match)")
+
+
+def check_reference(g, doc, start: str):
+    """The reference the trainer compared against (recorded when training began) is the declared kind and hashes
+    to the adapter of the `start` final as it is on disk now: recomputed here, the recorded flag is not trusted."""
+    from pipeline import reference
+    want_kind, start_dir = g.stage.method.reference, final_dir(g, g.registry[start])
+    got = doc.get("reference")
+    if not isinstance(got, dict):
+        return g.result("reference", [f"{g.rel} records no reference (evidence older than the field: re-run the "
+                                      "stage)"], "")
+    try:
+        want = reference.saved_adapter_sha256(g.root / start_dir)
+    except Exception as exc:  # noqa: BLE001 - an unreadable adapter file is this check's failure, not a traceback
+        want = None
+        problems = [f"{start_dir}/{reference.ADAPTER_FILE} is not a readable adapter: {type(exc).__name__}"]
+    else:
+        problems = [] if want else [f"{start_dir} has no {reference.ADAPTER_FILE} with LoRA tensors"]
+    if got.get("kind") != want_kind:
+        problems.append(f"reference.kind is {got.get('kind')!r}: {reference.KINDS.get(got.get('kind'), 'unknown')}; "
+                        f"{g.stage.name} declares {want_kind!r}")
+    if want and got.get("sha256") != want:
+        problems.append(f"reference.sha256 {str(got.get('sha256'))[:12]} is not the sha256 of the {start.upper()} "
+                        f"final's adapter on disk ({want[:12]})")
+    if got.get("equals_sft_final") is not True:
+        problems.append(f"reference.equals_sft_final is {got.get('equals_sft_final')!r}")
+    return g.result("reference", problems, f"the {want_kind} reference hashes to {start_dir}/"
+                    f"{reference.ADAPTER_FILE} as it is on disk now ({str(want)[:12]})", start_dir)
 
 
 def _field(doc: dict, dotted: str):

@@ -7,11 +7,13 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 from rich.console import Console
+from safetensors.numpy import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from pipeline import day1, engine, training_checks  # noqa: E402
+from pipeline import day1, engine, reference, training_checks  # noqa: E402
 from pipeline.readiness import ARTIFACTS, READINESS, thesis_readiness  # noqa: E402
 from pipeline import gate as G  # noqa: E402
 from pipeline import evidence as ev  # noqa: E402
@@ -44,7 +46,8 @@ def train(root, cfg, stage, seed=0):
     shutil.rmtree(final, ignore_errors=True)
     final.mkdir(parents=True)
     (final / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": "tiny"}))
-    (final / "adapter_model.safetensors").write_bytes(bytes((i * 7 + seed) % 256 for i in range(256)))
+    save_file({"base_model.model.lm_head.lora_A.weight": np.full((2, 4), seed, dtype=np.float32)},
+              str(final / "adapter_model.safetensors"))
     plan = getattr(cfg, stage)
     curve = [[s, round(3.0 - 0.15 * s, 4)] for s in range(1, plan.max_steps + 1)]
     state = {"global_step": plan.max_steps, "max_steps": plan.max_steps,
@@ -69,6 +72,9 @@ def train(root, cfg, stage, seed=0):
         doc.update(chat_template={"sha256": "0" * 64}, lora={"r": 8})
     else:
         doc["start_checkpoint"] = {"dir": SFT, "checkpoint_sha256": ev.sha256_json(ev.sha256_tree(root / SFT))}
+        if REGISTRY[stage].method.reference != "none":   # what pipeline.reference records at train begin
+            doc["reference"] = {"kind": REGISTRY[stage].method.reference, "equals_sft_final": True,
+                                "sha256": reference.saved_adapter_sha256(root / SFT), "tensors": 1}
         doc.update(final_reward_metrics={"rewards/margins": 0.1}, reward_curves={"rewards/margins": [[1, 0.0], [2, 0.1]]})
     write(root, cfg, stage, doc)
     return doc
