@@ -81,27 +81,39 @@ def train(root, cfg, stage, seed=0):
 
 
 def eval_doc(root, cfg):
-    from pipeline.evalkit import answer_distribution
-    sets = {s: {"planned_n": 8, "question_ids": [f"{s}-{i}" for i in range(8)], "full_size": 100, "seed": 1234}
-            for s in cfg.eval.sets}
+    """Predictions on the bundled questions written like the eval stage writes them, and every figure computed
+    from them with the stage's own functions (the gate's eval.numbers recomputes them)."""
+    from pipeline.stages import eval as E
+    from pipeline.variants import decoding
+    picked = E.load_sets(cfg)
+    sets = {s: {"planned_n": len(rows), "question_ids": [r["id"] for r in rows], "full_size": full,
+                "seed": cfg.eval.seed} for s, (rows, full) in picked.items()}
     variants = {"base": {"status": "scored", "reason": None, "checkpoint_dir": None, "checkpoint_sha256": None}}
     for st, final in FINALS.items():
         sha = (ev.read_json(root / METRICS[st]) or {}).get("checkpoint_sha256")
         variants[st] = ({"status": "scored", "reason": None, "checkpoint_dir": final, "checkpoint_sha256": sha} if sha else
                         {"status": "skipped", "reason": f"{st} was not trained", "checkpoint_dir": None, "checkpoint_sha256": None})
-    score = {"correct": 4, "accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8, "confidence": 0.95, "n_resamples": 500,
-             "seed": 1234, "method": "percentile bootstrap"}
-    results = {v: {s: {"n": 8, **score, "question_ids": info["question_ids"], "format_failures": 0,
-                       "format_failure_rate": 0.0, "length_chars": 20.0, "methods": {"rule": 8}, "by_subject": {},
-                       "answers": answer_distribution(list("ABCDABCD"), list("ABCDABCD"))}
-                   for s, info in sets.items()}
-               for v, entry in variants.items() if entry["status"] == "scored"}
-    from pipeline.variants import decoding
-    return common(cfg, "eval", variants=variants, sets=sets, results=results, paired=[], batch_size=8, max_new_tokens=8,
+    preds, outputs = {}, {}
+    for k, (v, entry) in enumerate(variants.items()):
+        if entry["status"] != "scored":
+            continue
+        rows = [r for rs, _ in picked.values() for r in rs]
+        preds[v] = []
+        for i, row in enumerate(rows):   # right on every other question, shifted per variant
+            raw = f"The answer is {row['answer']}." if (i + k) % 2 else "I am not sure."
+            extracted, method = E.extract(row, raw)
+            preds[v].append({"id": row["id"], "set": row["set"], "subject": row["subject"], "prompt_sha256": "0" * 64,
+                             "raw": raw, "extracted": extracted, "gold": row["answer"],
+                             "correct": extracted == row["answer"], "method": method})
+        rel = f"reports/eval/predictions/{v}.jsonl"
+        ev.atomic_write_text(root / rel, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds[v]))
+        outputs[rel] = ev.sha256_file(root / rel)
+    return common(cfg, "eval", variants=variants, sets=sets, results={v: E.summarize(ps, cfg) for v, ps in preds.items()},
+                  paired=E.paired_tests(preds, cfg, REGISTRY.aligned), batch_size=8, max_new_tokens=8,
+                  n_bootstrap=cfg.eval.n_bootstrap, outputs=outputs,
                   fallback={"enabled": False, "available": False, "reason": "off"},
                   generation={"backend": "hf", "decoding": decoding(8)},
-                  memory={"max_live_models": 1, "base_loads": 1},
-                  min_detectable_difference={"alpha": 0.05, "power": 0.8, "method": "m", "sets": {}},
+                  memory={"max_live_models": 1, "base_loads": 1}, min_detectable_difference=E.power(picked),
                   multiple_comparisons={"method": "holm", "alpha": 0.05, "family": "f", "protocols": []})
 
 
