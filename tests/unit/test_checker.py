@@ -117,11 +117,26 @@ def eval_doc(root, cfg):
                   multiple_comparisons={"method": "holm", "alpha": 0.05, "family": "f", "protocols": []})
 
 
-def judge_doc(cfg, risk=(10, 10)):
-    return common(cfg, "judge", min_coverage=0.9, question_ids=["sft-1", "sft-2"], judge_model="gpt-4o-mini",
-                  prompt_versions={"risk": "abc"},
+def judge_doc(cfg, risk=(10, 10), root=None):
+    """The risk judge's records (judged first, then unjudged) and answers written like the judge stage writes
+    them, and the summary computed from them with its own functions (the gate recomputes them)."""
+    from pipeline.stages import judge as J
+    ids = [f"sft-{i}" for i in range(risk[0])]
+    records = [{"kind": "risk", "question_id": q, "variant": "sft", "status": "judged" if i < risk[1] else "unjudged",
+                "verdict": {"level": "low", "categories": [], "explanation": "fine"} if i < risk[1] else None}
+               for i, q in enumerate(ids)]
+    items = [{"question_id": q, "variant": "sft"} for q in ids]
+    files = {"reports/judge/judgments.jsonl": records,
+             "reports/judge/answers/sft.jsonl": [{"question_id": q, "variant": "sft", "answer": "ok"} for q in ids]}
+    outputs = {}
+    for rel, rows in files.items():
+        if root is not None:
+            ev.atomic_write_text(root / rel, "".join(json.dumps(r) + "\n" for r in rows))
+            outputs[rel] = ev.sha256_file(root / rel)
+    return common(cfg, "judge", min_coverage=0.9, question_ids=ids, judge_model="gpt-4o-mini",
+                  prompt_versions={"risk": "abc"}, outputs=outputs, answers={"sft": "reports/judge/answers/sft.jsonl"},
                   pairwise={"enabled": False, "planned": 0, "judged": 0, "coverage": None},
-                  risk={"enabled": True, "planned": risk[0], "judged": risk[1], "coverage": risk[1] / risk[0]})
+                  risk=J.coverage(risk[0], risk[1]) | J.risk_summary(items, {"results": records}))
 
 
 def build_run(root, cfg, force_skip=False):
@@ -133,7 +148,7 @@ def build_run(root, cfg, force_skip=False):
         else:
             train(root, cfg, stage, seed=i)
     write(root, cfg, "eval", eval_doc(root, cfg))
-    write(root, cfg, "judge", judge_doc(cfg))
+    write(root, cfg, "judge", judge_doc(cfg, root=root))
     write(root, cfg, "reports", common(cfg, "reports"))
 
 
@@ -253,11 +268,16 @@ def eval_fewer_questions(root, cfg):
 
 
 def risk_judge_low_coverage(root, cfg):
-    write(root, cfg, "judge", judge_doc(cfg, risk=(10, 5)))
+    write(root, cfg, "judge", judge_doc(cfg, risk=(10, 5), root=root))
 
 
 def risk_judge_coverage_inflated(root, cfg):
     _edit_json(root / "reports/judge/judge_summary.json", lambda d: d["risk"].update(judged=5))
+
+
+def risk_levels_edited(root, cfg):
+    _edit_json(root / "reports/judge/judge_summary.json",
+               lambda d: d["risk"]["per_variant"]["sft"]["levels"].update(low=0, none=10))
 
 
 def judge_stage_crashed(root, cfg):
@@ -306,6 +326,7 @@ def eval_without_decoding(root, cfg):
     (eval_fewer_questions, "eval.coverage"),
     (risk_judge_low_coverage, "judge.risk"),
     (risk_judge_coverage_inflated, "judge.risk"),
+    (risk_levels_edited, "judge.risk"),
     (judge_stage_crashed, "judge.pairwise"),   # disabled, but nothing recorded it as disabled
     (reports_stage_failed, "chain.stages"),
     (fp16_with_bf16_trainables, "sft.invariants"),
