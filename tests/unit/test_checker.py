@@ -40,8 +40,21 @@ def write(root, cfg, stage, doc):
     ev.atomic_write_json(root / REGISTRY[stage].evidence(cfg), doc)
 
 
+def fake_base(cfg) -> str:
+    """A stand-in tiny base folder that build_tiny takes as built (its manifest verifies): no model is built here."""
+    from pipeline import model_build, models
+    folder = models.cached_model_dir("tiny", cfg.cache_dir, cfg.model.tiny_seed)
+    if (folder / "tiny_build.json").is_file():
+        return str(folder)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (folder / "tiny_build.json").write_text(json.dumps(model_build._manifest(folder, seed=cfg.model.tiny_seed)))
+    return str(folder)
+
+
 def train(root, cfg, stage, seed=0):
     """A fake final checkpoint with the trainer's own log, and metrics that describe it honestly."""
+    from pipeline import models
     final = root / FINALS[stage]
     shutil.rmtree(final, ignore_errors=True)
     final.mkdir(parents=True)
@@ -55,7 +68,8 @@ def train(root, cfg, stage, seed=0):
     (final / "trainer_state.json").write_text(json.dumps(state))
     files = ev.sha256_tree(final)
     doc = common(cfg, stage, outputs=ev.hash_paths(root, [FINALS[stage]]), model_name="tiny",
-                 base_model=str(root / ".cache" / "tiny-seed0"), global_step=plan.max_steps,
+                 base_model=".cache/tiny-seed0", base_model_identity=models.base_model_identity(fake_base(cfg)),
+                 global_step=plan.max_steps,
                  planned_max_steps=plan.max_steps, loss_curve=curve, eval_loss_curve=[[plan.max_steps, 2.0]],
                  curriculum=[{"max_length": c["max_length"], "planned_step": c["until_step"], "reached_step": c["until_step"]}
                              for c in plan.curriculum],
@@ -576,9 +590,10 @@ def test_a_rehearsal_is_probed_on_the_plan_it_ran_against_its_stand_in(tmp_path)
                                                            rehearsal=True)))
     assert G.probe_plan(tmp_path) == {"device": "cpu", "precision": "bf16", "attn_implementation": "sdpa",
                                             "quantization": "nf4", "rehearsal": True}
-    stand_in = str(models.cached_model_dir("tiny", cfg.cache_dir, cfg.model.tiny_seed))
+    stand_in = fake_base(cfg)
     g = G.Gate(cfg, REGISTRY, G.probe_plan(tmp_path)).of(REGISTRY["dpo"])
-    check = training_checks.check_base(g, {"base_model": stand_in})
+    check = training_checks.check_base(g, {"base_model": ".cache/tiny-seed0",
+                                           "base_model_identity": models.base_model_identity(stand_in)})
     assert check.passed and check.evidence == "reports/training/dpo_metrics.json", check.detail
 
 
