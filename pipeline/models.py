@@ -145,6 +145,8 @@ def load_model(path, plan: dict, adapter: str | None = None, trainable: bool = F
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        for config in model.peft_config.values():   # a final names its base relative to the root: this is the one
+            config.base_model_name_or_path = str(path)   # loaded (PEFT reads it when it saves the adapter)
     if not trainable:
         model.eval().requires_grad_(False)
     return model

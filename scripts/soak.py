@@ -4,9 +4,9 @@ Run: make soak          (= python -m scripts.soak; under 15 minutes on 2 CPU cor
      SOAK_N=10 python -m scripts.soak      (kill -9 trials per training stage; default 3)
      python -m scripts.soak --quick --out /tmp/s   (smallest settings: the smoke test)
 Writes reports/soak/soak.json and soak.md. Order: one full tiny Day-1 with a marked API key and judges on
-(the fake OpenAI server) -> (6) secrets scan -> (7) the gate's tamper cases -> (3) two pipelines on one root
--> (1) kill -9 inside DPO, SimPO, KTO, SFT -> (2) kill during evidence writes -> (4) malformed inputs through
-the CLI -> (5) judge faults.
+(the fake OpenAI server) -> (6) secrets scan -> (7) the gate's tamper cases -> (8) the root copied, moved and
+exported -> (3) two pipelines on one root -> (1) kill -9 inside DPO, SimPO, KTO, SFT -> (2) kill during evidence
+writes -> (4) malformed inputs through the CLI -> (5) judge faults.
 """
 from __future__ import annotations
 
@@ -106,6 +106,45 @@ def tamper(base: dict) -> dict:
                           for s in ("e2e", "unit")},
             "missed": [c for c in cases if not c["detected"]],
             "restored_strict_pass": G.evaluate(cfg)["strict_pass"]}
+
+
+# --- (8) the finished root copied, moved and unpacked from `make export` ---------------------------------
+def moved_root(base: dict, work: Path) -> dict:
+    """Each place must pass the gate and find every stage of `run all` up to date (nothing re-runs). The move
+    takes the root away for the duration (nothing may still point into it) and puts it back."""
+    import tarfile
+    from pipeline.gate import GATE
+    from pipeline.stages import REGISTRY
+    from scripts import export
+    root, top = base["root"], work / "moved"
+    top.mkdir()
+    shutil.copytree(root, top / "copy", symlinks=True)
+    with contextlib.redirect_stdout(io.StringIO()), tarfile.open(export.pack(root, top / "day1.tar.gz")) as tar:
+        tar.extractall(top / "unpacked", filter="data")
+    stages = [s.name for s in REGISTRY.stages if s.in_all and not s.always_run]
+    rows = []
+    for how, where in (("copy", top / "copy"), ("move", top / "moved"), ("export", top / "unpacked" / "day1")):
+        if how == "move":
+            shutil.move(root, where)
+        try:
+            env = {**base["env"], "PIPELINE_ROOT": str(where), "COLUMNS": "200"}
+            check = subprocess.run(pipeline_cmd("check", *base["overrides"]), cwd=REPO, env=env, capture_output=True,
+                                   text=True)
+            verdict = json.loads((where / GATE).read_text()) if (where / GATE).is_file() else {}
+            again = subprocess.run(pipeline_cmd("run", "all", *base["overrides"]), cwd=REPO, env=env,
+                                   capture_output=True, text=True)
+        finally:
+            if how == "move":
+                shutil.move(where, root)
+        said = check.stdout + check.stderr + again.stdout + again.stderr
+        rows.append({"how": how, "strict_pass": verdict.get("strict_pass") is True, "failed": verdict.get("failed"),
+                     "check_rc": check.returncode, "run_all_rc": again.returncode,
+                     "reran": [n for n in stages if f"✓ {n}: up to date" not in again.stdout],
+                     "tracebacks": said.count("Traceback (most recent call last)")})
+    return {"setup": "the finished root copied (shutil.copytree), moved away (shutil.move, then back) and packed with "
+                     "`make export` then unpacked elsewhere; in each: `python -m pipeline check`, then `run all`",
+            "tried": len(rows), "passed": sum(r["strict_pass"] and r["check_rc"] == 0 for r in rows),
+            "reran": sum(len(r["reran"]) for r in rows), "tracebacks": sum(r["tracebacks"] for r in rows), "rows": rows}
 
 
 # --- (3) two pipelines on one root ---------------------------------------------------------------------
@@ -427,6 +466,9 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
     if s := res.get("secrets"):
         rows.append(("secrets", f"key occurrences in {s['files_scanned']} files (must be 0)", str(s["occurrences"])))
         rows.append(("secrets", "judge requests that used the key", str(s["judge_requests_with_the_key"])))
+    if mv := res.get("moved_root"):
+        rows.append(("moved root", "gate passed / tried (copy, move, unpacked export)", f"{mv['passed']}/{mv['tried']}"))
+        rows.append(("moved root", "stages re-run, tracebacks (must be 0)", f"{mv['reran']}, {mv['tracebacks']}"))
     if t := res.get("tamper"):
         rows.append(("tamper", "detected / total (e2e, unit tables; baseline strict_pass)",
                      f"{t['detected']}/{t['total']} ({t['by_source']['e2e']}, {t['by_source']['unit']}; {t['baseline_strict_pass']})"))
@@ -434,13 +476,15 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
 
 
 def must_be_zero(res: dict) -> dict:
-    k = res.get("kill9", {})
+    k, mv = res.get("kill9", {}), res.get("moved_root", {})
     return {"kill9.ok_evidence_too_early": sum(v["ok_evidence_too_early"] for v in k.values()),
             "evidence_writes.corrupt_files": res.get("evidence_writes", {}).get("corrupt_files", 0),
             "malformed.ok_evidence_written": res.get("malformed", {}).get("ok_evidence_written", 0),
             "judge_faults.fabricated": res.get("judge_faults", {}).get("fabricated", 0),
             "secrets.occurrences": res.get("secrets", {}).get("occurrences", 0),
-            "two_pipelines.ran_concurrently": res.get("two_pipelines", {}).get("ran_concurrently", 0)}
+            "two_pipelines.ran_concurrently": res.get("two_pipelines", {}).get("ran_concurrently", 0),
+            "moved_root.gate_failures": mv.get("tried", 0) - mv.get("passed", 0),
+            "moved_root.reran": mv.get("reran", 0), "moved_root.tracebacks": mv.get("tracebacks", 0)}
 
 
 def write_reports(out: Path, res: dict) -> None:
@@ -452,7 +496,7 @@ def write_reports(out: Path, res: dict) -> None:
              f"Must-be-zero counters: {'all zero' if not any(res['must_be_zero'].values()) else res['must_be_zero']}.", "",
              "| area | count | value |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(res)]
-    for key in ("evidence_writes", "two_pipelines", "malformed", "judge_faults"):
+    for key in ("moved_root", "evidence_writes", "two_pipelines", "malformed", "judge_faults"):
         if key in res:
             lines += ["", f"**{key}**: {res[key]['setup']}"]
     if res.get("malformed", {}).get("unclear"):
@@ -489,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res["base_run"] = {"rc": base["rc"], "wall_s": base["wall_s"]}
             steps = [("secrets", lambda: scan_secrets(base)), ("tamper", lambda: tamper(base)),
+                     ("moved_root", lambda: moved_root(base, work)),
                      ("two_pipelines", lambda: two_pipelines(base, 1 if args.quick else 3, overrides)),
                      ("kill9", lambda: kill_trials(base, stages, n, rng, overrides)),
                      ("evidence_writes", lambda: evidence_write_kills(work, 8 if args.quick else 40, rng)),
