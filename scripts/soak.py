@@ -128,8 +128,8 @@ def moved_root(base: dict, work: Path) -> dict:
             shutil.move(root, where)
         try:
             env = {**base["env"], "PIPELINE_ROOT": str(where), "COLUMNS": "200"}
-            check = subprocess.run(pipeline_cmd("check", *base["overrides"]), cwd=REPO, env=env, capture_output=True,
-                                   text=True)
+            check = subprocess.run(pipeline_cmd("check", *base["overrides"]), cwd=REPO, env=env,
+                                   capture_output=True, text=True)
             verdict = json.loads((where / GATE).read_text()) if (where / GATE).is_file() else {}
             again = subprocess.run(pipeline_cmd("run", "all", *base["overrides"]), cwd=REPO, env=env,
                                    capture_output=True, text=True)
@@ -137,14 +137,15 @@ def moved_root(base: dict, work: Path) -> dict:
             if how == "move":
                 shutil.move(where, root)
         said = check.stdout + check.stderr + again.stdout + again.stderr
-        rows.append({"how": how, "strict_pass": verdict.get("strict_pass") is True, "failed": verdict.get("failed"),
-                     "check_rc": check.returncode, "run_all_rc": again.returncode,
+        rows.append({"how": how, "strict_pass": verdict.get("strict_pass") is True,
+                     "failed": verdict.get("failed"), "check_rc": check.returncode, "run_all_rc": again.returncode,
                      "reran": [n for n in stages if f"✓ {n}: up to date" not in again.stdout],
                      "tracebacks": said.count("Traceback (most recent call last)")})
-    return {"setup": "the finished root copied (shutil.copytree), moved away (shutil.move, then back) and packed with "
-                     "`make export` then unpacked elsewhere; in each: `python -m pipeline check`, then `run all`",
+    return {"setup": "the finished root copied (shutil.copytree), moved away (shutil.move, then back) and packed "
+                     "with `make export` then unpacked elsewhere; in each: `python -m pipeline check`, then `run all`",
             "tried": len(rows), "passed": sum(r["strict_pass"] and r["check_rc"] == 0 for r in rows),
-            "reran": sum(len(r["reran"]) for r in rows), "tracebacks": sum(r["tracebacks"] for r in rows), "rows": rows}
+            "reran": sum(len(r["reran"]) for r in rows), "tracebacks": sum(r["tracebacks"] for r in rows),
+            "rows": rows}
 
 
 # --- (3) two pipelines on one root ---------------------------------------------------------------------
@@ -467,7 +468,8 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
         rows.append(("secrets", f"key occurrences in {s['files_scanned']} files (must be 0)", str(s["occurrences"])))
         rows.append(("secrets", "judge requests that used the key", str(s["judge_requests_with_the_key"])))
     if mv := res.get("moved_root"):
-        rows.append(("moved root", "gate passed / tried (copy, move, unpacked export)", f"{mv['passed']}/{mv['tried']}"))
+        rows.append(("moved root", "gate passed / tried (copy, move, unpacked export)",
+                     f"{mv['passed']}/{mv['tried']}"))
         rows.append(("moved root", "stages re-run, tracebacks (must be 0)", f"{mv['reran']}, {mv['tracebacks']}"))
     if t := res.get("tamper"):
         rows.append(("tamper", "detected / total (e2e, unit tables; baseline strict_pass)",

@@ -87,8 +87,8 @@ def find_model(ctx) -> tuple[dict, str | None, str]:
                               "point MODEL_NAME at a complete model folder")
         gb = sum((folder / w).stat().st_size for w in weights) / 2**30
         source = "MODEL_NAME folder" if cfg.model.name else LOCAL_SOURCES.get(cfg.tier, "local folder")
-        return ({"base": ev.root_relative(cfg.root, base), "source": source, "found": True, "weight_files": weights,
-                 "weights_gb": round(gb, 3)},
+        return ({"base": ev.root_relative(cfg.root, base), "source": source, "found": True,
+                 "weight_files": weights, "weights_gb": round(gb, 3)},
                 base, f"tokenizer of the {source} model {folder.name}")
     record = {"base": base, "source": "hub", "found": None, "weight_files": [], "weights_gb": None}
     if cfg.tier in GPU_TIERS and not plan["feasible"]:

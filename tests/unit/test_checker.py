@@ -41,7 +41,7 @@ def write(root, cfg, stage, doc):
 
 
 def fake_base(cfg) -> str:
-    """A stand-in tiny base folder that build_tiny takes as built (its manifest verifies): no model is built here."""
+    """A stand-in tiny base folder that build_tiny takes as built (its manifest verifies): no model is built."""
     from pipeline import model_build, models
     folder = models.cached_model_dir("tiny", cfg.cache_dir, cfg.model.tiny_seed)
     if (folder / "tiny_build.json").is_file():

@@ -39,7 +39,7 @@ def _fake_day(root: Path, data: Path, overrides=()) -> tuple:
 
 
 def test_a_copied_root_keeps_every_fingerprint_and_nothing_reruns(tiny_env, tmp_path, monkeypatch):
-    """An input file and a config path inside the root (fake_a reads `data`, data.sft_path names the root's file)."""
+    """An input file and a config path inside the root (fake_a reads `data`; data.sft_path names the file)."""
     old = tiny_env
     (old / "data.txt").write_text("row 1\n")
     registry, cfg, console = _fake_day(old, old / "data.txt")
@@ -85,7 +85,8 @@ def test_a_hub_base_is_identified_by_id_and_cached_revision(tmp_path, monkeypatc
     assert models.base_model_identity("Qwen/Qwen2.5-7B-Instruct") == f"Qwen/Qwen2.5-7B-Instruct@{commit}"
     assert models.base_model_identity("Qwen/Qwen2.5-14B-Instruct") == "Qwen/Qwen2.5-14B-Instruct"   # not cached
     now = f"Qwen/Qwen2.5-7B-Instruct@{commit}"
-    assert models.same_base(now, now) and models.same_base("Qwen/Qwen2.5-7B-Instruct", now)   # written before revisions
+    assert models.same_base(now, now)
+    assert models.same_base("Qwen/Qwen2.5-7B-Instruct", now)   # evidence written before revisions were recorded
     assert not models.same_base(f"Qwen/Qwen2.5-7B-Instruct@{'b' * 40}", now)
     assert not models.same_base("Qwen/Qwen2.5-14B-Instruct", now) and not models.same_base(None, now)
 
@@ -118,8 +119,8 @@ def test_a_final_names_its_base_relative_to_the_root_and_a_hub_base_as_it_is(tmp
     (final / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": base}))
     (final / "README.md").write_text(f"---\nbase_model: {base}\ntags:\n- base_model:adapter:{base}\n---\n")
     portable_final(final, root, base)
-    assert json.loads((final / "adapter_config.json").read_text()) == {"r": 8,
-                                                                      "base_model_name_or_path": ".cache/tiny-seed0"}
+    written = json.loads((final / "adapter_config.json").read_text())
+    assert written == {"r": 8, "base_model_name_or_path": ".cache/tiny-seed0"}
     assert str(root) not in (final / "README.md").read_text()
     assert "base_model: .cache/tiny-seed0\n" in (final / "README.md").read_text()
     hub = {"r": 8, "base_model_name_or_path": "Qwen/Qwen2.5-7B-Instruct"}
@@ -134,6 +135,7 @@ def test_the_base_check_names_the_model_not_only_its_content(tmp_path, where):
     root = tmp_path / "root"
     model = _model_folder(root / "models" / "qwen" if where == "inside" else tmp_path / "qwen")
     ident = models.base_model_identity(str(model))
-    assert _base_check(root, model, {"base_model": ev.root_relative(root, model), "base_model_identity": ident}).passed
+    recorded = {"base_model": ev.root_relative(root, model), "base_model_identity": ident}
+    assert _base_check(root, model, recorded).passed
     check = _base_check(root, model, {"base_model": "Qwen/Qwen2.5-7B-Instruct", "base_model_identity": ident})
     assert not check.passed and "config names" in check.detail
