@@ -110,42 +110,51 @@ def tamper(base: dict) -> dict:
 
 # --- (8) the finished root copied, moved and unpacked from `make export` ---------------------------------
 def moved_root(base: dict, work: Path) -> dict:
-    """Each place must pass the gate and find every stage of `run all` up to date (nothing re-runs). The move
-    takes the root away for the duration (nothing may still point into it) and puts it back."""
+    """Each place must get the original's verdict (strict_pass and the failing checks, whatever they are) and find
+    every stage of `run all` up to date (nothing re-runs). The move takes the root away for the duration (nothing
+    may still point into it) and puts it back."""
     import tarfile
-    from pipeline.gate import GATE
-    from pipeline.stages import REGISTRY
     from scripts import export
     root, top = base["root"], work / "moved"
     top.mkdir()
+    original = _check_and_rerun(base, root, "original")
     shutil.copytree(root, top / "copy", symlinks=True)
     with contextlib.redirect_stdout(io.StringIO()), tarfile.open(export.pack(root, top / "day1.tar.gz")) as tar:
         tar.extractall(top / "unpacked", filter="data")
-    stages = [s.name for s in REGISTRY.stages if s.in_all and not s.always_run]
     rows = []
     for how, where in (("copy", top / "copy"), ("move", top / "moved"), ("export", top / "unpacked" / "day1")):
         if how == "move":
             shutil.move(root, where)
         try:
-            env = {**base["env"], "PIPELINE_ROOT": str(where), "COLUMNS": "200"}
-            check = subprocess.run(pipeline_cmd("check", *base["overrides"]), cwd=REPO, env=env,
-                                   capture_output=True, text=True)
-            verdict = json.loads((where / GATE).read_text()) if (where / GATE).is_file() else {}
-            again = subprocess.run(pipeline_cmd("run", "all", *base["overrides"]), cwd=REPO, env=env,
-                                   capture_output=True, text=True)
+            rows.append(_check_and_rerun(base, where, how))
         finally:
             if how == "move":
                 shutil.move(where, root)
-        said = check.stdout + check.stderr + again.stdout + again.stderr
-        rows.append({"how": how, "strict_pass": verdict.get("strict_pass") is True,
-                     "failed": verdict.get("failed"), "check_rc": check.returncode, "run_all_rc": again.returncode,
-                     "reran": [n for n in stages if f"✓ {n}: up to date" not in again.stdout],
-                     "tracebacks": said.count("Traceback (most recent call last)")})
+        rows[-1]["same_verdict"] = (rows[-1]["strict_pass"], rows[-1]["failed"]) == (original["strict_pass"],
+                                                                                    original["failed"])
     return {"setup": "the finished root copied (shutil.copytree), moved away (shutil.move, then back) and packed "
-                     "with `make export` then unpacked elsewhere; in each: `python -m pipeline check`, then `run all`",
-            "tried": len(rows), "passed": sum(r["strict_pass"] and r["check_rc"] == 0 for r in rows),
-            "reran": sum(len(r["reran"]) for r in rows), "tracebacks": sum(r["tracebacks"] for r in rows),
-            "rows": rows}
+                     "with `make export` then unpacked elsewhere; in each: `python -m pipeline check` (its verdict "
+                     "must be the original's), then `run all` (nothing may re-run)",
+            "original": original, "tried": len(rows), "same_verdict": sum(r["same_verdict"] for r in rows),
+            "reran": sum(len(r["reran"]) for r in rows),
+            "tracebacks": sum(r["tracebacks"] for r in [original, *rows]), "rows": rows}
+
+
+def _check_and_rerun(base: dict, where: Path, how: str) -> dict:
+    from pipeline.gate import GATE
+    from pipeline.stages import REGISTRY
+    env = {**base["env"], "PIPELINE_ROOT": str(where), "COLUMNS": "200"}
+    check = subprocess.run(pipeline_cmd("check", *base["overrides"]), cwd=REPO, env=env, capture_output=True,
+                           text=True)
+    verdict = json.loads((where / GATE).read_text()) if (where / GATE).is_file() else {}
+    again = subprocess.run(pipeline_cmd("run", "all", *base["overrides"]), cwd=REPO, env=env, capture_output=True,
+                           text=True)
+    said = check.stdout + check.stderr + again.stdout + again.stderr
+    stages = [s.name for s in REGISTRY.stages if s.in_all and not s.always_run]
+    return {"how": how, "strict_pass": verdict.get("strict_pass"), "failed": verdict.get("failed"),
+            "check_rc": check.returncode, "run_all_rc": again.returncode,
+            "reran": [n for n in stages if f"✓ {n}: up to date" not in again.stdout],
+            "tracebacks": said.count("Traceback (most recent call last)")}
 
 
 # --- (3) two pipelines on one root ---------------------------------------------------------------------
@@ -468,8 +477,8 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
         rows.append(("secrets", f"key occurrences in {s['files_scanned']} files (must be 0)", str(s["occurrences"])))
         rows.append(("secrets", "judge requests that used the key", str(s["judge_requests_with_the_key"])))
     if mv := res.get("moved_root"):
-        rows.append(("moved root", "gate passed / tried (copy, move, unpacked export)",
-                     f"{mv['passed']}/{mv['tried']}"))
+        rows.append(("moved root", "the original's verdict / tried (copy, move, unpacked export; original "
+                     "strict_pass)", f"{mv['same_verdict']}/{mv['tried']} ({mv['original']['strict_pass']})"))
         rows.append(("moved root", "stages re-run, tracebacks (must be 0)", f"{mv['reran']}, {mv['tracebacks']}"))
     if t := res.get("tamper"):
         rows.append(("tamper", "detected / total (e2e, unit tables; baseline strict_pass)",
@@ -485,7 +494,7 @@ def must_be_zero(res: dict) -> dict:
             "judge_faults.fabricated": res.get("judge_faults", {}).get("fabricated", 0),
             "secrets.occurrences": res.get("secrets", {}).get("occurrences", 0),
             "two_pipelines.ran_concurrently": res.get("two_pipelines", {}).get("ran_concurrently", 0),
-            "moved_root.gate_failures": mv.get("tried", 0) - mv.get("passed", 0),
+            "moved_root.verdict_differs": mv.get("tried", 0) - mv.get("same_verdict", 0),
             "moved_root.reran": mv.get("reran", 0), "moved_root.tracebacks": mv.get("tracebacks", 0)}
 
 

@@ -60,7 +60,7 @@ def test_soak_quick_writes_its_reports_and_every_must_be_zero_counter_is_zero(tm
     assert res["malformed"]["total"] > 0 and res["malformed"]["clear_errors"] == res["malformed"]["total"]
     assert res["judge_faults"]["completed_after_clean_rerun"] == res["judge_faults"]["items"]
     assert res["two_pipelines"]["refusals"] == res["two_pipelines"]["trials"]
-    assert res["moved_root"]["tried"] == 3 and res["moved_root"]["passed"] == 3, res["moved_root"]["rows"]
+    assert res["moved_root"]["tried"] == 3 and res["moved_root"]["same_verdict"] == 3, res["moved_root"]["rows"]
 
 
 # --- the CUDA benchmark's parts that run without a GPU ---------------------------------------------------
