@@ -86,7 +86,7 @@ def preference_rows(cfg) -> tuple[list, dict]:
 
 
 def rehearsal_rows(cfg, n: int) -> int:
-    """A rehearsal trains on the share of the rows its share of the steps would see (settings._rehearse)."""
+    """A rehearsal trains on the share of the rows its share of the steps would see (pipeline.rehearsal)."""
     return max(2, math.ceil(n * cfg.runtime.rehearsal_fraction)) if cfg.runtime.rehearsal else n
 
 
