@@ -22,8 +22,9 @@ from pipeline.training_record import (STATE_FILE, claim_output_dir, latest_check
 from pipeline.trainer_args import (base_args, for_installed_transformers, lora_config, optimizer_for, precision_args,
                                    sft_tokenizer, trainer_for, trl_config)
 
+# re-exported: the stages, the preflight and the gate use them as training.X
 __all__ = ["STATE_FILE", "training_evidence", "base_args", "for_installed_transformers", "optimizer_for",
-           "precision_args", "trl_config", "lora_config", "sft_tokenizer", "trainer_for"]   # re-exported: the stages and the gate use them as training.X
+           "precision_args", "trl_config", "lora_config", "sft_tokenizer", "trainer_for"]
 
 # --- what a training stage reads (its declaration: pipeline/stages/<method>.py) ---------------------------
 TRAIN_KEYS = ("max_steps", "learning_rate", "batch_size", "grad_acc", "max_length", "warmup_ratio", "logging_steps",

@@ -120,7 +120,7 @@ def trial(ctx, kind: str, base: str, tok, data: dict, length: int, batch: int, g
             trainer = T.trainer_for(cfg, kind, plan, base, tok, data, length, args, adapter=adapter)
             models.fix_trainable_dtype(trainer.model, plan)
             rec["load_s"] = round(time.monotonic() - t0, 3)
-            trainer.add_callback(T.make_callbacks(cfg, kind, steps + 1)[0])   # the OOM test hook, as in fit()
+            trainer.add_callback(T.make_callbacks(cfg, kind, steps + 2)[0])   # the OOM hook, as in fit(); no save
             m = meter(trainer.model, cuda)
             trainer.add_callback(m)
             trainer.train()
