@@ -24,8 +24,9 @@ STAGE = Stage("preflight", "reports/migration/preflight.json", needs=("gpu_check
               inputs=D.files("sft_path", "preference_path", "kto_path"),
               reads=(*T.RUN_KEYS, *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", "lora", "sft", "@aligned",
                      "preflight.steps"),
-              # the money keys decide pass/fail, not the measurement: a new BUDGET re-decides (a failed preflight
-              # always runs again) without re-fingerprinting, so it never makes a finished stage stale
+              # the money keys decide pass/fail, not the measurement: a failed preflight runs again, so a raised
+              # BUDGET re-decides, and no budget change re-measures (a budget lowered after an ok preflight is for
+              # the between-stage re-projection, issue 10's next slice)
               untracked=(*T.UNTRACKED, "preflight.budget", "preflight.price_per_hour"))
 
 GIB = 1024 ** 3
@@ -53,6 +54,10 @@ def cost(seconds: float, price_per_hour: float | None) -> float | None:
     return None if price_per_hour is None else round(seconds / 3600 * price_per_hour, 4)
 
 
+def money(x: float) -> str:
+    return f"{x:.2f}" if abs(x) >= 0.01 else f"{x:.2g}"
+
+
 def budget_decision(total_s: float, fixed_s: float, price_per_hour: float | None, budget: float | None,
                     planned_steps: dict[str, int]) -> tuple[bool, str | None]:
     """(fits, one-line reason when it does not): over budget by how much, and the step counts that would fit."""
@@ -61,17 +66,17 @@ def budget_decision(total_s: float, fixed_s: float, price_per_hour: float | None
     predicted = cost(total_s, price_per_hour)
     if predicted <= budget:
         return True, None
-    head = (f"predicted cost {predicted:.2f} exceeds BUDGET={budget:g} by {predicted - budget:.2f} "
+    head = (f"predicted cost {money(predicted)} exceeds BUDGET={budget:g} by {money(predicted - budget)} "
             f"({total_s / 3600:.2f} h at GPU_PRICE_PER_HOUR={price_per_hour:g})")
     affordable_s = budget / price_per_hour * 3600 - fixed_s
     scale = affordable_s / (total_s - fixed_s) if total_s > fixed_s else 0.0
     steps = {m: math.floor(n * scale) for m, n in planned_steps.items()}
     if scale <= 0 or min(steps.values()) < 1:
-        return False, (f"{head}; even the model loads and saves alone cost {cost(fixed_s, price_per_hour):.2f}: "
-                       f"raise BUDGET to at least {predicted:.2f}, or use a cheaper GPU")
+        return False, (f"{head}; even the model loads and saves alone cost {money(cost(fixed_s, price_per_hour))}: "
+                       f"raise BUDGET to at least {money(predicted)}, or use a cheaper GPU")
     fit = " ".join(f"{m}.max_steps={n}" for m, n in steps.items())
     return False, (f"{head}; it would fit with the steps scaled to x{scale:.2f} ({fit}), or with QLORA=true "
-                   f"if that runs faster here, or with BUDGET >= {predicted:.2f}")
+                   f"if that runs faster here, or with BUDGET >= {money(predicted)}")
 
 
 # --- measuring one trainer ------------------------------------------------------------------------------
