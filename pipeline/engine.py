@@ -264,6 +264,9 @@ def run(targets: list[str], cfg: Config, console, registry: Registry, force: boo
                 console.print(f"[cyan]dry run[/] {stage.name}: {what} (DRY_RUN=true: nothing trained or written)")
                 continue
             results[stage.name] = run_stage(stage, cfg, console, registry, force=force and stage.name in forced)
+            if stage.stops_run and results[stage.name] == "failed":
+                console.print(f"[red]stopped[/] after {stage.name}: nothing after it runs (its evidence says why)")
+                break
     if len(order) > 1:
         print_table(cfg, console, registry, order)
     bad = [n for n, s in results.items() if s not in ("ok", "skipped", "dry_run")]

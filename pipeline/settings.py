@@ -52,6 +52,7 @@ ENV_MAP: dict[str, tuple[str, ...]] = {
     "DEEPSPEED_CONFIG": ("runtime.deepspeed_config",), "REPORT_TO": ("runtime.report_to",),
     "GPU_PROBE_FILE": ("runtime.gpu_probe_file",), "REHEARSAL": ("runtime.rehearsal",),
     "REHEARSAL_STEPS": ("runtime.rehearsal_steps",), "QLORA": ("model.qlora",),
+    "BUDGET": ("preflight.budget",), "GPU_PRICE_PER_HOUR": ("preflight.price_per_hour",),
 }
 
 
