@@ -28,6 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
+from pipeline import evalsets
 from scripts.bench import QUICK_OVERRIDES, REPO, child_env, fake_server, machine, print_table
 
 sys.path.insert(0, str(REPO))   # tests.* (the fake server, the malformed-input tables, the tamper cases)
@@ -532,7 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     n = 1 if args.quick else int(os.environ.get("SOAK_N") or 3)
     seed = int(os.environ.get("SOAK_SEED") or 0)
     rng = random.Random(seed)
-    overrides = QUICK_OVERRIDES if args.quick else []
+    # the gate requires the tier's shipped eval sizes (configs/tiers/tiny.yaml: 8 per set), so the soak's base run
+    # keeps them: a baseline that fails the gate would make every tamper look "detected"
+    overrides = [*QUICK_OVERRIDES, "eval.sample_sizes={%s}" % ", ".join(f"{n}: 8" for n in evalsets.names())] \
+        if args.quick else []
     from pipeline.stages import REGISTRY
     stages = ["kto"] if args.quick else [*REGISTRY.aligned, "sft"]   # sft last: retraining it would re-chain the others
     t0 = time.perf_counter()
