@@ -360,6 +360,8 @@ def malformed_worker(work: Path, out_json: Path) -> None:
     for i, (case, (files, extra, args, needles)) in enumerate(ts.MALFORMED.items()):
         case_dir = work / f"config-{i}"
         (case_dir / "configs" / "tiers").mkdir(parents=True)
+        for tier in settings.TIERS:   # a tier file must exist (an empty one sets nothing), as in the unit test
+            (case_dir / "configs" / "tiers" / f"{tier}.yaml").write_text("")
         for rel, text in files.items():   # an empty configs/ with only the case's files, as the unit test does
             (case_dir / "configs" / rel).write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
         settings.CONFIG_DIR = case_dir / "configs"
@@ -367,6 +369,16 @@ def malformed_worker(work: Path, out_json: Path) -> None:
         named = all(n in text for n in needles) or (args and all(repr(a) in text for a in args))   # argv: quoted back
         rows.append({"kind": "config", "case": case, "rc": rc, "clear": rc != 0 and bool(named),
                      "ok_evidence": _evidence_any(case_dir / "out"), "message": text.strip().splitlines()[-1][:300] if text.strip() else ""})
+    from tests.unit import test_bad_values as tb   # the generated corpus: every bad number of every field and env var
+    settings.CONFIG_DIR = REAL_CONFIG_DIR
+    for kind, cases in (("generated argument", [([f"{k}={v}"], {}, f"argument {k}={v}") for k, v in tb.CORPUS]),
+                        ("generated env var", [([], {var: v}, f"environment variable {var}") for var, v in tb.ENV_CASES])):
+        for args, extra, needle in cases:
+            out = work / "generated" / "out"
+            rc, text = _cli(["run", "gpu_check", *args], {**base, "PIPELINE_ROOT": str(out), **extra})
+            last = text.strip().splitlines()[-1] if text.strip() else ""
+            rows.append({"kind": kind, "case": needle, "rc": rc, "clear": rc != 0 and needle in last
+                         and "Traceback" not in text, "ok_evidence": _evidence_any(out), "message": last[:300]})
     for case, loader, files, where, field in td.BAD:
         case_dir = work / f"data-{case}"
         case_dir.mkdir(parents=True)
@@ -399,12 +411,14 @@ def malformed(work: Path) -> dict:
                        cwd=REPO, env=child_env(None), stdout=log, stderr=subprocess.STDOUT)
     rows = json.loads(out_json.read_text()) if out_json.is_file() else []
     return {"setup": "tests/unit/test_settings.py MALFORMED through `python -m pipeline run gpu_check` (configs/ replaced "
-                     "by the case's files) and tests/unit/test_data.py BAD through `python -m pipeline run dry_run` "
+                     "by the case's files), tests/unit/test_bad_values.py CORPUS/ENV_CASES (every bad number of every "
+                     "field and env var) the same way, and tests/unit/test_data.py BAD through `python -m pipeline run dry_run` "
                      "(the case's file as the data path); clear = non-zero exit and the message names the place "
                      "(the unit test's substrings / file:line and field)",
             "total": len(rows), "clear_errors": sum(r["clear"] for r in rows),
             "ok_evidence_written": sum(len(r["ok_evidence"]) for r in rows),
-            "unclear": [r for r in rows if not r["clear"]], "by_kind": {k: sum(r["kind"] == k for r in rows) for k in ("config", "data")}}
+            "unclear": [r for r in rows if not r["clear"]],
+            "by_kind": {k: sum(r["kind"] == k for r in rows) for k in dict.fromkeys(r["kind"] for r in rows)}}
 
 
 # --- (5) judge faults ------------------------------------------------------------------------------------
