@@ -34,7 +34,7 @@ gpu-selftest: venv   ## each trainer, a few steps at the longest length/batch ->
 	$(PY) -m pipeline run gpu_selftest --force
 
 preflight: venv      ## a few measured steps of each trainer -> predicted timeline, cost, BUDGET check -> reports/migration/preflight.json
-	$(PY) -m pipeline run preflight --force
+	$(PY) -m pipeline run preflight --force preflight.enabled=true
 
 dry-run: venv        ## configs, data, tokenizer, chat template, memory plan; trains nothing
 	DRY_RUN=true $(PY) -m pipeline run all

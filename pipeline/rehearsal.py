@@ -59,4 +59,6 @@ def rehearse(cfg, origin: dict) -> None:
     cfg.data.sft_eval_size, cfg.data.judge_heldout_size = min(cfg.data.sft_eval_size, n), min(cfg.data.judge_heldout_size, n)
     changes.append(f"eval: at most {n} questions per set, {n} held-out SFT rows for eval_loss (twice per stage), "
                    f"{cfg.data.judge_heldout_size} judge questions")
+    cfg.preflight.steps = 1
+    changes.append("preflight: 1 timed step per stage (the stand-in's step time predicts nothing of the GPU's)")
     cfg.runtime.rehearsal_changes = changes

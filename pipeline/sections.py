@@ -261,6 +261,7 @@ class RuntimeCfg:
 class PreflightCfg:
     """pipeline/stages/preflight.py: measured steps per training stage, and the money they may cost."""
     steps: int = 3                         # timed optimizer steps per stage (plus one warm-up, not timed)
+    enabled: bool | None = None            # None (auto): on the GPU tiers, or when BUDGET/GPU_PRICE_PER_HOUR is set
     budget: float | None = None            # BUDGET: the most the run may cost (needs price_per_hour)
     price_per_hour: float | None = None    # GPU_PRICE_PER_HOUR, in the budget's currency
 

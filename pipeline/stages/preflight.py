@@ -18,12 +18,13 @@ import time
 from pipeline import data as D
 from pipeline import models, ranks
 from pipeline import training as T
-from pipeline.core import Stage
+from pipeline.core import SkipStage, Stage
+from pipeline.sections import GPU_TIERS
 
 STAGE = Stage("preflight", "reports/migration/preflight.json", needs=("gpu_check",), stops_run=True,
               inputs=D.files("sft_path", "preference_path", "kto_path"),
               reads=(*T.RUN_KEYS, *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", "lora", "sft", "@aligned",
-                     "preflight.steps"),
+                     "preflight.steps", "preflight.enabled"),
               # the money keys decide pass/fail, not the measurement: a failed preflight runs again, so a raised
               # BUDGET re-decides, and no budget change re-measures (a budget lowered after an ok preflight is for
               # the between-stage re-projection, issue 10's next slice)
@@ -184,7 +185,20 @@ def stage_data(ctx, kind: str, tok, n: int) -> tuple[dict, int, dict]:
     return {"train": Dataset.from_list(longest(rows, n, size))}, length, {"passes": 0, "rows": 0}
 
 
+def wanted(cfg) -> bool:
+    """preflight.enabled, or when unset: on a GPU tier (paid hours; a rehearsal too), or when money is set.
+    On the CPU tiers a measured step costs about what their few training steps do, so it runs when asked."""
+    pf = cfg.preflight
+    if pf.enabled is not None:
+        return pf.enabled
+    return cfg.tier in GPU_TIERS or pf.budget is not None or pf.price_per_hour is not None
+
+
 def run(ctx) -> dict:
+    cfg = ctx.cfg
+    if not wanted(cfg):
+        raise SkipStage(f"not asked for on the {cfg.tier} tier (it runs by itself on 7b/14b, or with BUDGET or "
+                        "GPU_PRICE_PER_HOUR set): `make preflight` or preflight.enabled=true measures it")
     T.gate(ctx)   # a GPU tier this machine cannot train: skipped with the plan's reason, nothing downloaded
     cfg, plan, pf = ctx.cfg, ctx.plan, ctx.cfg.preflight
     budget, price = pf.budget, pf.price_per_hour

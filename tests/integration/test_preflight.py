@@ -24,7 +24,19 @@ def preflight(root: Path) -> dict:
     return json.loads((root / PREFLIGHT).read_text())
 
 
+def test_the_cpu_tiers_skip_the_preflight_unless_asked(day1_env):
+    """On tiny/demo a measured step costs about what their few training steps do: `run all` skips it, saying how
+    to ask for it; the GPU tiers (and a rehearsal of one) run it by themselves."""
+    doc = preflight(day1_env)
+    assert doc["status"] == "skipped" and "make preflight" in doc["reason"]
+    from pipeline.stages.preflight import wanted
+    assert wanted(load_config(tier="7b")) and not wanted(load_config(tier="demo"))
+    assert wanted(load_config(tier="demo", overrides=["preflight.budget=5", "preflight.price_per_hour=2"]))
+
+
+@pytest.mark.slow
 def test_the_day1_preflight_measured_every_method_and_predicted_the_run(day1_env):
+    assert main(["run", "preflight", "--force", "preflight.enabled=true"]) == 0
     doc = preflight(day1_env)
     cfg = load_config()
     assert doc["status"] == "ok" and ev.validate("preflight", doc) == []
