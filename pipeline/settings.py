@@ -51,6 +51,7 @@ ENV_MAP: dict[str, tuple[str, ...]] = {
     "DEEPSPEED_CONFIG": ("runtime.deepspeed_config",), "REPORT_TO": ("runtime.report_to",),
     "GPU_PROBE_FILE": ("runtime.gpu_probe_file",), "REHEARSAL": ("runtime.rehearsal",),
     "REHEARSAL_STEPS": ("runtime.rehearsal_steps",), "QLORA": ("model.qlora",),
+    "MERGE_FINAL": ("export.merge_final",),
 }
 
 
