@@ -2,13 +2,13 @@
 (python -m pipeline run export_merged; MERGE_FINAL=true adds it to `make gpu-run`)
 
 For each trained variant, one base model at a time: its verified final adapter on the base (variants.Variants)
-answers a seeded subset of the eval questions and the gate's probe prompt greedily; the adapter is merged into the
-base in the plan's dtype (peft merge_and_unload; a QLoRA adapter into its nf4 base dequantized to the compute dtype,
-the weights it was trained on), saved as a plain transformers folder (safetensors, the adapter's tokenizer and chat
-template, a generation config whose eos ids hold the chat's end-of-turn token), loaded back without PEFT and asked
-the same prompts. It becomes checkpoints/<variant folder>/merged only when it gives the adapter's probe tokens and
-agrees on at least export.parity_threshold of the extracted answers and of the first generated tokens; else it is
-failed and kept aside as merged.failed (never exported). Writes reports/export/merge_parity.json.
+answers a seeded subset of the eval questions and the gate's probe prompt greedily; the adapter is merged into
+the base in the plan's dtype (peft merge_and_unload; a QLoRA adapter into its nf4 base dequantized to the compute
+dtype, the weights it was trained on), saved as a plain transformers folder (safetensors, the adapter's tokenizer
+and chat template, a generation config whose eos ids hold the chat's end-of-turn token), loaded back without PEFT
+and asked the same prompts. It becomes checkpoints/<variant folder>/merged only when it gives the adapter's probe
+tokens and agrees on at least export.parity_threshold of the extracted answers and of the first generated tokens;
+else it is failed and kept aside as merged.failed (never exported). Writes reports/export/merge_parity.json.
 """
 from __future__ import annotations
 
@@ -34,35 +34,48 @@ GB = 1e9
 
 
 def parity_rows(cfg) -> dict:
-    """{set: rows}: a seeded subset (export.parity_per_set, at most the eval's sample) of the questions eval scored."""
+    """{set: rows}: a seeded subset of the questions eval scored (export.parity_per_set, at most eval's sample)."""
     return {name: sample_rows(rows, min(cfg.export.parity_per_set, len(rows)), cfg.eval.seed)
             for name, (rows, _) in load_sets(cfg).items()}
 
 
 def answers(ctx, model, tok, rows: list[dict], label: str) -> dict:
-    """Greedy answers of one model: raw texts, generated ids and extracted answers on the rows, and the probe's
-    tokens (the gate's PROBE_PROMPT, PROBE_TOKENS greedy tokens)."""
+    """One model's greedy answers to the rows (raw text, first generated token ids, extracted answer) and its
+    tokens for the gate's probe (PROBE_PROMPT, PROBE_TOKENS greedy tokens, as the gate generates them)."""
     cfg, ids, probe = ctx.cfg, [], []
     raws = generate(model, tok, [messages(r) for r in rows], cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                    ctx.progress, f"{label}", token_ids=ids)
-    probe_text = generate(model, tok, [[{"role": "user", "content": PROBE_PROMPT}]], 1, PROBE_TOKENS, token_ids=probe)
-    return {"raw": raws, "ids": ids, "extracted": [extract(r, raw)[0] for r, raw in zip(rows, raws)],
-            "probe_ids": probe[0], "probe_text": probe_text[0]}
+                    ctx.progress, label, token_ids=ids)
+    text = generate(model, tok, [[{"role": "user", "content": PROBE_PROMPT}]], 1, PROBE_TOKENS, token_ids=probe)
+    return {"raw": raws, "ids": [row[:FIRST_TOKENS] for row in ids], "probe_ids": probe[0], "probe_text": text[0],
+            "extracted": [extract(r, raw)[0] for r, raw in zip(rows, raws)]}
 
 
-def agreement(a: dict, m: dict, rows: list[dict], sets: list[str]) -> dict:
-    """Per set and overall: the share of questions where the merged model's extracted answer, first generated
-    tokens and whole text equal the adapter's."""
-    def share(idx, key):
-        same = [(a[key][i] == m[key][i]) if key != "ids" else a["ids"][i][:FIRST_TOKENS] == m["ids"][i][:FIRST_TOKENS]
-                for i in idx]
-        return sum(same) / len(same) if same else None
+def agreement(a: dict, m: dict, rows: list[dict]) -> dict:
+    """Per set and over all rows: the share of questions on which the merged model's extracted answer, first
+    generated tokens and whole text equal the adapter's."""
     out = {}
-    for name in [*sets, None]:
+    for name in [*dict.fromkeys(r["set"] for r in rows), None]:
         idx = [i for i, r in enumerate(rows) if name is None or r["set"] == name]
-        out[name or "all"] = {"n": len(idx), "answer_agreement": share(idx, "extracted"),
-                              "first_token_agreement": share(idx, "ids"), "text_agreement": share(idx, "raw")}
+        share = {k: sum(a[k][i] == m[k][i] for i in idx) / len(idx) for k in ("extracted", "ids", "raw")}
+        out[name or "all"] = {"n": len(idx), "answer_agreement": share["extracted"],
+                              "first_token_agreement": share["ids"], "text_agreement": share["raw"]}
     return out
+
+
+def verdict(a: dict, m: dict, rows: list[dict], threshold: float) -> dict:
+    """The parity record: it passes with the adapter's probe tokens and both agreements >= threshold."""
+    agree = agreement(a, m, rows)
+    same = a["probe_ids"] == m["probe_ids"]
+    low = [k for k in ("answer_agreement", "first_token_agreement") if agree["all"][k] < threshold]
+    why = ([] if same else [f"probe tokens differ ({a['probe_text']!r} vs {m['probe_text']!r})"]) + [
+        f"{k} {agree['all'][k]:.3f} < {threshold}" for k in low]
+    return {"threshold": threshold, "first_tokens": FIRST_TOKENS, "passed": not why, "why": "; ".join(why) or None,
+            **agree["all"], "per_set": agree,
+            "probe": {"prompt": PROBE_PROMPT, "tokens": PROBE_TOKENS, "identical": same,
+                      "adapter_ids": a["probe_ids"], "merged_ids": m["probe_ids"],
+                      "adapter_text": a["probe_text"], "merged_text": m["probe_text"]},
+            "disagreements": [{"id": r["id"], "adapter": a["raw"][i], "merged": m["raw"][i]}
+                              for i, r in enumerate(rows) if a["raw"][i] != m["raw"][i]][:5]}
 
 
 def merge(model, name: str):
@@ -70,86 +83,74 @@ def merge(model, name: str):
     return model.merge_and_unload(safe_merge=True)
 
 
-def save(merged, tok_src: Path, folder: Path, ctx) -> dict:
+def save(merged, tok_src: Path, folder: Path) -> dict:
     """merged -> a plain transformers folder: safetensors, the adapter's tokenizer files (its chat template) and a
     generation config whose eos ids are the model's and the tokenizer's (the chat's end of turn)."""
     from transformers import AutoTokenizer
     need = sum(p.numel() * p.element_size() for p in merged.parameters()) * 1.05 + 0.05 * GB
     free = shutil.disk_usage(folder.parent).free
     if free < need:
-        raise StageFailed(f"{folder.parent}: the merged weights need {need / GB:.1f} GB, the disk has {free / GB:.1f} "
-                          "GB free: free space, or move PIPELINE_ROOT to the data disk (the run's checkpoints too)",
-                          code="disk_full")
+        raise StageFailed(f"{folder.parent}: the merged weights need {need / GB:.1f} GB, its disk has "
+                          f"{free / GB:.1f} GB free: free space, or move PIPELINE_ROOT (the whole output root) to "
+                          "the data disk", code="disk_full")
     tok = AutoTokenizer.from_pretrained(str(tok_src))
-    merged.generation_config = merged.generation_config.__class__.from_dict(
-        merged.generation_config.to_dict() | {
-            "eos_token_id": generation_config(merged, tok, 1).eos_token_id,
-            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id})
+    gen = merged.generation_config.to_dict() | {
+        "eos_token_id": generation_config(merged, tok, 1).eos_token_id,
+        "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+    merged.generation_config = type(merged.generation_config).from_dict(gen)
     merged.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
-    return {"chat_template_sha256": models.chat_template_sha256(tok), "eos_token_id": merged.generation_config.eos_token_id,
+    return {"chat_template_sha256": models.chat_template_sha256(tok), "eos_token_id": gen["eos_token_id"],
             "dtype": str(next(merged.parameters()).dtype).removeprefix("torch.")}
 
 
+def merge_into(ctx, name: str, rows: list[dict], folder: Path) -> tuple[dict, dict]:
+    """The adapter's answers on its verified final (variants.Variants), then the merge saved to `folder`:
+    (answers, facts). Under QLoRA the adapter goes afresh onto its nf4 base dequantized to the compute dtype."""
+    plan, base = ctx.plan, base_model_path(ctx)
+    final = ctx.root / ctx.evidence(name)["checkpoint_dir"]
+    with Variants(ctx) as vs:
+        model, tok = vs.use(name)   # re-hashes the final against its metrics first
+        ref = answers(ctx, model, tok, rows, f"{name} adapter")
+        if plan["quantization"] == "nf4":
+            from peft import PeftModel
+            del model
+            vs.close()
+            model = models.load_model(base, plan)
+            model.dequantize()
+            model = PeftModel.from_pretrained(model, str(final), is_trainable=False)
+        merged = merge(model, name)
+        del model
+        folder.mkdir(parents=True)
+        facts = save(merged, final if (final / "tokenizer_config.json").is_file() else Path(base), folder)
+        del merged
+    kind = "nf4 base dequantized to the compute dtype" if plan["quantization"] else "base in the plan's dtype"
+    return ref, facts | {"adapter_dir": final.relative_to(ctx.root).as_posix(),
+                         "adapter_sha256": ctx.evidence(name).get("checkpoint_sha256"),
+                         "merge_base": {"path": base, "identity": models.base_model_identity(base), "kind": kind,
+                                        "quantization": plan["quantization"]}}
+
+
 def export_variant(ctx, name: str, rows: list[dict]) -> tuple[dict, int]:
-    """One variant: adapter answers, merge, save, merged answers, verdict; (its entry, most base models alive)."""
-    cfg, plan, t0 = ctx.cfg, ctx.plan, time.monotonic()
-    home = ctx.root / ctx.registry[name].checkpoint(cfg)
+    """One variant, one base model alive at a time: merge, reload the folder without PEFT, compare, then move it
+    to merged (passed) or merged.failed; (its entry, the most base models alive)."""
+    t0 = time.monotonic()
+    home = ctx.root / ctx.registry[name].checkpoint(ctx.cfg)
     tmp, final, aside = (home / f"merged{s}" for s in (".tmp", "", ".failed"))
     for old in (tmp, final, aside):   # an earlier merge of this variant is never mixed with this one
         shutil.rmtree(old, ignore_errors=True)
-    quantized = plan["quantization"] == "nf4"
-    base = base_model_path(ctx)
-    with Variants(ctx) as vs:
-        model, tok = vs.use(name)   # re-hashes the final against its metrics first
-        adapter_dir = Path(ctx.evidence(name)["checkpoint_dir"])
-        tok_src = ctx.root / adapter_dir if (ctx.root / adapter_dir / "tokenizer_config.json").is_file() else Path(base)
-        ref = answers(ctx, model, tok, rows, f"{name} adapter")
-        if quantized:   # merge into the dequantized nf4 base: the adapter is loaded afresh onto it
-            del model
-            vs.close()
-            from peft import PeftModel
-            model = models.load_model(base, plan)
-            model.dequantize()
-            model = PeftModel.from_pretrained(model, str(ctx.root / adapter_dir), is_trainable=False)
-        merged = merge(model, name)
-        del model
-        tmp.mkdir(parents=True)
-        facts = save(merged, tok_src, tmp, ctx)
-        del merged
-        peak = models.live_high_water()
+    ref, facts = merge_into(ctx, name, rows, tmp)
     models.release()
-    merged_plan = {**plan, "quantization": None}   # the merged folder loads as plain weights in the plan's dtype
-    model = models.load_model(tmp, merged_plan)
+    model = models.load_model(tmp, {**ctx.plan, "quantization": None})   # plain weights in the plan's dtype
     out = answers(ctx, model, models.load_tokenizer(tmp, padding_side="left"), rows, f"{name} merged")
     del model
     models.release()
-    peak = max(peak, models.live_high_water())
-    sets = list(dict.fromkeys(r["set"] for r in rows))
-    agree = agreement(ref, out, rows, sets)
-    threshold = cfg.export.parity_threshold
-    probe_same = ref["probe_ids"] == out["probe_ids"]
-    low = [k for k in ("answer_agreement", "first_token_agreement") if (agree["all"][k] or 0) < threshold]
-    passed = probe_same and not low
-    why = None if passed else "; ".join(
-        ([f"probe tokens differ ({ref['probe_text']!r} vs {out['probe_text']!r})"] if not probe_same else [])
-        + [f"{k} {agree['all'][k]:.3f} < {threshold}" for k in low])
-    where = final if passed else aside
+    parity = verdict(ref, out, rows, ctx.cfg.export.parity_threshold)
+    where = final if parity["passed"] else aside
     tmp.rename(where)
-    rel = where.relative_to(ctx.root).as_posix()
-    return {"status": "exported" if passed else "failed", "reason": why, "merged_dir": rel,
-            "files": ev.sha256_tree(where), "adapter_dir": adapter_dir.as_posix(),
-            "adapter_sha256": ctx.evidence(name).get("checkpoint_sha256"),
-            "merge_base": {"path": base, "identity": models.base_model_identity(base),
-                           "kind": "nf4 base dequantized to the compute dtype" if quantized else "base in the plan's dtype",
-                           "quantization": plan["quantization"]}, **facts,
-            "parity": {"threshold": threshold, "first_tokens": FIRST_TOKENS, "passed": passed, "per_set": agree,
-                       **agree["all"], "probe": {"prompt": PROBE_PROMPT, "tokens": PROBE_TOKENS, "identical": probe_same,
-                                                 "adapter_ids": ref["probe_ids"], "merged_ids": out["probe_ids"],
-                                                 "adapter_text": ref["probe_text"], "merged_text": out["probe_text"]},
-                       "disagreements": [{"id": r["id"], "adapter": ref["raw"][i], "merged": out["raw"][i]}
-                                         for i, r in enumerate(rows) if ref["raw"][i] != out["raw"][i]][:5]},
-            "seconds": round(time.monotonic() - t0, 2)}, peak
+    return {"status": "exported" if parity["passed"] else "failed", "reason": parity.pop("why"),
+            "merged_dir": where.relative_to(ctx.root).as_posix(), "files": ev.sha256_tree(where), **facts,
+            "parity": parity, "seconds": round(time.monotonic() - t0, 2)}, models.live_high_water()
 
 
 def run(ctx) -> dict:
@@ -173,11 +174,12 @@ def run(ctx) -> dict:
         ctx.log(f"{name}: {variants[name]['status']} ({variants[name]['reason'] or 'answers like the adapter'})")
     failed = [n for n, v in variants.items() if v["status"] == "failed"]
     doc = {"merge_final": cfg.export.merge_final, "threshold": cfg.export.parity_threshold,
-           "per_set": cfg.export.parity_per_set, "question_ids": {s: [r["id"] for r in rs] for s, rs in sets.items()},
+           "per_set": cfg.export.parity_per_set,
+           "question_ids": {s: [r["id"] for r in rs] for s, rs in sets.items()},
            "plan": {k: ctx.plan.get(k) for k in ("device", "precision", "quantization")}, "variants": variants,
            "exported": [n for n, v in variants.items() if v["status"] == "exported"], "failed": failed,
            "memory": {"max_live_models": peak}, "wall_s": round(time.monotonic() - t0, 2), "outputs": outputs}
     if failed:
-        doc |= {"status": "failed", "reason": f"merged weights of {', '.join(failed)} do not answer like the adapter "
-                f"(kept aside as merged.failed, not exported): {variants[failed[0]]['reason']}"}
+        doc |= {"status": "failed", "reason": f"merged weights of {', '.join(failed)} do not answer like the "
+                f"adapter (kept aside as merged.failed, not exported): {variants[failed[0]]['reason']}"}
     return doc
