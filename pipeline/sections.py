@@ -259,7 +259,8 @@ class RuntimeCfg:
 
 @dataclass
 class ExportCfg:
-    merge_final: bool = False        # MERGE_FINAL: `make gpu-run` also merges (stage export_merged; make export-merged)
+    merge_final: bool = field(default=False, metadata={"selects": True})   # MERGE_FINAL: `make gpu-run` also
+    # merges (stage export_merged, as `make export-merged` does); it picks a stage, so it is in no fingerprint
     parity_threshold: float = 0.97   # least agreement of a merged folder with its adapter (answers, first tokens)
     parity_per_set: int = 32         # seeded eval questions per set for the parity check (fewer when eval has fewer)
 

@@ -162,3 +162,14 @@ def test_merge_final_adds_the_stage_to_run_all_and_the_plain_run_leaves_it_out(t
     plain = [s.name for s in REGISTRY.order(["all"], cfg=load_config(env=env))]
     merging = [s.name for s in REGISTRY.order(["all"], cfg=load_config(env=env | {"MERGE_FINAL": "true"}))]
     assert "export_merged" not in plain and merging == plain + ["export_merged"]
+
+
+def test_merge_final_leaves_every_stage_up_to_date(tmp_path):
+    """MERGE_FINAL only picks what `run all` runs: toggling it makes no stage stale (not even `reports`, which
+    reads the whole config), so a gate run in a shell without it agrees with the run that had it."""
+    from pipeline import engine
+    env = {"PIPELINE_ROOT": str(tmp_path), "MODEL_TIER": "tiny"}
+    plain, merging = load_config(env=env), load_config(env=env | {"MERGE_FINAL": "true"})
+    changed = [s.name for s in REGISTRY.stages
+               if engine.fingerprint(s, plain, REGISTRY)[0] != engine.fingerprint(s, merging, REGISTRY)[0]]
+    assert merging.export.merge_final and changed == []
