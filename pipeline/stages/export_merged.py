@@ -104,7 +104,7 @@ def save(merged, tok_src: Path, folder: Path) -> dict:
             "dtype": str(next(merged.parameters()).dtype).removeprefix("torch.")}
 
 
-def merge_into(ctx, name: str, rows: list[dict], folder: Path) -> tuple[dict, dict]:
+def merge_into(ctx, name: str, rows: list[dict], folder: Path, identity: str) -> tuple[dict, dict]:
     """The adapter's answers on its verified final (variants.Variants), then the merge saved to `folder`:
     (answers, facts). Under QLoRA the adapter goes afresh onto its nf4 base dequantized to the compute dtype."""
     plan, base = ctx.plan, base_model_path(ctx)
@@ -127,11 +127,11 @@ def merge_into(ctx, name: str, rows: list[dict], folder: Path) -> tuple[dict, di
     kind = "nf4 base dequantized to the compute dtype" if plan["quantization"] else "base in the plan's dtype"
     return ref, facts | {"adapter_dir": final.relative_to(ctx.root).as_posix(),
                          "adapter_sha256": ctx.evidence(name).get("checkpoint_sha256"),
-                         "merge_base": {"path": base, "identity": models.base_model_identity(base), "kind": kind,
+                         "merge_base": {"path": base, "identity": identity, "kind": kind,
                                         "quantization": plan["quantization"]}}
 
 
-def export_variant(ctx, name: str, rows: list[dict]) -> tuple[dict, int]:
+def export_variant(ctx, name: str, rows: list[dict], identity: str) -> tuple[dict, int]:
     """One variant, one base model alive at a time: merge, reload the folder without PEFT, compare, then move it
     to merged (passed) or merged.failed; (its entry, the most base models alive)."""
     t0 = time.monotonic()
@@ -139,7 +139,7 @@ def export_variant(ctx, name: str, rows: list[dict]) -> tuple[dict, int]:
     tmp, final, aside = (home / f"merged{s}" for s in (".tmp", "", ".failed"))
     for old in (tmp, final, aside):   # an earlier merge of this variant is never mixed with this one
         shutil.rmtree(old, ignore_errors=True)
-    ref, facts = merge_into(ctx, name, rows, tmp)
+    ref, facts = merge_into(ctx, name, rows, tmp, identity)
     models.release()
     model = models.load_model(tmp, {**ctx.plan, "quantization": None})   # plain weights in the plan's dtype
     out = answers(ctx, model, models.load_tokenizer(tmp, padding_side="left"), rows, f"{name} merged")
@@ -163,12 +163,13 @@ def run(ctx) -> dict:
     sets = parity_rows(cfg)
     rows = [r for name in cfg.eval.sets for r in sets[name]]
     variants, peak, outputs = {}, 0, []
+    identity = models.base_model_identity(base_model_path(ctx))   # sha256 of a local base folder, or the hub id
     for name, entry in table.items():
         if entry["status"] != "scored":
             variants[name] = {"status": "skipped", "reason": entry["reason"]}
             continue
         ctx.log(f"{name}: merging the adapter and checking it on {len(rows)} questions and the probe")
-        variants[name], most = export_variant(ctx, name, rows)
+        variants[name], most = export_variant(ctx, name, rows, identity)
         peak = max(peak, most)
         outputs.append(variants[name]["merged_dir"])
         ctx.log(f"{name}: {variants[name]['status']} ({variants[name]['reason'] or 'answers like the adapter'})")
