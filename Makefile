@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: help venv test test-slow test-fast day1-smoke gpu-bootstrap gpu-check dry-run gpu-run gpu-complete-check \
-        gpu-selftest day1-v100-dual rehearse bench soak export-merged export verify-export ls prune
+        gpu-selftest preflight day1-v100-dual rehearse bench soak export-merged export verify-export ls prune
 
 help:                ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -32,6 +32,9 @@ gpu-check: venv      ## hardware probe and the one plan -> reports/migration/gpu
 
 gpu-selftest: venv   ## each trainer, a few steps at the longest length/batch -> reports/migration/gpu_selftest.json
 	$(PY) -m pipeline run gpu_selftest --force
+
+preflight: venv      ## a few measured steps of each trainer -> predicted timeline, cost, BUDGET check -> reports/migration/preflight.json
+	$(PY) -m pipeline run preflight --force
 
 dry-run: venv        ## configs, data, tokenizer, chat template, memory plan; trains nothing
 	DRY_RUN=true $(PY) -m pipeline run all

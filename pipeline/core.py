@@ -75,6 +75,7 @@ class Stage:
     needs_methods: bool = False                      # needs every training method in the registry
     done_status: str = "ok"
     always_run: bool = False                         # never "up to date"
+    stops_run: bool = False                          # its failure stops the run before the next stage (preflight)
     machine: Callable | None = None                  # cfg -> facts about this machine that enter the fingerprint
     method: Method | None = None
     config: type | None = None                       # a method's config section (settings.SFTCfg, ...)

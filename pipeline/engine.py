@@ -35,13 +35,14 @@ def input_files(stage: Stage, cfg: Config) -> list[Path]:
 
 
 def declared_config(stage: Stage, cfg: Config) -> dict:
-    """The fingerprinted part of the config: exactly the keys the stage declares it reads."""
-    return {key: config_part(cfg, key) for key in sorted(stage.reads)}
+    """The fingerprinted part of the config: exactly the keys the stage declares it reads, paths inside the root
+    or the repository relative to it (a moved root or clone stays up to date)."""
+    return ev.portable({key: config_part(cfg, key) for key in sorted(stage.reads)}, Path(cfg.root), REPO)
 
 
 def fingerprint(stage: Stage, cfg: Config, registry: Registry) -> tuple[str, dict]:
     root = Path(cfg.root)
-    inputs = {_rel(p): ev.sha256_file(p) for p in input_files(stage, cfg) if p.is_file()}
+    inputs = {_rel(p, root): ev.sha256_file(p) for p in input_files(stage, cfg) if p.is_file()}
     upstream = {}
     for need in stage.needs:
         up = ev.read_json(root / registry[need].evidence(cfg)) or {}
@@ -51,9 +52,11 @@ def fingerprint(stage: Stage, cfg: Config, registry: Registry) -> tuple[str, dic
     return ev.sha256_json(material), inputs
 
 
-def _rel(p: Path) -> str:
-    """Repository files by their repo-relative path, so a moved clone keeps its fingerprints."""
-    return p.resolve().relative_to(REPO).as_posix() if p.resolve().is_relative_to(REPO) else str(p)
+def _rel(p: Path, root: Path) -> str:
+    """Files in the output root or the repository by their path relative to it, so a moved root or clone keeps its
+    fingerprints."""
+    full = p.resolve()
+    return ev.portable(str(full), root, REPO) if full.is_relative_to(root) or full.is_relative_to(REPO) else str(p)
 
 
 def marker_path(stage: Stage, cfg: Config) -> Path:
@@ -261,6 +264,9 @@ def run(targets: list[str], cfg: Config, console, registry: Registry, force: boo
                 console.print(f"[cyan]dry run[/] {stage.name}: {what} (DRY_RUN=true: nothing trained or written)")
                 continue
             results[stage.name] = run_stage(stage, cfg, console, registry, force=force and stage.name in forced)
+            if stage.stops_run and results[stage.name] == "failed":
+                console.print(f"[red]stopped[/] after {stage.name}: nothing after it runs (its evidence says why)")
+                break
     if len(order) > 1:
         print_table(cfg, console, registry, order)
     bad = [n for n, s in results.items() if s not in ("ok", "skipped", "dry_run")]

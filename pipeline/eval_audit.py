@@ -23,7 +23,7 @@ from pipeline import evidence as ev
 PREDICTIONS = "reports/eval/predictions/{variant}.jsonl"
 
 
-def _diff(got, want, where: str, out: list[str]) -> None:
+def diff(got, want, where: str, out: list[str]) -> None:
     """Where got (the evidence) differs from want (recomputed): one line each."""
     if isinstance(want, dict) and isinstance(got, dict):
         for k in sorted(set(got) | set(want), key=str):
@@ -32,12 +32,12 @@ def _diff(got, want, where: str, out: list[str]) -> None:
             elif k not in got:
                 out.append(f"{where}.{k} is missing")
             else:
-                _diff(got[k], want[k], f"{where}.{k}", out)
+                diff(got[k], want[k], f"{where}.{k}", out)
     elif isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
         if len(got) != len(want):
             out.append(f"{where}: {len(got)} entries, recomputed {len(want)}")
         for i, (a, b) in enumerate(zip(got, want)):
-            _diff(a, b, f"{where}[{i}]", out)
+            diff(a, b, f"{where}[{i}]", out)
     elif isinstance(want, float) or isinstance(got, float):
         ok = (isinstance(got, (int, float)) and not isinstance(got, bool) and isinstance(want, (int, float))
               and (math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(got) and math.isnan(want))))
@@ -102,9 +102,9 @@ def audit(cfg, root, doc: dict, aligned: tuple[str, ...]) -> list[str]:
     ecfg = dataclasses.replace(cfg.eval, sets=[s for s in evalsets.names() if s in sets],
                                seed=seeds.pop() if seeds else cfg.eval.seed, n_bootstrap=doc["n_bootstrap"])
     at = dataclasses.replace(cfg, eval=ecfg)
-    _diff(doc.get("results"), {v: summarize(ps, at) for v, ps in preds.items()}, "results", out)
-    _diff(doc.get("paired"), paired_tests(preds, at, aligned), "paired", out)
-    _diff(doc.get("min_detectable_difference"),
-          power({s: (info.get("question_ids") or [], info.get("full_size")) for s, info in sets.items()}),
-          "min_detectable_difference", out)
+    diff(doc.get("results"), {v: summarize(ps, at) for v, ps in preds.items()}, "results", out)
+    diff(doc.get("paired"), paired_tests(preds, at, aligned), "paired", out)
+    diff(doc.get("min_detectable_difference"),
+         power({s: (info.get("question_ids") or [], info.get("full_size")) for s, info in sets.items()}),
+         "min_detectable_difference", out)
     return out

@@ -40,12 +40,35 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def root_relative(root, path) -> str:
+    """A path as evidence records it: posix, relative to the output root when it lies inside it, so a moved, copied
+    or unpacked root keeps its evidence; anything else (a hub id, a folder elsewhere) as given."""
+    full = Path(path)
+    if not full.is_absolute() or not full.is_relative_to(root):
+        return str(path)
+    return full.relative_to(root).as_posix()
+
+
+def portable(value, *roots):
+    """`value` (a config part: str, dict, list) with every absolute path inside one of `roots` made relative to it
+    (root_relative): what a fingerprint or a record compares never says where the root was."""
+    if isinstance(value, dict):
+        return {k: portable(v, *roots) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, *roots) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        for root in roots:
+            if Path(value).is_relative_to(root):
+                return root_relative(root, value)
+    return value
+
+
 def hash_paths(root: Path, paths) -> dict[str, str]:
     """{relpath: sha256} for files, and for each file inside folders (relpath/inner)."""
     out: dict[str, str] = {}
     for p in paths:
         full = Path(p) if Path(p).is_absolute() else root / p
-        rel = full.relative_to(root).as_posix() if full.is_relative_to(root) else str(full)
+        rel = root_relative(root, full)
         if full.is_dir():
             out.update({f"{rel}/{k}": v for k, v in sha256_tree(full).items()})
         elif full.is_file():

@@ -151,13 +151,14 @@ def _verified(folder: Path, manifest_name: str, **expect) -> bool:
 
 
 def build_tiny(out_dir, seed: int = 0) -> Path:
-    """Build (or reuse) the tiny model folder; the same seed gives byte-identical files."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+    """Build (or reuse) the tiny model folder; the same seed gives byte-identical files (so an unpacked export
+    rebuilds the very model it was trained on, and the gate checks that by its hash)."""
     out_dir = Path(out_dir)
     if _verified(out_dir, "tiny_build.json", seed=seed):
         return out_dir
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     os.chmod(tmp, 0o755)

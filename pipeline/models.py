@@ -22,7 +22,8 @@ __all__ = ["DATA", "DEMO_WHEEL", "DEMO_WHEEL_SHA256", "GENERATION_MARKER", "QWEN
            "chat_template_sha256", "chatml_template", "check_chat_template", "ensure_demo",
            "has_generation_markers", "PLAN_CHOICES", "load_tokenizer", "live_models", "live_high_water",
            "release", "trainable_dtype", "fix_trainable_dtype", "load_model", "dtype_audit",
-           "base_model_name", "resolve_base_model", "base_for", "display_name", "base_model_identity"]
+           "base_model_name", "resolve_base_model", "base_for", "display_name", "base_model_identity",
+           "hub_revision", "same_base"]
 
 
 PLAN_CHOICES = {
@@ -144,6 +145,8 @@ def load_model(path, plan: dict, adapter: str | None = None, trainable: bool = F
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        for config in model.peft_config.values():   # a final names its base relative to the root: this is the one
+            config.base_model_name_or_path = str(path)   # loaded (PEFT reads it when it saves the adapter)
     if not trainable:
         model.eval().requires_grad_(False)
     return model
@@ -213,8 +216,38 @@ def display_name(tier: str, base: str) -> str:
     return base
 
 
+_IDENTITIES: dict = {}
+
+
 def base_model_identity(base: str) -> str:
-    """sha256 over a local base model folder's files, or the hub id itself."""
+    """The base model's content identity, never where it lies: sha256 over a local folder's files (computed once
+    per process while no file's size or mtime changes), or for a hub id `<id>@<revision>`, the commit its local
+    cache holds (the bare id when nothing is cached yet)."""
     from pipeline.evidence import sha256_json, sha256_tree
     folder = Path(base)
-    return sha256_json(sha256_tree(folder)) if folder.is_dir() else base
+    if not folder.is_dir():
+        return f"{base}@{revision}" if (revision := hub_revision(base)) else base
+    stats = tuple((p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+                  if p.is_file())
+    key = (str(folder.resolve()), stats)
+    if key not in _IDENTITIES:
+        _IDENTITIES[key] = sha256_json(sha256_tree(folder))
+    return _IDENTITIES[key]
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """The commit of the snapshot the local Hugging Face cache resolves `repo_id` to (offline), or None."""
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:   # not a valid repo id
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def same_base(recorded, now: str) -> bool:
+    """A recorded base identity is the one now; evidence written before revisions were recorded holds the bare
+    hub id, which matches that id at any cached revision."""
+    if not isinstance(recorded, str):
+        return False
+    return recorded == now or ("@" not in recorded and "/" in recorded and now.partition("@")[0] == recorded)

@@ -292,12 +292,13 @@ def experiment_record(ctx, judge_doc: dict | None) -> dict:
 
     from pipeline import evalsets, judgekit, settings
     from pipeline import provenance
-    from pipeline.evidence import sha256_file
+    from pipeline.evidence import portable, sha256_file
     cfg = ctx.cfg
     commit = provenance.git_commit() or ""
     env = settings.environment()
     names = [*settings.ENV_MAP, "BRANCH", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ENDPOINT", "CUDA_VISIBLE_DEVICES"]
     env_rec = {k: env[k] for k in names if env.get(k) not in (None, "") and k not in settings.SECRET_VARS}
+    env_rec = portable(env_rec, ctx.root)   # paths inside the root relative to it: the record moves with the root
     if "OPENAI_BASE_URL" in env_rec:
         env_rec["OPENAI_BASE_URL"] = judgekit.endpoint_host(env_rec["OPENAI_BASE_URL"])
     extra = {}
@@ -310,7 +311,7 @@ def experiment_record(ctx, judge_doc: dict | None) -> dict:
     files = [cfg.data_path(p) for p in paths if p] + evalsets.files(cfg)
     check = ctx.evidence("gpu_check") or {}
     sft = ctx.evidence("sft") or {}
-    config = cfg.to_dict()
+    config = portable(cfg.to_dict(), ctx.root)
     if config["judge"].get("base_url"):
         config["judge"]["base_url"] = judgekit.endpoint_host(config["judge"]["base_url"])
     stage_rec = {}

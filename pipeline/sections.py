@@ -258,6 +258,21 @@ class RuntimeCfg:
 
 
 @dataclass
+class PreflightCfg:
+    """pipeline/stages/preflight.py: measured steps per training stage, and the money they may cost."""
+    steps: int = 3                         # timed optimizer steps per stage (plus one warm-up, not timed)
+    budget: float | None = None            # BUDGET: the most the run may cost (needs price_per_hour)
+    price_per_hour: float | None = None    # GPU_PRICE_PER_HOUR, in the budget's currency
+
+    def __post_init__(self):
+        _numbers(self)   # a negative or NaN budget/price is an error here
+        _check(self.steps >= 1, f"preflight.steps must be >= 1, got {self.steps}")
+        _check(self.budget is None or self.price_per_hour is not None,
+               "budget (BUDGET) needs price_per_hour (GPU_PRICE_PER_HOUR) in the same currency: set it, or unset "
+               "BUDGET")
+
+
+@dataclass
 class ExportCfg:
     merge_final: bool = field(default=False, metadata={"selects": True})   # MERGE_FINAL: `make gpu-run` also
     # merges (stage export_merged, as `make export-merged` does); it picks a stage, so it is in no fingerprint
@@ -271,7 +286,7 @@ class ExportCfg:
 
 
 BASE_SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "eval": EvalCfg, "judge": JudgeCfg,
-                 "runtime": RuntimeCfg, "export": ExportCfg}
+                 "runtime": RuntimeCfg, "preflight": PreflightCfg, "export": ExportCfg}
 
 
 def method_sections() -> dict[str, type]:
@@ -296,6 +311,7 @@ class Config:
     eval: EvalCfg = field(default_factory=EvalCfg)
     judge: JudgeCfg = field(default_factory=JudgeCfg)
     runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
+    preflight: PreflightCfg = field(default_factory=PreflightCfg)
     export: ExportCfg = field(default_factory=ExportCfg)
     methods: dict = field(default_factory=lambda: {k: cls() for k, cls in method_sections().items()})
 

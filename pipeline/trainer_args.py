@@ -71,3 +71,50 @@ def trl_config(config_cls, kind: str, tc, **ours):
         return config_cls(**ours, **extra)
     except (TypeError, ValueError) as exc:
         raise StageFailed(f"{kind}.trl: {config_cls.__name__} refused the values: {exc}") from None
+
+
+# --- the trainer itself: one builder for the stage (training.fit) and the preflight ---------------------------
+def lora_config(cfg):
+    from peft import LoraConfig
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+
+
+def sft_tokenizer(base: str):
+    """The base's tokenizer with a chat template that has {% generation %} markers (assistant-only loss), and
+    where that template came from."""
+    from trl.chat_template_utils import get_training_chat_template
+    from pipeline import models
+    tok = models.load_tokenizer(base)
+    if models.has_generation_markers(tok):
+        return tok, "own template has {% generation %} markers"
+    patched = get_training_chat_template(tok)
+    if patched is None:
+        raise StageFailed(f"the chat template of {base} has no {{% generation %}} markers and TRL has no "
+                          "training template for it: assistant-only loss is impossible; use a model TRL supports")
+    tok.chat_template = patched
+    return tok, "TRL training template (adds {% generation %} markers)"
+
+
+def trainer_for(cfg, kind: str, plan: dict, base: str, tok, data: dict, max_length: int, args: dict,
+                adapter: str | None = None):
+    """The TRL trainer of method `kind`, as its stage trains it and as the preflight measures it: SFT puts a fresh
+    LoRA on the base (data: train and eval); a method trained from SFT continues `adapter` (data: train) with the
+    classes and arguments its stage module's trainer(cfg) names."""
+    from pipeline import models
+    from pipeline.stages import REGISTRY   # at call time: the stage modules import this module
+    tc, stage = getattr(cfg, kind), REGISTRY[kind]
+
+    def load():
+        return models.load_model(base, plan, adapter=adapter, trainable=True,
+                                 activation_checkpointing=tc.activation_checkpointing)
+    if stage.method.start == "base":
+        from trl import SFTConfig, SFTTrainer
+        sargs = trl_config(SFTConfig, kind, tc, **args, max_length=max_length, assistant_only_loss=True,
+                           packing=tc.packing, eval_strategy="steps", eval_steps=tc.eval_steps,
+                           per_device_eval_batch_size=args["per_device_train_batch_size"], dataset_num_proc=None)
+        return SFTTrainer(model=load(), args=sargs, train_dataset=data["train"], eval_dataset=data["eval"],
+                          processing_class=tok, peft_config=lora_config(cfg))
+    config_cls, trainer_cls, _, extra = stage.trainer(cfg)
+    targs = trl_config(config_cls, kind, tc, **args, max_length=max_length, beta=tc.beta, **extra)
+    return trainer_cls(model=load(), args=targs, train_dataset=data["train"], processing_class=tok)

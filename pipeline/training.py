@@ -19,10 +19,12 @@ from pipeline.core import SkipStage, StageFailed
 from pipeline.training_record import (STATE_FILE, claim_output_dir, latest_checkpoint, training_evidence,
                                       verify_sft_final)
 
-from pipeline.trainer_args import base_args, for_installed_transformers, optimizer_for, precision_args, trl_config
+from pipeline.trainer_args import (base_args, for_installed_transformers, lora_config, optimizer_for, precision_args,
+                                   sft_tokenizer, trainer_for, trl_config)
 
+# re-exported: the stages, the preflight and the gate use them as training.X
 __all__ = ["STATE_FILE", "training_evidence", "base_args", "for_installed_transformers", "optimizer_for",
-           "precision_args", "trl_config"]   # re-exported: the stages and the gate use them as training.X
+           "precision_args", "trl_config", "lora_config", "sft_tokenizer", "trainer_for"]
 
 # --- what a training stage reads (its declaration: pipeline/stages/<method>.py) ---------------------------
 TRAIN_KEYS = ("max_steps", "learning_rate", "batch_size", "grad_acc", "max_length", "warmup_ratio", "logging_steps",
@@ -85,8 +87,29 @@ def preference_rows(cfg) -> tuple[list, dict]:
     return pairs[: rehearsal_rows(cfg, len(pairs))], report.to_dict()
 
 
+def preference_dataset(cfg, kind: str, tok, paired: bool) -> tuple[list, int, list, dict]:
+    """A method's training rows in TRL's conversational form (paired, or KTO's unpaired), without those whose prompt
+    leaves no answer token within max_length: (rows, dropped, pairs, load report)."""
+    tc = getattr(cfg, kind)
+    pairs, report = preference_rows(cfg)
+    user = lambda text: [{"role": "user", "content": text}]          # noqa: E731
+    reply = lambda text: [{"role": "assistant", "content": text}]    # noqa: E731
+    if paired:
+        rows = [{"prompt": user(p["prompt"]), "chosen": reply(p["chosen"]), "rejected": reply(p["rejected"])} for p in pairs]
+    else:
+        kto_rows = (D.load_kto(cfg.data_path(cfg.data.kto_path), cfg.data.on_bad_row, source="data.kto_path")[0]
+                    if cfg.data.kto_path else D.unpair(pairs))
+        rows = [{"prompt": user(r["prompt"]), "completion": reply(r["completion"]), "label": r["label"]} for r in kto_rows]
+    # A prompt that fills max_length leaves no answer token: SimPO's length-normalised log-prob is then 0/0.
+    room = min([tc.max_length] + [c["max_length"] for c in tc.curriculum]) - 16
+    kept = [r for r in rows if len(tok.apply_chat_template(r["prompt"], tokenize=True)["input_ids"]) <= room]
+    if not kept:
+        raise StageFailed(f"every {kind} prompt is longer than max_length - 16 = {room} tokens: raise {kind}.max_length")
+    return kept, len(rows) - len(kept), pairs, report
+
+
 def rehearsal_rows(cfg, n: int) -> int:
-    """A rehearsal trains on the share of the rows its share of the steps would see (settings._rehearse)."""
+    """A rehearsal trains on the share of the rows its share of the steps would see (pipeline.rehearsal)."""
     return max(2, math.ceil(n * cfg.runtime.rehearsal_fraction)) if cfg.runtime.rehearsal else n
 
 
@@ -255,35 +278,18 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
     cfg, plan, tc = ctx.cfg, ctx.plan, getattr(ctx.cfg, kind)
     start = verify_sft_final(ctx)                      # refuses a tampered or missing SFT final
     sft_dir = ctx.root / start["dir"]
-    pairs, report = preference_rows(cfg)
-    user = lambda text: [{"role": "user", "content": text}]          # noqa: E731
-    reply = lambda text: [{"role": "assistant", "content": text}]    # noqa: E731
-    if paired:
-        rows = [{"prompt": user(p["prompt"]), "chosen": reply(p["chosen"]), "rejected": reply(p["rejected"])} for p in pairs]
-    else:
-        kto_rows = (D.load_kto(cfg.data_path(cfg.data.kto_path), cfg.data.on_bad_row, source="data.kto_path")[0]
-                    if cfg.data.kto_path else D.unpair(pairs))
-        rows = [{"prompt": user(r["prompt"]), "completion": reply(r["completion"]), "label": r["label"]} for r in kto_rows]
     base = models.base_for(cfg)
     tok = models.load_tokenizer(sft_dir)
+    rows, dropped, pairs, report = preference_dataset(cfg, kind, tok, paired)
     tok_len = lambda m: len(tok.apply_chat_template(m, tokenize=True)["input_ids"])   # noqa: E731
-    # A prompt that fills max_length leaves no answer token: SimPO's length-normalised log-prob is then 0/0.
-    room = min([tc.max_length] + [c["max_length"] for c in tc.curriculum]) - 16
-    kept = [r for r in rows if tok_len(r["prompt"]) <= room]
-    if not kept:
-        raise StageFailed(f"every {kind} prompt is longer than max_length - 16 = {room} tokens: raise {kind}.max_length")
-    dropped, rows = len(rows) - len(kept), kept
     if dropped:
         ctx.log(f"dropped {dropped} rows whose prompt leaves no room for an answer within max_length")
     dataset = Dataset.from_list(rows)
     declared = method(kind).reference   # the registry says which methods compare against a reference
     ref_check = reference.watcher(declared, kind, sft_dir, start["dir"]) if declared != "none" else None
 
-    def build(max_length: int, args: dict):
-        targs = trl_config(config_cls, kind, tc, **args, max_length=max_length, beta=tc.beta, **extra_args)
-        model = models.load_model(base, plan, adapter=str(sft_dir), trainable=True,
-                                  activation_checkpointing=tc.activation_checkpointing)
-        trainer = trainer_cls(model=model, args=targs, train_dataset=dataset, processing_class=tok)
+    def build(max_length: int, args: dict):   # the preflight measures the same trainer (trainer_for)
+        trainer = trainer_for(cfg, kind, plan, base, tok, {"train": dataset}, max_length, args, adapter=str(sft_dir))
         return ref_check.watch(trainer) if ref_check else trainer
 
     res = fit(ctx, kind, build)

@@ -106,10 +106,13 @@ def probe_checkpoint(vs, base: str, adapter_dir) -> tuple[bool, str]:
 
 
 def check_loads(g, doc):
-    want, base = final_dir(g), doc.get("base_model")
-    if not base:
-        return g.result("loads", ["the metrics record no base_model to load the checkpoint on"], "", want)
+    """The final loads on the base the config names now (base_model checks it is the one trained on) and
+    generates."""
+    want, (base, error) = final_dir(g), expected_base(g.cfg)
+    if error:
+        return g.result("loads", [f"{want}: no base model to load it on: {error}"], "", want)
     ok, text = probe_checkpoint(g.vs, base, g.root / want)
+    base = ev.root_relative(g.root, base)
     where = f"{g.vs.plan['device']}/{g.vs.plan['precision']}"
     if ok:
         return g.result("loads", [], f"{want} loads on {base} ({where}) and generates {text!r}", want)
@@ -181,26 +184,48 @@ def check_steps(g, doc):
                     + (f"; {len(got)} curriculum sub-stages reached" if got else ""))
 
 
-def expected_base(cfg) -> str:
-    """The base model the config names, computed without building or downloading anything."""
+def expected_base(cfg) -> tuple[str | None, str | None]:
+    """(the base model the config names now, None) or (None, why there is none). The local tiny/demo build is
+    made where it is missing (an unpacked export has no model cache; the build is deterministic and base_model
+    compares its hash); a hub model is never downloaded here."""
     from pipeline.models import base_for
     try:
-        return base_for(cfg, build=False)   # in a rehearsal, the stand-in
-    except ValueError as exc:   # a MODEL_NAME that names nothing: the base_model check reports it
-        return str(exc)
-
-
-def _same_model(a, b) -> bool:
-    if not isinstance(a, str) or not isinstance(b, str):
-        return False
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+        return base_for(cfg), None   # in a rehearsal, the stand-in
+    except (ValueError, RuntimeError, OSError) as exc:   # a MODEL_NAME that names nothing, a failed demo fetch
+        return None, str(exc)
 
 
 def check_base(g, doc):
-    want = expected_base(g.cfg)
-    ok = _same_model(doc.get("base_model"), want)
-    return g.result("base_model", [] if ok else [f"base_model {doc.get('base_model')!r}, config names {want!r}"],
-                    f"trained on {want}")
+    """The base model the stage trained on is the one the config names now, by content (models.base_model_identity:
+    a folder's file hashes, a hub id at its revision), wherever the root or the model folder lies now."""
+    from pipeline.models import base_model_identity, same_base
+    (base, error), recorded = expected_base(g.cfg), doc.get("base_model_identity")
+    if error:
+        return g.result("base_model", [f"the config's base model: {error}"], "")
+    want, now = ev.root_relative(g.root, base), base_model_identity(base)
+    if not isinstance(recorded, str):
+        problems = [f"{g.rel} records no base_model_identity (evidence older than the field: re-run the stage)"]
+    elif not _names(g.root, doc.get("base_model"), base):
+        problems = [f"base_model {doc.get('base_model')!r}, config names {want!r}"]
+    else:
+        problems = [] if same_base(recorded, now) else [
+            f"trained on base_model {doc.get('base_model')!r} (identity {_short(recorded)}), but the config's "
+            f"{want} is {_short(now)}: another model, or its files changed since"]
+    return g.result("base_model", problems, f"trained on {want} ({_short(now)}: the same model now)")
+
+
+def _names(root: Path, recorded, base: str) -> bool:
+    """The recorded base_model names the config's base: the same hub id or root-relative folder, or, where the
+    config names a folder, a folder elsewhere (a moved root or model folder: the identity decides)."""
+    if not isinstance(recorded, str):
+        return False
+    folder = recorded.startswith("/") or (root / recorded).is_dir()
+    return recorded == ev.root_relative(root, base) or (Path(base).is_dir() and folder)
+
+
+def _short(identity: str) -> str:
+    """A folder's sha256 by its first 12 digits; a hub id@revision whole."""
+    return f"sha256 {identity[:12]}" if len(identity) == 64 and "/" not in identity else identity
 
 
 def check_from_start(g, doc, start: str):

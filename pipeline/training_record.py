@@ -4,6 +4,7 @@ pipeline.training re-exports these names; the training loop itself is there.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -97,6 +98,22 @@ def prune(root: Path) -> list[tuple[str, int]]:
 
 
 # --- evidence --------------------------------------------------------------------------------------
+def portable_final(final: Path, root: Path, base: str) -> None:
+    """PEFT writes the base model's path into the final's adapter_config.json (base_model_name_or_path) and model
+    card (README.md). A base inside the root (the tiny/demo cache) is written there relative to the root, so a
+    final names nothing outside a moved or copied root; a hub id or a folder elsewhere stays as it is. No loader
+    reads the field: each one passes the base model it verified (models.load_model, then the adapter)."""
+    rel = ev.root_relative(root, base)
+    config, card = final / "adapter_config.json", final / "README.md"
+    if rel == base:
+        return
+    doc = ev.read_json(config)
+    if isinstance(doc, dict) and doc.get("base_model_name_or_path") == base:
+        ev.atomic_write_text(config, json.dumps({**doc, "base_model_name_or_path": rel}, indent=2, sort_keys=True))
+    if card.is_file() and base in (text := card.read_text(encoding="utf-8")):
+        ev.atomic_write_text(card, text.replace(base, rel))
+
+
 def curves(state: dict) -> dict:
     """Series from the trainer's own log_history: loss, eval_loss and every reward metric TRL logs."""
     out: dict[str, list] = {}
@@ -158,6 +175,8 @@ def training_evidence(ctx, kind: str, res: dict, base: str, extra: dict) -> dict
     figs = [plot(series, ["loss", "eval_loss"], ctx.root / f"reports/figures/{kind}_loss.png", f"{kind} loss"),
             plot(series, [k for k in series if k.startswith(("rewards/", "kl"))],
                  ctx.root / f"reports/figures/{kind}_rewards.png", f"{kind} reward metrics")]
+    figs = [ev.root_relative(ctx.root, f) for f in figs if f]
+    portable_final(final, ctx.root, base)
     files = ev.sha256_tree(final)
     rel = final.relative_to(ctx.root).as_posix()
     tokens, token_source = state.get("num_input_tokens_seen") or 0, "trainer num_input_tokens_seen"
@@ -167,7 +186,8 @@ def training_evidence(ctx, kind: str, res: dict, base: str, extra: dict) -> dict
         token_source = "estimate: mean tokenized sample length x effective batch x steps"
     reward_keys = [k for k in series if k.startswith(("rewards/", "logps/", "kl"))]
     return {
-        "model_name": models.display_name(cfg.tier, base), "base_model": base, "model_tier": cfg.tier,
+        "model_name": models.display_name(cfg.tier, base), "base_model": ev.root_relative(ctx.root, base),
+        "model_tier": cfg.tier,
         "global_step": state["global_step"], "planned_max_steps": getattr(cfg, kind).max_steps,
         "curriculum": res["curriculum"], "loss_curve": series.get("loss", []), "eval_loss_curve": series.get("eval_loss", []),
         "precision": {"dtype": plan["precision"], "quantization": plan.get("quantization"),
@@ -185,5 +205,4 @@ def training_evidence(ctx, kind: str, res: dict, base: str, extra: dict) -> dict
         "trainer_state_file": f"{rel}/{STATE_FILE}", "trainer_state_sha256": files[STATE_FILE],
         "reward_curves": {k: series[k] for k in reward_keys},
         "final_reward_metrics": {k: series[k][-1][1] for k in reward_keys},
-        "figures": [f for f in figs if f],
-        "outputs": [rel] + [Path(f).relative_to(ctx.root).as_posix() for f in figs if f], **extra}
+        "figures": figs, "outputs": [rel] + figs, **extra}

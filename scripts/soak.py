@@ -4,9 +4,9 @@ Run: make soak          (= python -m scripts.soak; under 15 minutes on 2 CPU cor
      SOAK_N=10 python -m scripts.soak      (kill -9 trials per training stage; default 3)
      python -m scripts.soak --quick --out /tmp/s   (smallest settings: the smoke test)
 Writes reports/soak/soak.json and soak.md. Order: one full tiny Day-1 with a marked API key and judges on
-(the fake OpenAI server) -> (6) secrets scan -> (7) the gate's tamper cases -> (3) two pipelines on one root
--> (1) kill -9 inside DPO, SimPO, KTO, SFT -> (2) kill during evidence writes -> (4) malformed inputs through
-the CLI -> (5) judge faults.
+(the fake OpenAI server) -> (6) secrets scan -> (7) the gate's tamper cases -> (8) the root copied, moved and
+exported -> (3) two pipelines on one root -> (1) kill -9 inside DPO, SimPO, KTO, SFT -> (2) kill during evidence
+writes -> (4) malformed inputs through the CLI -> (5) judge faults.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
+from pipeline import evalsets
 from scripts.bench import QUICK_OVERRIDES, REPO, child_env, fake_server, machine, print_table
 
 sys.path.insert(0, str(REPO))   # tests.* (the fake server, the malformed-input tables, the tamper cases)
@@ -106,6 +107,55 @@ def tamper(base: dict) -> dict:
                           for s in ("e2e", "unit")},
             "missed": [c for c in cases if not c["detected"]],
             "restored_strict_pass": G.evaluate(cfg)["strict_pass"]}
+
+
+# --- (8) the finished root copied, moved and unpacked from `make export` ---------------------------------
+def moved_root(base: dict, work: Path) -> dict:
+    """Each place must get the original's verdict (strict_pass and the failing checks, whatever they are) and find
+    every stage of `run all` up to date (nothing re-runs). The move takes the root away for the duration (nothing
+    may still point into it) and puts it back."""
+    import tarfile
+    from scripts import export
+    root, top = base["root"], work / "moved"
+    top.mkdir()
+    original = _check_and_rerun(base, root, "original")
+    shutil.copytree(root, top / "copy", symlinks=True)
+    with contextlib.redirect_stdout(io.StringIO()), tarfile.open(export.pack(root, top / "day1.tar.gz")) as tar:
+        tar.extractall(top / "unpacked", filter="data")
+    rows = []
+    for how, where in (("copy", top / "copy"), ("move", top / "moved"), ("export", top / "unpacked" / "day1")):
+        if how == "move":
+            shutil.move(root, where)
+        try:
+            rows.append(_check_and_rerun(base, where, how))
+        finally:
+            if how == "move":
+                shutil.move(where, root)
+        rows[-1]["same_verdict"] = (rows[-1]["strict_pass"], rows[-1]["failed"]) == (original["strict_pass"],
+                                                                                    original["failed"])
+    return {"setup": "the finished root copied (shutil.copytree), moved away (shutil.move, then back) and packed "
+                     "with `make export` then unpacked elsewhere; in each: `python -m pipeline check` (its verdict "
+                     "must be the original's), then `run all` (nothing may re-run)",
+            "original": original, "tried": len(rows), "same_verdict": sum(r["same_verdict"] for r in rows),
+            "reran": sum(len(r["reran"]) for r in rows),
+            "tracebacks": sum(r["tracebacks"] for r in [original, *rows]), "rows": rows}
+
+
+def _check_and_rerun(base: dict, where: Path, how: str) -> dict:
+    from pipeline.gate import GATE
+    from pipeline.stages import REGISTRY
+    env = {**base["env"], "PIPELINE_ROOT": str(where), "COLUMNS": "200"}
+    check = subprocess.run(pipeline_cmd("check", *base["overrides"]), cwd=REPO, env=env, capture_output=True,
+                           text=True)
+    verdict = json.loads((where / GATE).read_text()) if (where / GATE).is_file() else {}
+    again = subprocess.run(pipeline_cmd("run", "all", *base["overrides"]), cwd=REPO, env=env, capture_output=True,
+                           text=True)
+    said = check.stdout + check.stderr + again.stdout + again.stderr
+    stages = [s.name for s in REGISTRY.stages if s.in_all and not s.always_run]
+    return {"how": how, "strict_pass": verdict.get("strict_pass"), "failed": verdict.get("failed"),
+            "check_rc": check.returncode, "run_all_rc": again.returncode,
+            "reran": [n for n in stages if f"✓ {n}: up to date" not in again.stdout],
+            "tracebacks": said.count("Traceback (most recent call last)")}
 
 
 # --- (3) two pipelines on one root ---------------------------------------------------------------------
@@ -310,6 +360,8 @@ def malformed_worker(work: Path, out_json: Path) -> None:
     for i, (case, (files, extra, args, needles)) in enumerate(ts.MALFORMED.items()):
         case_dir = work / f"config-{i}"
         (case_dir / "configs" / "tiers").mkdir(parents=True)
+        for tier in settings.TIERS:   # a tier file must exist (an empty one sets nothing), as in the unit test
+            (case_dir / "configs" / "tiers" / f"{tier}.yaml").write_text("")
         for rel, text in files.items():   # an empty configs/ with only the case's files, as the unit test does
             (case_dir / "configs" / rel).write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
         settings.CONFIG_DIR = case_dir / "configs"
@@ -317,6 +369,16 @@ def malformed_worker(work: Path, out_json: Path) -> None:
         named = all(n in text for n in needles) or (args and all(repr(a) in text for a in args))   # argv: quoted back
         rows.append({"kind": "config", "case": case, "rc": rc, "clear": rc != 0 and bool(named),
                      "ok_evidence": _evidence_any(case_dir / "out"), "message": text.strip().splitlines()[-1][:300] if text.strip() else ""})
+    from tests.unit import test_bad_values as tb   # the generated corpus: every bad number of every field and env var
+    settings.CONFIG_DIR = REAL_CONFIG_DIR
+    for kind, cases in (("generated argument", [([f"{k}={v}"], {}, f"argument {k}={v}") for k, v in tb.CORPUS]),
+                        ("generated env var", [([], {var: v}, f"environment variable {var}") for var, v in tb.ENV_CASES])):
+        for args, extra, needle in cases:
+            out = work / "generated" / "out"
+            rc, text = _cli(["run", "gpu_check", *args], {**base, "PIPELINE_ROOT": str(out), **extra})
+            last = text.strip().splitlines()[-1] if text.strip() else ""
+            rows.append({"kind": kind, "case": needle, "rc": rc, "clear": rc != 0 and needle in last
+                         and "Traceback" not in text, "ok_evidence": _evidence_any(out), "message": last[:300]})
     for case, loader, files, where, field in td.BAD:
         case_dir = work / f"data-{case}"
         case_dir.mkdir(parents=True)
@@ -349,12 +411,14 @@ def malformed(work: Path) -> dict:
                        cwd=REPO, env=child_env(None), stdout=log, stderr=subprocess.STDOUT)
     rows = json.loads(out_json.read_text()) if out_json.is_file() else []
     return {"setup": "tests/unit/test_settings.py MALFORMED through `python -m pipeline run gpu_check` (configs/ replaced "
-                     "by the case's files) and tests/unit/test_data.py BAD through `python -m pipeline run dry_run` "
+                     "by the case's files), tests/unit/test_bad_values.py CORPUS/ENV_CASES (every bad number of every "
+                     "field and env var) the same way, and tests/unit/test_data.py BAD through `python -m pipeline run dry_run` "
                      "(the case's file as the data path); clear = non-zero exit and the message names the place "
                      "(the unit test's substrings / file:line and field)",
             "total": len(rows), "clear_errors": sum(r["clear"] for r in rows),
             "ok_evidence_written": sum(len(r["ok_evidence"]) for r in rows),
-            "unclear": [r for r in rows if not r["clear"]], "by_kind": {k: sum(r["kind"] == k for r in rows) for k in ("config", "data")}}
+            "unclear": [r for r in rows if not r["clear"]],
+            "by_kind": {k: sum(r["kind"] == k for r in rows) for k in dict.fromkeys(r["kind"] for r in rows)}}
 
 
 # --- (5) judge faults ------------------------------------------------------------------------------------
@@ -427,6 +491,10 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
     if s := res.get("secrets"):
         rows.append(("secrets", f"key occurrences in {s['files_scanned']} files (must be 0)", str(s["occurrences"])))
         rows.append(("secrets", "judge requests that used the key", str(s["judge_requests_with_the_key"])))
+    if mv := res.get("moved_root"):
+        rows.append(("moved root", "the original's verdict / tried (copy, move, unpacked export; original "
+                     "strict_pass)", f"{mv['same_verdict']}/{mv['tried']} ({mv['original']['strict_pass']})"))
+        rows.append(("moved root", "stages re-run, tracebacks (must be 0)", f"{mv['reran']}, {mv['tracebacks']}"))
     if t := res.get("tamper"):
         rows.append(("tamper", "detected / total (e2e, unit tables; baseline strict_pass)",
                      f"{t['detected']}/{t['total']} ({t['by_source']['e2e']}, {t['by_source']['unit']}; {t['baseline_strict_pass']})"))
@@ -434,13 +502,15 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
 
 
 def must_be_zero(res: dict) -> dict:
-    k = res.get("kill9", {})
+    k, mv = res.get("kill9", {}), res.get("moved_root", {})
     return {"kill9.ok_evidence_too_early": sum(v["ok_evidence_too_early"] for v in k.values()),
             "evidence_writes.corrupt_files": res.get("evidence_writes", {}).get("corrupt_files", 0),
             "malformed.ok_evidence_written": res.get("malformed", {}).get("ok_evidence_written", 0),
             "judge_faults.fabricated": res.get("judge_faults", {}).get("fabricated", 0),
             "secrets.occurrences": res.get("secrets", {}).get("occurrences", 0),
-            "two_pipelines.ran_concurrently": res.get("two_pipelines", {}).get("ran_concurrently", 0)}
+            "two_pipelines.ran_concurrently": res.get("two_pipelines", {}).get("ran_concurrently", 0),
+            "moved_root.verdict_differs": mv.get("tried", 0) - mv.get("same_verdict", 0),
+            "moved_root.reran": mv.get("reran", 0), "moved_root.tracebacks": mv.get("tracebacks", 0)}
 
 
 def write_reports(out: Path, res: dict) -> None:
@@ -452,7 +522,7 @@ def write_reports(out: Path, res: dict) -> None:
              f"Must-be-zero counters: {'all zero' if not any(res['must_be_zero'].values()) else res['must_be_zero']}.", "",
              "| area | count | value |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(res)]
-    for key in ("evidence_writes", "two_pipelines", "malformed", "judge_faults"):
+    for key in ("moved_root", "evidence_writes", "two_pipelines", "malformed", "judge_faults"):
         if key in res:
             lines += ["", f"**{key}**: {res[key]['setup']}"]
     if res.get("malformed", {}).get("unclear"):
@@ -477,7 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     n = 1 if args.quick else int(os.environ.get("SOAK_N") or 3)
     seed = int(os.environ.get("SOAK_SEED") or 0)
     rng = random.Random(seed)
-    overrides = QUICK_OVERRIDES if args.quick else []
+    # the gate requires the tier's shipped eval sizes (configs/tiers/tiny.yaml: 8 per set), so the soak's base run
+    # keeps them: a baseline that fails the gate would make every tamper look "detected"
+    overrides = [*QUICK_OVERRIDES, "eval.sample_sizes={%s}" % ", ".join(f"{n}: 8" for n in evalsets.names())] \
+        if args.quick else []
     from pipeline.stages import REGISTRY
     stages = ["kto"] if args.quick else [*REGISTRY.aligned, "sft"]   # sft last: retraining it would re-chain the others
     t0 = time.perf_counter()
@@ -489,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res["base_run"] = {"rc": base["rc"], "wall_s": base["wall_s"]}
             steps = [("secrets", lambda: scan_secrets(base)), ("tamper", lambda: tamper(base)),
+                     ("moved_root", lambda: moved_root(base, work)),
                      ("two_pipelines", lambda: two_pipelines(base, 1 if args.quick else 3, overrides)),
                      ("kill9", lambda: kill_trials(base, stages, n, rng, overrides)),
                      ("evidence_writes", lambda: evidence_write_kills(work, 8 if args.quick else 40, rng)),

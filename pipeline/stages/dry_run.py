@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline import data as D
 from pipeline import evalsets
+from pipeline import evidence as ev
 from pipeline import training as T
 from pipeline.core import StageFailed
 from pipeline.settings import GPU_TIERS
@@ -86,7 +87,8 @@ def find_model(ctx) -> tuple[dict, str | None, str]:
                               "point MODEL_NAME at a complete model folder")
         gb = sum((folder / w).stat().st_size for w in weights) / 2**30
         source = "MODEL_NAME folder" if cfg.model.name else LOCAL_SOURCES.get(cfg.tier, "local folder")
-        return ({"base": base, "source": source, "found": True, "weight_files": weights, "weights_gb": round(gb, 3)},
+        return ({"base": ev.root_relative(cfg.root, base), "source": source, "found": True,
+                 "weight_files": weights, "weights_gb": round(gb, 3)},
                 base, f"tokenizer of the {source} model {folder.name}")
     record = {"base": base, "source": "hub", "found": None, "weight_files": [], "weights_gb": None}
     if cfg.tier in GPU_TIERS and not plan["feasible"]:
@@ -136,7 +138,8 @@ def check_tokenizer(tok_dir: str, loaded: dict, cfg, aligned: tuple[str, ...]) -
         tc = getattr(cfg, kind)
         prefs[kind] = {"max_length": tc.max_length, "pairs_truncated": sum(n > tc.max_length for n in full_len),
                        "prompts_longer_than_max_length": sum(n >= tc.max_length for n in prompt_len)}
-    return {"checked": True, "folder": tok_dir, "vocab_size": len(tok), "chat_template_source": source,
+    return {"checked": True, "folder": ev.root_relative(cfg.root, tok_dir), "vocab_size": len(tok),
+            "chat_template_source": source,
             "chat_template_sha256": models.chat_template_sha256(tok), "rows_checked": len(train[:3]),
             "sft_tokens": sft, "preference_tokens": prefs}
 

@@ -189,7 +189,8 @@ def run(ctx) -> dict:
         memory = vs.memory()
     fb = {k: v for k, v in fb.items() if not k.startswith("_")}
     paired = paired_tests(preds, cfg, ctx.registry.aligned)
-    doc = {"model_name": models.display_name(cfg.tier, base := base_model_path(ctx)), "base_model": base,
+    doc = {"model_name": models.display_name(cfg.tier, base := base_model_path(ctx)),
+           "base_model": ev.root_relative(ctx.root, base),
            "variants": table, "results": results, "paired": paired,
            "sets": {s: {"planned_n": len(r), "full_size": full, "question_ids": [x["id"] for x in r], "seed": cfg.eval.seed}
                     for s, (r, full) in sets.items()},

@@ -177,6 +177,40 @@ def run(ctx) -> dict:
 
 
 # --- the gate's checks of this stage ----------------------------------------------------------------------
+def recompute(root, doc: dict) -> dict:
+    """{kind: [problems]}: each enabled judge's counts, coverage, win/tie/loss, order inconsistency, lengths and
+    risk levels recomputed with this stage's own functions from judgments.jsonl and the answer files, each of
+    which must re-hash to the sha256 the evidence records."""
+    outputs, kinds = doc.get("outputs") or {}, [k for k in FLAGS if (doc.get(k) or {}).get("enabled")]
+    files = ["reports/judge/judgments.jsonl", *(doc.get("answers") or {}).values()]
+    bad = [f"{rel} is missing or does not re-hash to the sha256 the judge evidence records" for rel in files
+           if not (root / rel).is_file() or ev.sha256_file(root / rel) != outputs.get(rel)]
+    if bad or not kinds:
+        return {k: bad[:2] for k in kinds}
+    read = lambda rel: [json.loads(x) for x in (root / rel).read_text(encoding="utf-8").splitlines() if x.strip()]  # noqa: E731
+    records, ids = read(files[0]), list(doc.get("question_ids") or [])
+    ans: dict = {"_ids": ids}
+    for v, rel in (doc.get("answers") or {}).items():
+        by_id = {r.get("question_id"): r.get("answer", "") for r in read(rel)}
+        ans[v] = [by_id.get(q, "") for q in ids]
+    out = {}
+    for kind in kinds:
+        rs = [r for r in records if r.get("kind") == kind]
+        items = [{"question_id": r.get("question_id"), "variant": r.get("variant"), "order": r.get("order")} for r in rs]
+        judged = sum(r.get("status") == "judged" for r in rs)
+        try:
+            want = coverage(len(items), judged) | ({"per_variant": pairwise_summary(items, {"results": rs}, ans)}
+                                                   if kind == "pairwise" else risk_summary(items, {"results": rs}))
+        except (KeyError, TypeError, ValueError) as e:
+            out[kind] = [f"reports/judge/judgments.jsonl: the {kind} records cannot be summarised ({type(e).__name__}: {e})"]
+            continue
+        from pipeline.eval_audit import diff
+        problems: list[str] = []
+        diff({k: doc[kind].get(k) for k in want}, want, kind, problems)
+        out[kind] = problems
+    return out
+
+
 def checks(g, doc) -> list:
     """judge.<kind> for each judge: an enabled one ran with the recorded coverage >= the minimum; a disabled one is
     recorded as disabled."""
@@ -215,6 +249,9 @@ def checks(g, doc) -> list:
             if cov < jc.min_coverage:
                 problems.append(f"{key}: coverage {cov:.1%} ({judged}/{planned}) is below the minimum "
                                 f"{jc.min_coverage:.0%}")
-        out.append(g.result(key, problems, f"{key} judge judged {judged}/{planned} (min {jc.min_coverage:.0%})",
-                            code=code))
+        if not problems:
+            wrong = recompute(g.root, doc).get(key, [])
+            problems += wrong[:6] + ([f"{len(wrong) - 6} more"] if len(wrong) > 6 else [])
+        out.append(g.result(key, problems, f"{key} judge judged {judged}/{planned} (min {jc.min_coverage:.0%}); "
+                            "every figure recomputes from the judgments", code=code))
     return out

@@ -25,9 +25,6 @@ __all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by e
 def run(ctx) -> dict:
     T.gate(ctx)                                        # skip with evidence before anything is downloaded
     from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-    from trl.chat_template_utils import get_training_chat_template
 
     from pipeline import models
     cfg, plan = ctx.cfg, ctx.plan
@@ -39,24 +36,10 @@ def run(ctx) -> dict:
 
     # --- model and tokenizer, as the hardware plan says ----------------------------------------------
     base = models.base_for(cfg)
-    tok = models.load_tokenizer(base)
-    template_note = "own template has {% generation %} markers"
-    if not models.has_generation_markers(tok):
-        patched = get_training_chat_template(tok)
-        if patched is None:
-            raise T.StageFailed(f"the chat template of {base} has no {{% generation %}} markers and TRL has no "
-                                "training template for it: assistant-only loss is impossible; use a model TRL supports")
-        tok.chat_template, template_note = patched, "TRL training template (adds {% generation %} markers)"
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    tok, template_note = T.sft_tokenizer(base)
 
-    def build(max_length: int, args: dict):
-        sargs = T.trl_config(SFTConfig, "sft", cfg.sft, **args, max_length=max_length, assistant_only_loss=True,
-                             packing=cfg.sft.packing, eval_strategy="steps", eval_steps=cfg.sft.eval_steps,
-                             per_device_eval_batch_size=args["per_device_train_batch_size"], dataset_num_proc=None)
-        model = models.load_model(base, plan, trainable=True, activation_checkpointing=cfg.sft.activation_checkpointing)
-        return SFTTrainer(model=model, args=sargs, train_dataset=train, eval_dataset=held,
-                          processing_class=tok, peft_config=lora)
+    def build(max_length: int, args: dict):   # the preflight measures the same trainer (T.trainer_for)
+        return T.trainer_for(cfg, "sft", plan, base, tok, {"train": train, "eval": held}, max_length, args)
 
     # --- train: curriculum sub-stages, resume, OOM retry ---------------------------------------------
     res = T.fit(ctx, "sft", build)

@@ -150,3 +150,25 @@ def test_answers_are_generated_on_one_base_load_and_cached_by_decoding(judges_on
     assert rows and all(r["decoding"] == rows[0]["decoding"] for r in rows)
     assert rows[0]["decoding"]["repetition_penalty"] == 1.0 and rows[0]["decoding"]["do_sample"] is False
     assert run_judge(force=True) == "ok" and len(loads) == 1 and "memory" not in summary(root)   # all cached
+
+
+def test_the_gate_recomputes_every_judge_figure_from_the_judgments(judges_on):
+    """Issue 14 §2: a win rate or risk count edited in judge_summary.json, or a verdict edited in judgments.jsonl,
+    fails judge.<kind>; the honest summary recomputes exactly."""
+    from pipeline.stages import judge as J
+    root, _ = judges_on
+    assert run_judge(force=True) == "ok"
+    doc = summary(root)
+    assert J.recompute(root, doc) == {"pairwise": [], "risk": []}
+    edited = json.loads(json.dumps(doc))
+    edited["pairwise"]["per_variant"]["dpo"]["win_rate"] = 0.99
+    edited["risk"]["per_variant"]["sft"]["levels"]["none"] += 1
+    problems = J.recompute(root, edited)
+    assert any("pairwise.per_variant.dpo.win_rate is 0.99" in p for p in problems["pairwise"])
+    assert any("risk.per_variant.sft.levels.none" in p for p in problems["risk"])
+    path = root / "reports/judge/judgments.jsonl"
+    text = path.read_text()
+    path.write_text(text.replace('"winner": "B"', '"winner": "A"', 1) if '"winner": "B"' in text
+                    else text.replace('"winner": "A"', '"winner": "B"', 1))
+    assert all("does not re-hash" in p[0] for p in J.recompute(root, doc).values())
+    path.write_text(text)

@@ -40,8 +40,21 @@ def write(root, cfg, stage, doc):
     ev.atomic_write_json(root / REGISTRY[stage].evidence(cfg), doc)
 
 
+def fake_base(cfg) -> str:
+    """A stand-in tiny base folder that build_tiny takes as built (its manifest verifies): no model is built."""
+    from pipeline import model_build, models
+    folder = models.cached_model_dir("tiny", cfg.cache_dir, cfg.model.tiny_seed)
+    if (folder / "tiny_build.json").is_file():
+        return str(folder)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (folder / "tiny_build.json").write_text(json.dumps(model_build._manifest(folder, seed=cfg.model.tiny_seed)))
+    return str(folder)
+
+
 def train(root, cfg, stage, seed=0):
     """A fake final checkpoint with the trainer's own log, and metrics that describe it honestly."""
+    from pipeline import models
     final = root / FINALS[stage]
     shutil.rmtree(final, ignore_errors=True)
     final.mkdir(parents=True)
@@ -55,7 +68,8 @@ def train(root, cfg, stage, seed=0):
     (final / "trainer_state.json").write_text(json.dumps(state))
     files = ev.sha256_tree(final)
     doc = common(cfg, stage, outputs=ev.hash_paths(root, [FINALS[stage]]), model_name="tiny",
-                 base_model=str(root / ".cache" / "tiny-seed0"), global_step=plan.max_steps,
+                 base_model=".cache/tiny-seed0", base_model_identity=models.base_model_identity(fake_base(cfg)),
+                 global_step=plan.max_steps,
                  planned_max_steps=plan.max_steps, loss_curve=curve, eval_loss_curve=[[plan.max_steps, 2.0]],
                  curriculum=[{"max_length": c["max_length"], "planned_step": c["until_step"], "reached_step": c["until_step"]}
                              for c in plan.curriculum],
@@ -117,11 +131,26 @@ def eval_doc(root, cfg):
                   multiple_comparisons={"method": "holm", "alpha": 0.05, "family": "f", "protocols": []})
 
 
-def judge_doc(cfg, risk=(10, 10)):
-    return common(cfg, "judge", min_coverage=0.9, question_ids=["sft-1", "sft-2"], judge_model="gpt-4o-mini",
-                  prompt_versions={"risk": "abc"},
+def judge_doc(cfg, risk=(10, 10), root=None):
+    """The risk judge's records (judged first, then unjudged) and answers written like the judge stage writes
+    them, and the summary computed from them with its own functions (the gate recomputes them)."""
+    from pipeline.stages import judge as J
+    ids = [f"sft-{i}" for i in range(risk[0])]
+    records = [{"kind": "risk", "question_id": q, "variant": "sft", "status": "judged" if i < risk[1] else "unjudged",
+                "verdict": {"level": "low", "categories": [], "explanation": "fine"} if i < risk[1] else None}
+               for i, q in enumerate(ids)]
+    items = [{"question_id": q, "variant": "sft"} for q in ids]
+    files = {"reports/judge/judgments.jsonl": records,
+             "reports/judge/answers/sft.jsonl": [{"question_id": q, "variant": "sft", "answer": "ok"} for q in ids]}
+    outputs = {}
+    for rel, rows in files.items():
+        if root is not None:
+            ev.atomic_write_text(root / rel, "".join(json.dumps(r) + "\n" for r in rows))
+            outputs[rel] = ev.sha256_file(root / rel)
+    return common(cfg, "judge", min_coverage=0.9, question_ids=ids, judge_model="gpt-4o-mini",
+                  prompt_versions={"risk": "abc"}, outputs=outputs, answers={"sft": "reports/judge/answers/sft.jsonl"},
                   pairwise={"enabled": False, "planned": 0, "judged": 0, "coverage": None},
-                  risk={"enabled": True, "planned": risk[0], "judged": risk[1], "coverage": risk[1] / risk[0]})
+                  risk=J.coverage(risk[0], risk[1]) | J.risk_summary(items, {"results": records}))
 
 
 def build_run(root, cfg, force_skip=False):
@@ -133,7 +162,7 @@ def build_run(root, cfg, force_skip=False):
         else:
             train(root, cfg, stage, seed=i)
     write(root, cfg, "eval", eval_doc(root, cfg))
-    write(root, cfg, "judge", judge_doc(cfg))
+    write(root, cfg, "judge", judge_doc(cfg, root=root))
     write(root, cfg, "reports", common(cfg, "reports"))
 
 
@@ -253,11 +282,16 @@ def eval_fewer_questions(root, cfg):
 
 
 def risk_judge_low_coverage(root, cfg):
-    write(root, cfg, "judge", judge_doc(cfg, risk=(10, 5)))
+    write(root, cfg, "judge", judge_doc(cfg, risk=(10, 5), root=root))
 
 
 def risk_judge_coverage_inflated(root, cfg):
     _edit_json(root / "reports/judge/judge_summary.json", lambda d: d["risk"].update(judged=5))
+
+
+def risk_levels_edited(root, cfg):
+    _edit_json(root / "reports/judge/judge_summary.json",
+               lambda d: d["risk"]["per_variant"]["sft"]["levels"].update(low=0, none=10))
 
 
 def judge_stage_crashed(root, cfg):
@@ -306,6 +340,7 @@ def eval_without_decoding(root, cfg):
     (eval_fewer_questions, "eval.coverage"),
     (risk_judge_low_coverage, "judge.risk"),
     (risk_judge_coverage_inflated, "judge.risk"),
+    (risk_levels_edited, "judge.risk"),
     (judge_stage_crashed, "judge.pairwise"),   # disabled, but nothing recorded it as disabled
     (reports_stage_failed, "chain.stages"),
     (fp16_with_bf16_trainables, "sft.invariants"),
@@ -555,9 +590,10 @@ def test_a_rehearsal_is_probed_on_the_plan_it_ran_against_its_stand_in(tmp_path)
                                                            rehearsal=True)))
     assert G.probe_plan(tmp_path) == {"device": "cpu", "precision": "bf16", "attn_implementation": "sdpa",
                                             "quantization": "nf4", "rehearsal": True}
-    stand_in = str(models.cached_model_dir("tiny", cfg.cache_dir, cfg.model.tiny_seed))
+    stand_in = fake_base(cfg)
     g = G.Gate(cfg, REGISTRY, G.probe_plan(tmp_path)).of(REGISTRY["dpo"])
-    check = training_checks.check_base(g, {"base_model": stand_in})
+    check = training_checks.check_base(g, {"base_model": ".cache/tiny-seed0",
+                                           "base_model_identity": models.base_model_identity(stand_in)})
     assert check.passed and check.evidence == "reports/training/dpo_metrics.json", check.detail
 
 

@@ -85,7 +85,7 @@ def test_first_run_writes_ok_evidence_that_validates(fake):
     assert doc["status"] == "ok" and doc["skipped"] is False and doc["reason"] is None
     assert doc["answer"] == 42 and doc["model_tier"] == "tiny" and doc["stage"] == "fake_a"
     assert doc["outputs"] == {"out/fake_a.txt": ev.sha256_file(fake.root / "out/fake_a.txt")}
-    assert doc["inputs"] == {str(fake.data): ev.sha256_file(fake.data)}
+    assert doc["inputs"] == {"data.txt": ev.sha256_file(fake.data)}   # inside the root: relative to it
     assert ev.validate("fake_a", doc) == []
     assert not fake.marker("fake_a").exists()
     assert fake.status("fake_a") == "ok"
@@ -135,7 +135,7 @@ def test_a_changed_input_file_reruns(fake):
     assert fake.status("fake_a") == "stale"
     fake.run("fake_a")
     assert CALLS["fake_a"] == 2
-    assert fake.doc("fake_a")["inputs"] == {str(fake.data): ev.sha256_file(fake.data)}
+    assert fake.doc("fake_a")["inputs"] == {"data.txt": ev.sha256_file(fake.data)}
 
 
 def test_an_upstream_rerun_reruns_downstream(fake):
