@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: help venv test test-slow test-fast day1-smoke gpu-bootstrap gpu-check dry-run gpu-run gpu-complete-check \
-        gpu-selftest preflight day1-v100-dual rehearse bench soak export verify-export ls prune
+        gpu-selftest preflight day1-v100-dual rehearse bench soak export-merged export verify-export ls prune
 
 help:                ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -57,7 +57,10 @@ bench: venv          ## benchmarks -> reports/bench/
 soak: venv           ## survival under faults -> reports/soak/
 	$(PY) -m scripts.soak
 
-export: venv         ## one archive of reports/ and every checkpoints/*/final, with a sha256 manifest
+export-merged: venv  ## merge each trained adapter into the base, check it answers alike -> checkpoints/<variant>/merged
+	$(PY) -m pipeline run export_merged
+
+export: venv         ## one archive of reports/, every checkpoints/*/final and each merged folder that passed its parity check, with a sha256 manifest
 	$(PY) -m scripts.export pack
 
 verify-export: venv  ## check an archive against its manifest: make verify-export FILE=...

@@ -68,6 +68,7 @@ class Stage:
     untracked: tuple[str, ...] = ()                  # read but not fingerprinted: cannot change the result
     inputs: Callable | None = None                   # cfg -> files whose sha256 enter the fingerprint
     in_all: bool = True                              # part of `run all`
+    in_all_when: str | None = None                   # a bool config key that adds it to `run all` (MERGE_FINAL)
     in_dry_run: bool = False                         # runs for real under DRY_RUN=true (it trains nothing)
     training: bool = False                           # a skip is a failure when ALLOW_SKIP_TRAINING=false
     runs_after_skip: bool = False                    # still runs when a need was skipped
@@ -161,10 +162,12 @@ class Registry:
         walk(name)
         return seen
 
-    def order(self, targets: list[str], dry_run: bool = False, with_needs: bool = True) -> list[Stage]:
-        """Targets plus their needs, in registry order. 'all' = every in_all stage (a dry run adds its own)."""
+    def order(self, targets: list[str], dry_run: bool = False, with_needs: bool = True, cfg=None) -> list[Stage]:
+        """Targets plus their needs, in registry order. 'all' = every in_all stage (a dry run adds its own), and
+        every stage whose in_all_when key is true in `cfg`."""
         if targets == ["all"]:
-            targets = [s.name for s in self.stages if s.in_all or (dry_run and s.in_dry_run)]
+            targets = [s.name for s in self.stages if s.in_all or (dry_run and s.in_dry_run)
+                       or (cfg is not None and s.in_all_when and config_part(cfg, s.in_all_when) is True)]
         wanted: set[str] = set()
 
         def add(name):
@@ -269,9 +272,16 @@ class ScopedSection:
 
 
 def config_part(cfg, key: str):
-    """The value of a declared key in the fingerprint: "*" (all but where), a section, or one field."""
+    """The value of a declared key in the fingerprint: "*" (all but where, and but the fields that only pick which
+    stages `run all` runs: metadata {"selects": True}, e.g. export.merge_final), a section, or one field."""
     if key == "*":
-        return {k: v for k, v in cfg.to_dict().items() if k not in ("root", "cache_dir")}
+        out = {k: v for k, v in cfg.to_dict().items() if k not in ("root", "cache_dir")}
+        for name, part in out.items():
+            section = getattr(cfg, name, None)
+            for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
+                if f.metadata.get("selects"):
+                    part.pop(f.name, None)
+        return out
     section, _, sub = key.partition(".")
     return getattr(getattr(cfg, section), sub) if sub else cfg.section(section)
 

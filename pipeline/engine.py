@@ -251,7 +251,7 @@ def run(targets: list[str], cfg: Config, console, registry: Registry, force: boo
     """Run the targets and their needs. Under DRY_RUN=true only the stages that train nothing run (the probe,
     the dry run); every other stage of the plan is listed with what it would do, and nothing of it is written."""
     dry = cfg.runtime.dry_run
-    order = registry.order(targets, dry_run=dry, with_needs=with_needs)
+    order = registry.order(targets, dry_run=dry, with_needs=with_needs, cfg=cfg)
     results = {}
     forced = [s.name for s in order] if targets == ["all"] else targets   # --force: the named stages, or all
     with pipeline_lock(Path(cfg.root), console):

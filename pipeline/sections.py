@@ -273,8 +273,21 @@ class PreflightCfg:
                "BUDGET")
 
 
+@dataclass
+class ExportCfg:
+    merge_final: bool = field(default=False, metadata={"selects": True})   # MERGE_FINAL: `make gpu-run` also
+    # merges (stage export_merged, as `make export-merged` does); it picks a stage, so it is in no fingerprint
+    parity_threshold: float = 0.97   # least agreement of a merged folder with its adapter (answers, first tokens)
+    parity_per_set: int = 32         # seeded eval questions per set for the parity check (fewer when eval has fewer)
+
+    def __post_init__(self):
+        _numbers(self)
+        _check(0 < self.parity_threshold <= 1, f"export.parity_threshold must be in (0, 1], got {self.parity_threshold}")
+        _check(self.parity_per_set >= 1, f"export.parity_per_set must be >= 1, got {self.parity_per_set}")
+
+
 BASE_SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "eval": EvalCfg, "judge": JudgeCfg,
-                 "runtime": RuntimeCfg, "preflight": PreflightCfg}
+                 "runtime": RuntimeCfg, "preflight": PreflightCfg, "export": ExportCfg}
 
 
 def method_sections() -> dict[str, type]:
@@ -300,6 +313,7 @@ class Config:
     judge: JudgeCfg = field(default_factory=JudgeCfg)
     runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
     preflight: PreflightCfg = field(default_factory=PreflightCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
     methods: dict = field(default_factory=lambda: {k: cls() for k, cls in method_sections().items()})
 
     def __post_init__(self):

@@ -163,11 +163,11 @@ def generation_config(model, tok, max_new_tokens: int, **extra):
 
 
 def generate(model, tok, prompts: list[list[dict]], batch_size: int, max_new_tokens: int,
-             progress=None, description: str = "generating") -> list[str]:
+             progress=None, description: str = "generating", token_ids: list | None = None) -> list[str]:
     """Greedy answers (`decoding`) to chat prompts (lists of messages), batched with left padding, in input order.
 
     Prompts are batched by rendered length (less padding); `progress(iterable, total=, description=)`
-    wraps the batch loop (ctx.progress)."""
+    wraps the batch loop (ctx.progress). A `token_ids` list receives each answer's generated token ids."""
     import torch
     if tok.padding_side != "left":
         raise ValueError("generate: the tokenizer pads on the right; load it with padding_side='left'")
@@ -176,6 +176,7 @@ def generate(model, tok, prompts: list[list[dict]], batch_size: int, max_new_tok
     starts = range(0, len(order), batch_size)
     config = generation_config(model, tok, max_new_tokens)
     out: list[str | None] = [None] * len(texts)
+    ids: list[list[int] | None] = [None] * len(texts)
     loop = progress(starts, total=len(starts), description=description) if progress else starts
     for start in loop:
         idx = order[start:start + batch_size]
@@ -183,6 +184,8 @@ def generate(model, tok, prompts: list[list[dict]], batch_size: int, max_new_tok
         with torch.no_grad():
             seqs = model.generate(**enc, generation_config=config)
         new = seqs[:, enc["input_ids"].shape[1]:]
-        for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
-            out[i] = text.strip()
+        for i, text, row in zip(idx, tok.batch_decode(new, skip_special_tokens=True), new.tolist()):
+            out[i], ids[i] = text.strip(), row
+    if token_ids is not None:
+        token_ids.extend(ids)
     return out

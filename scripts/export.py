@@ -4,7 +4,8 @@ Run: python -m scripts.export pack [--out FILE]   (make export)
      python -m scripts.export verify FILE         (make verify-export FILE=...)
 The archive holds reports/ and every checkpoints/**/final (never the intermediate checkpoint-N folders) under
 one top folder, with MANIFEST.sha256 in `sha256sum` format: after extracting, `sha256sum -c MANIFEST.sha256`
-inside the top folder checks it too.
+inside the top folder checks it too. A checkpoints/<variant folder>/merged folder (make export-merged) goes in only
+when reports/export/merge_parity.json records it as exported with these very files; verify checks that too.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import datetime as dt
 import hashlib
 import io
+import json
 import os
 import re
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 MANIFEST = "MANIFEST.sha256"
 INTERMEDIATE = re.compile(r"^checkpoint-\d+$")
+PARITY = "reports/export/merge_parity.json"   # the export_merged stage's evidence
 
 
 def _sha256_stream(f) -> str:
@@ -30,15 +33,48 @@ def _sha256_stream(f) -> str:
     return h.hexdigest()
 
 
+def merged_record(parity_json: bytes | None) -> dict[str, str]:
+    """{relpath: sha256} of every file of the merged folders the parity check passed (merge_parity.json)."""
+    try:
+        doc = json.loads(parity_json) if parity_json else {}
+    except ValueError:
+        doc = {}
+    variants = doc.get("variants") if isinstance(doc, dict) else None
+    return {f"{v['merged_dir']}/{k}": sha for v in (variants if isinstance(variants, dict) else {}).values()
+            if isinstance(v, dict) and v.get("status") == "exported" and isinstance(v.get("files"), dict)
+            for k, sha in v["files"].items()}
+
+
+def merged_ok(root: Path, folder: Path, record: dict[str, str]) -> bool:
+    """A merged folder goes in when its files are exactly those the parity check recorded as exported."""
+    rel = folder.relative_to(root).as_posix()
+    want = {k[len(rel) + 1:]: v for k, v in record.items() if k.startswith(rel + "/")}
+    now = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                now[p.relative_to(folder).as_posix()] = _sha256_stream(f)
+    if want and now == want:
+        return True
+    why = "changed since its parity check" if want else f"no passed parity check in {PARITY}"
+    print(f"export: warning: {rel} left out ({why}): run `make export-merged`", file=sys.stderr)
+    return False
+
+
 def collect(root: Path) -> list[str]:
-    """Relative paths (posix) of what goes in: reports/** and checkpoints/**/final/**, no temp files."""
-    files = []
+    """Relative paths (posix) of what goes in: reports/**, checkpoints/**/final/** and the merged folders that
+    passed their parity check (checkpoints/**/merged/**), no temp files."""
+    files, parity = [], root / PARITY
+    record = merged_record(parity.read_bytes() if parity.is_file() else None)
+    merged = {d for d in (root / "checkpoints").rglob("merged") if d.is_dir() and merged_ok(root, d, record)}
     for top in ("reports", "checkpoints"):
         for p in sorted((root / top).rglob("*")):
             rel = p.relative_to(root)
             if not p.is_file() or p.is_symlink() or p.name.endswith(".tmp"):
                 continue
-            if top == "checkpoints" and ("final" not in rel.parts or any(INTERMEDIATE.match(x) for x in rel.parts)):
+            if top == "checkpoints" and any(INTERMEDIATE.match(x) for x in rel.parts):
+                continue
+            if top == "checkpoints" and "final" not in rel.parts and not any(d in p.parents for d in merged):
                 continue
             files.append(rel.as_posix())
     return files
@@ -101,8 +137,13 @@ def verify(archive: Path) -> list[str]:
                     problems.append(f"extra: {rel} is not a plain file")
                     continue
                 found[rel] = _sha256_stream(tar.extractfile(m))
+            parity = next((m for m in members if m.name == f"{top}/{PARITY}" and m.isfile()), None)
+            record = merged_record(tar.extractfile(parity).read() if parity else None)
     except (OSError, EOFError, tarfile.TarError) as exc:
         return [f"{archive}: cannot be read as a .tar.gz ({type(exc).__name__}: {exc}): download it again"]
+    problems += [f"merged: {rel} is not a file of a merged folder that passed its parity check ({PARITY})"
+                 for rel, sha in sorted(found.items())
+                 if rel.startswith("checkpoints/") and "merged" in PurePosixPath(rel).parts and record.get(rel) != sha]
     problems += [f"missing: {rel}" for rel in sorted(set(recorded) - set(found))]
     problems += [f"changed: {rel}" for rel in sorted(set(recorded) & set(found)) if recorded[rel] != found[rel]]
     problems += [f"extra: {rel}" for rel in sorted(set(found) - set(recorded))]

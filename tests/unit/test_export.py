@@ -105,3 +105,29 @@ def test_cli_round_trip_uses_pipeline_root_and_exits_non_zero_on_damage(root, tm
     bad = rewrite(archive, tmp_path / "bad.tar.gz", change="reports/eval_default.md")
     checked = run("verify", str(bad))
     assert checked.returncode == 1 and "changed: reports/eval_default.md" in checked.stderr
+
+
+def test_a_merged_folder_goes_in_only_as_its_parity_check_recorded_it(root, tmp_path, capsys):
+    """checkpoints/<variant>/merged (make export-merged) is exported when reports/export/merge_parity.json records
+    it as exported with these files; merged.failed, an unrecorded or a changed merged folder stay out."""
+    import hashlib
+    import json
+    files = {"model.safetensors": b"weights", "config.json": b"{}"}
+    for name in ("merged", "merged.failed"):
+        for rel, data in files.items():
+            (root / "checkpoints/dpo-real-baseline" / name).mkdir(parents=True, exist_ok=True)
+            (root / "checkpoints/dpo-real-baseline" / name / rel).write_bytes(data)
+    merged = [f"checkpoints/dpo-real-baseline/merged/{k}" for k in sorted(files)]
+    assert not set(merged) & set(export.collect(root))
+    assert "no passed parity check" in capsys.readouterr().err
+    record = {"variants": {"dpo": {"status": "exported", "merged_dir": "checkpoints/dpo-real-baseline/merged",
+                                   "files": {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}}}}
+    (root / "reports/export").mkdir(parents=True)
+    (root / export.PARITY).write_text(json.dumps(record))
+    got = export.collect(root)
+    assert set(merged) <= set(got) and not any("merged.failed" in f for f in got)
+    archive = export.pack(root, tmp_path / "day1.tar.gz")
+    assert export.verify(archive) == []
+    (root / "checkpoints/dpo-real-baseline/merged/config.json").write_bytes(b'{"changed": 1}')
+    assert not set(merged) & set(export.collect(root))
+    assert "changed since its parity check" in capsys.readouterr().err
