@@ -3,7 +3,8 @@
 `make export`; a deliberately corrupted merge (one weight perturbed) is failed, kept aside and never exported.
 
 One stage run serves the module (the shared Day-1 is restored afterwards): dpo's merge is corrupted, the others
-are honest. Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/integration/test_export_merged.py
+are honest. Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -m slow tests/integration/test_export_merged.py
+(the stage run is in make test-slow; the two config tests run in make test)
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def honest_methods():
     return [m for m in REGISTRY.methods if m != CORRUPTED]
 
 
+@pytest.mark.slow   # one export_merged run over the shared Day-1 (make test-slow)
 def test_merged_folders_answer_like_their_adapters(merged):
     root, _, doc = merged
     eval_doc = json.loads((root / REGISTRY["eval"].evidence_path).read_text())
@@ -75,6 +77,7 @@ def test_merged_folders_answer_like_their_adapters(merged):
         assert v["merge_base"]["quantization"] is None and v["dtype"] == "float32"
 
 
+@pytest.mark.slow   # one export_merged run over the shared Day-1 (make test-slow)
 def test_a_corrupted_merge_is_failed_kept_aside_and_not_exported(merged, tmp_path):
     root, code, doc = merged
     v = doc["variants"][CORRUPTED]
@@ -95,6 +98,7 @@ def test_a_corrupted_merge_is_failed_kept_aside_and_not_exported(merged, tmp_pat
             doc["variants"][m]["files"]), m
 
 
+@pytest.mark.slow   # one export_merged run over the shared Day-1 (make test-slow)
 def test_export_leaves_out_a_merged_folder_changed_after_its_check_and_verify_names_it(merged, tmp_path, capsys):
     root, _, doc = merged
     folder = doc["variants"]["sft"]["merged_dir"]
@@ -132,6 +136,7 @@ def export_rewrite(archive, out, rel):
     return out
 
 
+@pytest.mark.slow   # one export_merged run over the shared Day-1 (make test-slow)
 def test_a_merged_folder_loads_and_answers_with_plain_transformers_without_peft(merged):
     root, _, doc = merged
     v = doc["variants"]["sft"]
