@@ -87,11 +87,11 @@ def eval_loss_blockers(cfg, registry) -> list[str]:
     metrics' eval_loss_curve must match it."""
     import math
     root, out = Path(cfg.root), []
-    for m in registry.methods:
+    for m in (m for m in registry.methods if hasattr(getattr(cfg, m), "eval_steps")):   # held-out eval: SFTCfg
         rel = registry[m].evidence(cfg)
         doc = ev.read_json(root / rel)
-        if not isinstance(doc, dict) or doc.get("status") != "ok" or "eval_loss_curve" not in doc:
-            continue   # not trained (strict_pass says why), or a method without a held-out eval loss
+        if not isinstance(doc, dict) or doc.get("status") != "ok":
+            continue   # not trained: strict_pass says why
         state = ev.read_json(root / (doc.get("trainer_state_file") or "-"))
         if not isinstance(state, dict):
             out.append(f"{m}: the trainer's own log {doc.get('trainer_state_file')!r} is missing or unreadable: its "

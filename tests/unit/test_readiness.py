@@ -90,6 +90,10 @@ def test_sft_eval_loss_ending_above_its_start_blocks_writing(tmp_path):
     assert "ended at 3.4000 (step 6)" in blocker and "started, 3.1000 (step 0)" in blocker
     _write_sft(tmp_path, cfg, [(0, 3.1), (3, 2.9), (6, 3.0)])
     assert _blockers(cfg, "eval loss") == []
+    # a preference method holds out no eval rows: its empty eval_loss_curve is no blocker (the demo Day-1's DPO)
+    ev.atomic_write_json(tmp_path / REGISTRY["dpo"].evidence(cfg),
+                         {"stage": "dpo", "status": "ok", "eval_loss_curve": [], "trainer_state_file": "-"})
+    assert _blockers(cfg, "eval loss") == [] and _blockers(cfg, "dpo") == []
 
 
 def test_an_edited_eval_loss_curve_is_not_believed(tmp_path):
