@@ -22,24 +22,46 @@ def rehearsal_evidence(cfg, registry=None) -> list[str]:
     return [rel for rel, d in docs.items() if isinstance(d, dict) and d.get("rehearsal") not in (None, False)]
 
 
-def degenerate_blockers(cfg, eval_doc: dict, methods) -> list[str]:
-    """A trained variant that answers one thing to most questions of a set is not a result. Recomputed from the
-    per-question predictions with the current eval.degenerate_share (the flag in eval_default.json is not read
-    back). The base is exempt: its habits are the starting point, not the method's outcome."""
-    import json
+PREDICTIONS = "reports/eval/predictions/{v}.jsonl"
 
+
+def _predictions_by_set(root: Path, v: str) -> dict | Exception:
+    """{set: [prediction rows]} of variant v's per-question predictions file, or the exception reading it."""
+    import json
+    try:
+        rows = [json.loads(line) for line in (root / PREDICTIONS.format(v=v)).read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError) as e:
+        return e
+    return {s: [p for p in rows if p.get("set") == s] for s in dict.fromkeys(p.get("set") for p in rows)}
+
+
+def _format_failures(rows: list) -> tuple[int, int]:
+    return sum(p.get("extracted") is None for p in rows), len(rows)
+
+
+def answer_blockers(cfg, eval_doc: dict, methods) -> list[str]:
+    """A trained variant that answers one thing to most questions of a set (a degenerate predictor), or whose answers
+    the rules cannot read far more often than the base's (format failures above the base's by more than
+    eval.format_failure_margin), is not a result. Recomputed from the per-question predictions with the current
+    config (the flags and rates in eval_default.json are not read back). The base is exempt: its habits are the
+    starting point, not the method's outcome."""
     from pipeline.evalkit import answer_distribution
+    root, margin = Path(cfg.root), cfg.eval.format_failure_margin
     out, variants = [], eval_doc.get("variants") or {}
-    for v in (m for m in methods if (variants.get(m) or {}).get("status") == "scored"):
-        rel = f"reports/eval/predictions/{v}.jsonl"
-        try:
-            preds = [json.loads(line) for line in (Path(cfg.root) / rel).read_text(encoding="utf-8").splitlines()]
-        except (OSError, ValueError) as e:
-            out.append(f"{rel} is missing or unreadable ({type(e).__name__}): the answers of {v} cannot be checked "
-                       "for a degenerate predictor; re-run `python -m pipeline run eval`")
+    trained = [m for m in methods if (variants.get(m) or {}).get("status") == "scored"]
+    base = _predictions_by_set(root, "base") if trained else {}
+    if isinstance(base, Exception):
+        out.append(f"{PREDICTIONS.format(v='base')} is missing or unreadable ({type(base).__name__}): the trained "
+                   "variants' format failures cannot be held against the base's; re-run `python -m pipeline run eval`")
+        base = {}
+    for v in trained:
+        by_set = _predictions_by_set(root, v)
+        if isinstance(by_set, Exception):
+            out.append(f"{PREDICTIONS.format(v=v)} is missing or unreadable ({type(by_set).__name__}): the answers of "
+                       f"{v} cannot be checked for a degenerate predictor or format failures; re-run "
+                       "`python -m pipeline run eval`")
             continue
-        for s in dict.fromkeys(p.get("set") for p in preds):
-            ps = [p for p in preds if p.get("set") == s]
+        for s, ps in by_set.items():
             a = answer_distribution([p.get("extracted") for p in ps], [p.get("gold") for p in ps],
                                     cfg.eval.degenerate_share)
             if a["degenerate"]:
@@ -47,6 +69,48 @@ def degenerate_blockers(cfg, eval_doc: dict, methods) -> list[str]:
                            f"{a['top_share']:.0%} of the questions while the gold's largest share is "
                            f"{a['gold_top_share']:.0%} (eval.degenerate_share {a['threshold']:.0%}; answer "
                            "distributions in reports/eval_default.md): retrain it before writing")
+            (fv, nv), (fb, nb) = _format_failures(ps), _format_failures(base.get(s, []))
+            if base and not nb:
+                out.append(f"the base has no predictions on {s}: the format failures of {v} there cannot be held "
+                           "against the base's; re-run `python -m pipeline run eval`")
+            elif nb and fv / nv - fb / nb > margin:
+                out.append(f"variant {v} gives no readable answer to {fv / nv:.0%} of {s} ({fv} of {nv}), the base "
+                           f"to {fb / nb:.0%} ({fb} of {nb}): more than eval.format_failure_margin {margin:.0%} above "
+                           "the base (the format failures in reports/eval_default.md; often an empty or runaway "
+                           "answer after too high a learning rate): retrain it before writing")
+    return out
+
+
+def eval_loss_blockers(cfg, registry) -> list[str]:
+    """A method with a held-out eval loss (SFT) whose last value is above its first did not learn what generalizes.
+    Recomputed from the trainer's own log (trainer_state.json in the final, hashed by the gate's curve check); the
+    metrics' eval_loss_curve must match it."""
+    import math
+    root, out = Path(cfg.root), []
+    for m in (m for m in registry.methods if hasattr(getattr(cfg, m), "eval_steps")):   # held-out eval: SFTCfg
+        rel = registry[m].evidence(cfg)
+        doc = ev.read_json(root / rel)
+        if not isinstance(doc, dict) or doc.get("status") != "ok":
+            continue   # not trained: strict_pass says why
+        state = ev.read_json(root / (doc.get("trainer_state_file") or "-"))
+        if not isinstance(state, dict):
+            out.append(f"{m}: the trainer's own log {doc.get('trainer_state_file')!r} is missing or unreadable: its "
+                       f"held-out eval loss cannot be checked; re-run `python -m pipeline run {m}`")
+            continue
+        logged = [[e.get("step"), e["eval_loss"]] for e in state.get("log_history", []) if "eval_loss" in e]
+        recorded = doc.get("eval_loss_curve")
+        if not (isinstance(recorded, list) and len(recorded) == len(logged) and all(
+                isinstance(r, list) and len(r) == 2 and r[0] == s and isinstance(r[1], (int, float))
+                and math.isclose(r[1], v, rel_tol=1e-6, abs_tol=1e-9) for r, (s, v) in zip(recorded, logged))):
+            out.append(f"{rel}: eval_loss_curve does not match the eval losses in the trainer's own log "
+                       f"{doc.get('trainer_state_file')}; re-run `python -m pipeline run {m}`")
+        elif len(logged) < 2:
+            out.append(f"{m} logged {len(logged)} held-out eval loss(es): whether it went down cannot be told; set "
+                       f"{m}.eval_steps to at most half of {m}.max_steps")
+        elif not logged[-1][1] < logged[0][1]:
+            out.append(f"{m}'s held-out eval loss ended at {logged[-1][1]:.4f} (step {logged[-1][0]}), not below where "
+                       f"it started, {logged[0][1]:.4f} (step {logged[0][0]}): it overfits its rows or diverged; "
+                       "retrain it (a gentler learning rate, more rows) before writing")
     return out
 
 
@@ -73,7 +137,7 @@ def thesis_readiness(cfg, strict_pass: bool, registry=None) -> dict:
                or not sets[n].get("full_size")]
     if partial:
         blockers.append(f"the eval is not on the full sets: {', '.join(partial)}; set eval.sample_sizes to null and keep every set in eval.sets")
-    blockers += degenerate_blockers(cfg, eval_doc, registry.methods)
+    blockers += answer_blockers(cfg, eval_doc, registry.methods) + eval_loss_blockers(cfg, registry)
     present = {a: (root / a).is_file() for a in ARTIFACTS}
     figures = sorted(p.relative_to(root).as_posix() for p in (root / "reports/figures").glob("*.png"))
     missing = [a for a, ok in present.items() if not ok] + ([] if figures else ["reports/figures/*.png"])

@@ -183,6 +183,7 @@ class EvalCfg:
     llm_fallback: bool = True        # ENABLE_V2_LLM_FALLBACK
     n_bootstrap: int = 2000
     degenerate_share: float = 0.6    # one answer above this share of a set, the gold's largest below: degenerate
+    format_failure_margin: float = 0.10   # a trained variant's format-failure rate above the base's by more: blocker
 
     def __post_init__(self):
         _numbers(self)
@@ -197,6 +198,8 @@ class EvalCfg:
                         "with eval.sets)")
         _check(0 < self.degenerate_share < 1,
                f"eval.degenerate_share must be in (0, 1) (a share of a set's questions), got {self.degenerate_share}")
+        _check(0 <= self.format_failure_margin < 1, "eval.format_failure_margin must be in [0, 1) (a share of a set's "
+               f"questions: 0.10 = 10 points), got {self.format_failure_margin}")
 
 
 @dataclass

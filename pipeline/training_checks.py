@@ -80,7 +80,8 @@ def check_checkpoint(g, doc):
 
 def probe_checkpoint(vs, base: str, adapter_dir) -> tuple[bool, str]:
     """Load the final checkpoint on its base model (vs: the gate's variants.Variants, which keeps one base
-    loaded for every probe) and greedily generate a few tokens: (ok, text or error)."""
+    loaded for every probe) and greedily generate a few tokens, at least one of them visible text (not only EOS or
+    other special tokens, not only whitespace): (ok, text or error)."""
     try:
         import torch
         from pipeline.variants import generation_config
@@ -100,7 +101,11 @@ def probe_checkpoint(vs, base: str, adapter_dir) -> tuple[bool, str]:
             return False, "generated no token"
         if not all(torch.isfinite(s).any() for s in out.scores):
             return False, "generation produced non-finite logits (NaN/inf weights)"
-        return True, tok.decode(new, skip_special_tokens=False)
+        text = tok.decode(new, skip_special_tokens=False)
+        if not tok.decode(new, skip_special_tokens=True).strip():   # e.g. EOS first: eval would score ""
+            return False, (f"generated {text!r}: no visible text, only special tokens or whitespace (the model "
+                           "ends its answer at once; a learning rate too high for the rows?)")
+        return True, text
     except Exception as exc:  # noqa: BLE001 - the check reports any load/generate error as its detail
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
