@@ -76,6 +76,8 @@ class Stage:
     done_status: str = "ok"
     always_run: bool = False                         # never "up to date"
     stops_run: bool = False                          # its failure stops the run before the next stage (preflight)
+    requested: Callable | None = None                # cfg -> None, or why it is not asked for (skipped, up to date
+                                                     # while the fingerprint stays and it stays unrequested)
     machine: Callable | None = None                  # cfg -> facts about this machine that enter the fingerprint
     method: Method | None = None
     config: type | None = None                       # a method's config section (settings.SFTCfg, ...)

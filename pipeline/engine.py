@@ -151,6 +151,12 @@ def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: boo
     if current == stage.done_status and not force and not stage.always_run:
         console.print(f"[green]✓ {stage.name}[/]: up to date")
         return "ok"
+    if stage.requested is not None and (why := stage.requested(cfg)):
+        doc = _read_doc(stage, cfg)
+        if current == "skipped" and doc.get("reason_code") == "not_requested" and doc.get("fingerprint") == fp:
+            console.print(f"[green]✓ {stage.name}[/]: up to date (skipped: not requested)")
+            return "skipped"
+        return _finish(stage, cfg, console, fp, inputs, now(), SkipStage(why, code="not_requested"))
     if current == "incomplete":
         console.print(f"[yellow]{stage.name}[/]: an earlier run did not finish (marker left); running it again")
     skipped_need = None

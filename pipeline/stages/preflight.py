@@ -18,10 +18,11 @@ import time
 from pipeline import data as D
 from pipeline import models, ranks
 from pipeline import training as T
-from pipeline.core import SkipStage, Stage
+from pipeline.core import Stage
 from pipeline.sections import GPU_TIERS
 
 STAGE = Stage("preflight", "reports/migration/preflight.json", needs=("gpu_check",), stops_run=True,
+              requested=lambda cfg: not_requested(cfg),
               inputs=D.files("sft_path", "preference_path", "kto_path"),
               reads=(*T.RUN_KEYS, *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", "lora", "sft", "@aligned",
                      "preflight.steps", "preflight.enabled"),
@@ -194,11 +195,14 @@ def wanted(cfg) -> bool:
     return cfg.tier in GPU_TIERS or pf.budget is not None or pf.price_per_hour is not None
 
 
+def not_requested(cfg) -> str | None:
+    """Stage.requested: why the preflight is not asked for (the engine records the skip), or None."""
+    return None if wanted(cfg) else (
+        f"not asked for on the {cfg.tier} tier (it runs by itself on 7b/14b, or with BUDGET or GPU_PRICE_PER_HOUR "
+        "set): `make preflight` or preflight.enabled=true measures it")
+
+
 def run(ctx) -> dict:
-    cfg = ctx.cfg
-    if not wanted(cfg):
-        raise SkipStage(f"not asked for on the {cfg.tier} tier (it runs by itself on 7b/14b, or with BUDGET or "
-                        "GPU_PRICE_PER_HOUR set): `make preflight` or preflight.enabled=true measures it")
     T.gate(ctx)   # a GPU tier this machine cannot train: skipped with the plan's reason, nothing downloaded
     cfg, plan, pf = ctx.cfg, ctx.plan, ctx.cfg.preflight
     budget, price = pf.budget, pf.price_per_hour
