@@ -491,3 +491,26 @@ def test_the_default_launcher_is_accelerate(tiny_env):
     ctx = engine.make_ctx(registry["fake_train"], cfg, console, registry)
     runner = launch.runner_for(registry["fake_train"], ctx)
     assert isinstance(runner, launch.Accelerate) and runner.n == 2
+
+
+def test_a_stage_nobody_asked_for_is_skipped_once_and_then_up_to_date(tiny_env):
+    """Stage.requested (the preflight on tiny/demo): the engine records the skip with its reason, and a re-run
+    leaves it alone while the fingerprint holds and nobody asks; asking (preflight.enabled=true) makes it run."""
+    import io as _io
+    import json as _json
+
+    from rich.console import Console as _Console
+
+    from pipeline import engine as _engine
+    from pipeline.settings import load_config
+    from pipeline.stages import REGISTRY
+    out, stage = _io.StringIO(), REGISTRY["preflight"]
+    cfg = load_config()
+    assert _engine.run_stage(stage, cfg, _Console(file=out), REGISTRY) == "skipped"
+    path = tiny_env / "reports/migration/preflight.json"
+    doc = _json.loads(path.read_text())
+    assert doc["reason_code"] == "not_requested" and "make preflight" in doc["reason"]
+    assert _engine.run_stage(stage, cfg, _Console(file=out), REGISTRY) == "skipped"
+    assert "up to date (skipped: not requested)" in out.getvalue()
+    assert _json.loads(path.read_text())["finished_at"] == doc["finished_at"]   # not written again
+    assert stage.requested(load_config(overrides=["preflight.enabled=true"])) is None
