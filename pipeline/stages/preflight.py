@@ -40,7 +40,7 @@ BASIS = (f"planned optimizer steps x measured s/step at the longest max_length (
          f"{EVAL_FORWARD_SHARE:.2f} of a training micro-step per eval micro-batch; eval and judges not included")
 
 
-# --- the arithmetic (pure: tests/unit/test_preflight.py) -------------------------------------------------
+# --- the arithmetic (pure: tests/unit/test_preflight_math.py) -------------------------------------------------
 def predict_stage(planned_steps: int, s_per_step: float, load_s: float, loads: int, save_s: float, saves: int,
                   eval_passes: int = 0, eval_batches: int = 0, grad_acc: int = 1) -> dict:
     """A training stage's wall time: its steps at the measured rate plus the stated allowance."""

@@ -1,7 +1,7 @@
 """A root that moves keeps its evidence: fingerprints, the base model's identity, the finals' adapter configs.
 No model here (fake stages, fake model folders); the real tiny Day-1 moved is tests/e2e/test_moved_root.py.
 
-Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/unit/test_moved_root.py
+Run: HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/unit/test_root_relative.py
 """
 from __future__ import annotations
 

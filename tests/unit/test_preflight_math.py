@@ -1,6 +1,6 @@
 """The preflight's arithmetic and budget decision (pure functions, no model), and its config keys.
 
-Run: .venv/bin/python -m pytest -q tests/unit/test_preflight.py
+Run: .venv/bin/python -m pytest -q tests/unit/test_preflight_math.py
 """
 from __future__ import annotations
 
