@@ -155,6 +155,8 @@ def judge_doc(cfg, risk=(10, 10), root=None):
 
 def build_run(root, cfg, force_skip=False):
     write(root, cfg, "gpu_check", common(cfg, "gpu_check", plan={"device": "cpu"}))
+    write(root, cfg, "preflight", common(cfg, "preflight", status="skipped", skipped=True, reason_code="not_requested",
+                                         reason="not asked for on the tiny tier", config_read=[]))
     for i, stage in enumerate(FINALS):
         if force_skip:
             write(root, cfg, stage, common(cfg, stage, status="skipped", skipped=True, reason_code="skip_forced",
