@@ -97,10 +97,10 @@ def sft_tokenizer(base: str):
 
 
 def trainer_for(cfg, kind: str, plan: dict, base: str, tok, data: dict, max_length: int, args: dict,
-                adapter: str | None = None):
+                adapter: str | None = None, classes: tuple | None = None):
     """The TRL trainer of method `kind`, as its stage trains it and as the preflight measures it: SFT puts a fresh
     LoRA on the base (data: train and eval); a method trained from SFT continues `adapter` (data: train) with the
-    classes and arguments its stage module's trainer(cfg) names."""
+    classes and arguments its stage module's trainer(cfg) names (or `classes`, the ones its run() handed over)."""
     from pipeline import models
     from pipeline.stages import REGISTRY   # at call time: the stage modules import this module
     tc, stage = getattr(cfg, kind), REGISTRY[kind]
@@ -115,6 +115,6 @@ def trainer_for(cfg, kind: str, plan: dict, base: str, tok, data: dict, max_leng
                            per_device_eval_batch_size=args["per_device_train_batch_size"], dataset_num_proc=None)
         return SFTTrainer(model=load(), args=sargs, train_dataset=data["train"], eval_dataset=data["eval"],
                           processing_class=tok, peft_config=lora_config(cfg))
-    config_cls, trainer_cls, _, extra = stage.trainer(cfg)
+    config_cls, trainer_cls, _, extra = classes or stage.trainer(cfg)   # classes: what the stage's run() passed
     targs = trl_config(config_cls, kind, tc, **args, max_length=max_length, beta=tc.beta, **extra)
     return trainer_cls(model=load(), args=targs, train_dataset=data["train"], processing_class=tok)

@@ -289,7 +289,8 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
     ref_check = reference.watcher(declared, kind, sft_dir, start["dir"]) if declared != "none" else None
 
     def build(max_length: int, args: dict):   # the preflight measures the same trainer (trainer_for)
-        trainer = trainer_for(cfg, kind, plan, base, tok, {"train": dataset}, max_length, args, adapter=str(sft_dir))
+        trainer = trainer_for(cfg, kind, plan, base, tok, {"train": dataset}, max_length, args, adapter=str(sft_dir),
+                              classes=(config_cls, trainer_cls, paired, extra_args))
         return ref_check.watch(trainer) if ref_check else trainer
 
     res = fit(ctx, kind, build)
