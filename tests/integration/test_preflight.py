@@ -72,7 +72,7 @@ def test_a_budget_below_the_prediction_stops_run_all_before_sft(tmp_path, monkey
 @pytest.mark.slow
 def test_an_out_of_memory_at_the_planned_batch_makes_the_preflight_pick_half(tmp_path, monkeypatch):
     _env(monkeypatch, tmp_path, MEDLLM_INJECT_OOM_AT_STEP="1")
-    assert main(["run", "preflight"]) == 0
+    assert main(["run", "preflight", "preflight.enabled=true"]) == 0
     for kind, rec in preflight(tmp_path)["stages"].items():
         first, last = rec["attempts"][0], rec["attempts"][-1]
         assert first["oom"] and "injected" in first["error"] and not last["oom"], kind

@@ -176,7 +176,7 @@ def test_the_eval_loop_picks_up_a_new_set(with_fake):
     assert E.messages(rows[0]) == [{"role": "user", "content": f"Q: {rows[0]['question']} (A/B/C/D)"}]
     assert E.extract(rows[0], " c, surely") == ("C", "rule:first_letter")
     preds = [{"id": r["id"], "set": r["set"], "subject": r["subject"], "raw": raw, "extracted": x, "method": m,
-              "correct": x == r["answer"]}
+              "gold": r["answer"], "correct": x == r["answer"]}
              for r in sets["medqa"][0] + rows for raw in ["A"] for x, m in [E.extract(r, raw)]]
     summary = E.summarize(preds, cfg)
     assert set(summary) == {"medqa", "usmle_mini"} and summary["usmle_mini"]["n"] == 2
