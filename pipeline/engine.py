@@ -49,6 +49,8 @@ def fingerprint(stage: Stage, cfg: Config, registry: Registry) -> tuple[str, dic
         upstream[need] = {"status": up.get("status"), "fingerprint": up.get("fingerprint"), "outputs": up.get("outputs")}
     material = {"stage": stage.name, "tier": cfg.tier, "config": declared_config(stage, cfg), "inputs": inputs,
                 "upstream": upstream, "versions": versions()}
+    if stage.content is not None:
+        material["content"] = stage.content(cfg)
     return ev.sha256_json(material), inputs
 
 
