@@ -19,11 +19,16 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def leftover_temp(p: Path) -> bool:
+    """A temp file of atomic_write_text (`.<name>.<random>.tmp`) that a kill left behind: never evidence."""
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
 def sha256_tree(folder: str | Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under `folder`, sorted."""
+    """{relative path: sha256} of every file under `folder`, sorted (without atomic_write_text's leftovers)."""
     folder = Path(folder)
     return {p.relative_to(folder).as_posix(): sha256_file(p)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and not leftover_temp(p)}
 
 
 def sha256_tree_cached(folder: str | Path, cache: str | Path) -> dict[str, str]:
@@ -36,7 +41,7 @@ def sha256_tree_cached(folder: str | Path, cache: str | Path) -> dict[str, str]:
     known = known if isinstance(known, dict) else {}
     out, changed = {}, False
     for p in sorted(folder.rglob("*")):
-        if not p.is_file():
+        if not p.is_file() or leftover_temp(p):
             continue
         st, key = p.stat(), str(p.resolve())
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]

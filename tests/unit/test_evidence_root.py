@@ -97,3 +97,18 @@ def test_the_summary_quotes_the_root_of_a_run_that_trained(tmp_path):
     assert s["evidence_root"] == root_hash.of_root(root, REGISTRY)
     s["verdict"] = "x"
     assert s["evidence_root"]["sha256"] in day1.summary_markdown(s)
+
+
+def test_a_temp_file_left_by_a_killed_atomic_write_is_ignored_not_a_permanent_failure(tmp_path):
+    """Issue 14 §5: a kill -9 between atomic_write_text's mkstemp and its os.replace leaves `.<name>.<random>.tmp`
+    beside the file (portable_final writes into a final this way): the final's re-hash called it an extra file, a
+    checkpoint failure no re-run could clear."""
+    from pipeline import evidence as ev
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "adapter_config.json").write_text("{}")
+    recorded = ev.sha256_tree(final)
+    (final / ".adapter_config.json.k3j2h1.tmp").write_text('{"half')     # what the kill left
+    assert ev.verify_tree(final, recorded)[1] == {}
+    (final / "extra.safetensors").write_bytes(b"x")                       # a real extra file still counts
+    assert ev.verify_tree(final, recorded)[1] == {"extra": ["extra.safetensors"]}
