@@ -139,7 +139,8 @@ def source(ctx, name: str, merged: bool | None) -> dict:
     if folder is None and merged:
         raise ChatError(f"MERGED=true: variant {name} has no merged folder to use: {why}")
     if folder is None:
-        return {"kind": "adapter", "path": adapter, "note": f"adapter {final}, verified (merged folder not used: {why})"}
+        return {"kind": "adapter", "path": adapter,
+                "note": f"adapter {final}, verified (merged folder not used: {why})"}
     return {"kind": "merged", "path": folder,
             "note": f"merged folder {folder.relative_to(ctx.root).as_posix()}, verified (parity passed)"}
 

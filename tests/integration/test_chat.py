@@ -55,7 +55,7 @@ def final_dir(root: Path, name: str) -> Path:
 
 
 # --- one answer, equal to eval's ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["base", "sft"])
+@pytest.mark.parametrize("name", [pytest.param("base", marks=pytest.mark.slow), "sft"])   # 2-3 s each, idle
 def test_one_shot_answers_like_eval(day1_env, capsys, monkeypatch, name):
     monkeypatch.setenv("PROMPT", QUESTION)
     monkeypatch.setenv("MAX_NEW_TOKENS", str(TOKENS))
@@ -66,6 +66,7 @@ def test_one_shot_answers_like_eval(day1_env, capsys, monkeypatch, name):
     assert f"chat: {name}: " in err and ("verified" in err) == (name != "base")
 
 
+@pytest.mark.slow   # loads a model (the sft one-shot above stays in make test)
 def test_one_shot_with_a_system_prompt_answers_like_eval(day1_env, capsys):
     system = "You are a careful physician."
     code, out, _ = one_shot(capsys, "--variant", "dpo", "--prompt", "a=b?", "--system", system,
@@ -96,7 +97,8 @@ def test_an_untrained_variant_names_the_command_that_trains_it(day1_env, capsys)
 
 
 @pytest.mark.parametrize("argv, env, says", [
-    (["--variant", "ppo"], {}, "'ppo' is not a variant (VARIANT, --variant): use one of " + ", ".join(REGISTRY.variants)),
+    (["--variant", "ppo"], {}, "'ppo' is not a variant (VARIANT, --variant): use one of "
+     + ", ".join(REGISTRY.variants)),
     ([], {}, "name a variant: make chat VARIANT=<base|"),
     (["--variant", "sft"], {"MAX_NEW_TOKENS": "0"}, "environment variable MAX_NEW_TOKENS: '0' is not a whole"),
     (["--variant", "sft"], {"MERGED": "maybe"}, "environment variable MERGED: cannot parse 'maybe'"),
@@ -111,6 +113,18 @@ def test_bad_arguments_are_one_line(tiny_env, capsys, monkeypatch, argv, env, sa
         (tiny_env / "reports/migration/gpu_check.json").write_text(json.dumps({"plan": {"feasible": True}}))
     code, line = refused(capsys, *argv)
     assert code == 2 and says in line, line
+
+
+@pytest.mark.parametrize("plan, says", [
+    (None, "no hardware plan: run `make gpu-check`"),
+    ({"feasible": False, "feasible_reason": "no CUDA device"}, "cannot run the tiny tier (no CUDA device)"),
+])
+def test_a_machine_without_a_runnable_plan_is_one_line(tiny_env, capsys, plan, says):
+    if plan is not None:
+        (tiny_env / "reports/migration").mkdir(parents=True)
+        (tiny_env / "reports/migration/gpu_check.json").write_text(json.dumps({"plan": plan}))
+    code, line = refused(capsys, "--variant", "base", "--prompt", QUESTION)
+    assert code == 1 and says in line, line
 
 
 # --- the merged folders (make export-merged) ------------------------------------------------------------------
