@@ -74,6 +74,26 @@ def test_one_shot_with_a_system_prompt_answers_like_eval(day1_env, capsys):
     assert code == 0 and out == eval_answer("dpo", "a=b?", system) + "\n"   # a prompt may hold '='
 
 
+class WordTokenizer:
+    """A stand-in tokenizer: one token per word of the rendered chat."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + (" <assistant>" * add_generation_prompt)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def test_the_history_loses_its_oldest_turns_when_it_outgrows_the_context():
+    head, question = [{"role": "system", "content": "be brief"}], {"role": "user", "content": "q3 ?"}
+    history = [{"role": r, "content": f"{r[0]}{i} " * 5} for i in (1, 2) for r in ("user", "assistant")]
+    full = len(WordTokenizer()(WordTokenizer().apply_chat_template(head + history + [question]))["input_ids"])
+    assert chat.trim(WordTokenizer(), head, history, question, None, 10) == history   # no known context
+    assert chat.trim(WordTokenizer(), head, history, question, full + 10, 10) == history
+    assert chat.trim(WordTokenizer(), head, history, question, full + 9, 10) == history[2:]   # one turn too long
+    assert chat.trim(WordTokenizer(), head, history, question, 5, 10) == []   # the question alone stays
+
+
 # --- refusals: one line, non-zero, before any model loads -----------------------------------------------------
 def refused(capsys, *argv) -> tuple[int, str]:
     code, out, err = one_shot(capsys, *argv)
@@ -246,6 +266,8 @@ def test_the_terminal_chat_streams_an_answer_resets_and_exits(day1_env):
         term.until("you> ")
         term.send(QUESTION)
         shown = term.until("you> ")
+        term.send("/help")
+        assert chat.HELP in term.until("you> ")
         term.send("/reset")
         assert "(history cleared)" in term.until("you> ")
         term.send("/exit")
