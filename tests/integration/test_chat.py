@@ -206,7 +206,7 @@ def test_a_tampered_merged_folder_is_refused_or_passed_over(merged_env, capsys, 
 # --- through make, and the terminal chat in a pseudo-terminal --------------------------------------------------
 def subprocess_env(root, **extra) -> dict:
     from tests.conftest import _CLEARED
-    env = {k: v for k, v in os.environ.items() if k not in _CLEARED and k not in chat.ENV.values()}
+    env = {k: v for k, v in os.environ.items() if k not in (*_CLEARED, *chat.ENV.values(), "MERGED")}
     return env | {"PIPELINE_ROOT": str(root), "MODEL_TIER": "tiny", "HF_HUB_OFFLINE": "1"} | extra
 
 
