@@ -2,6 +2,7 @@
 
 A set's module defines
     NAME                    the set's name (eval.sets, eval.sample_sizes, the evidence, the reports)
+    SPLIT                   the split its questions come from ("test"): a published figure must share it
     reads                   the config keys it reads, e.g. ("data.medqa_path", "data.on_bad_row")
     files(cfg) -> [Path]    the data files it reads (they enter the fingerprint of every stage that loads it)
     load(cfg) -> (rows, [LoadReport])   through the pipeline.data loaders (errors name file:line and field)

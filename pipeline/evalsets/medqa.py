@@ -7,8 +7,9 @@ from pipeline import data as D
 from pipeline.evalsets._choice import extract, prompt
 
 NAME = "medqa"
+SPLIT = "test"   # the split published figures must share to stand beside ours (pipeline/anchors.py)
 reads = ("data.medqa_path", "data.on_bad_row")
-__all__ = ["NAME", "reads", "files", "load", "prompt", "extract"]
+__all__ = ["NAME", "SPLIT", "reads", "files", "load", "prompt", "extract"]
 
 
 def files(cfg) -> list[Path]:

@@ -7,6 +7,7 @@ from pipeline import data as D
 from pipeline import evalkit
 
 NAME = "pubmedqa"
+SPLIT = "test"   # the split published figures must share to stand beside ours (pipeline/anchors.py)
 reads = ("data.pubmedqa_path", "data.pubmedqa_test_ids", "data.on_bad_row")
 
 
