@@ -145,6 +145,10 @@ def scored_protocols(doc: dict) -> dict[str, dict]:
     return {p: doc[k] for p, k in PROTOCOLS.items() if k and isinstance((doc or {}).get(k), dict) and doc[k]}
 
 
+def _shots(r: dict) -> str:
+    return f"{r['shots']}-shot" if isinstance(r["shots"], int) else "shots unknown"
+
+
 def _pt(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
@@ -180,18 +184,20 @@ def base_check(doc: dict, refs: list[dict], tolerance_points: float) -> tuple[li
                                     f"published {r['accuracy']} by {source_text(r)}: outside our 95% CI widened by "
                                     f"readiness.anchor_tolerance_points {tolerance_points:g}; check {CAUSES}")
     for r in mine:
-        if r["protocol"] not in scored and "accuracy" in r and r["shots"] == SHOTS and r["split"] == split_of(r["set"]):
-            key = PROTOCOLS[r["protocol"]]
-            fix = ("set eval.free_answer=true" if r["protocol"] == "free_answer_extraction"
-                   else f"score it (eval evidence key {key})" if key else "this pipeline does not run it")
-            rows.append({"protocol": r["protocol"], "set": r["set"], "ours": None, "published": r["accuracy"],
-                         "source": source_text(r), "within": None,
-                         "text": f"published {r['accuracy']} for {model} on {r['set']} under {r['protocol']} "
-                                 f"({source_text(r)}); this run did not score that protocol"})
-            if key:
-                blockers.append(f"the base model {model} has a published figure on {r['set']} under protocol "
-                                f"{r['protocol']} ({r['accuracy']}, {source_text(r)}) but this run did not score "
-                                f"that protocol, so the sanity check cannot run: {fix}")
+        measured = (scored.get(r["protocol"]) or {}).get("base") or {}
+        if r["set"] in measured or "accuracy" not in r or r["shots"] != SHOTS or r["split"] != split_of(r["set"]):
+            continue
+        key = PROTOCOLS[r["protocol"]]
+        rows.append({"protocol": r["protocol"], "set": r["set"], "ours": None, "published": r["accuracy"],
+                     "source": source_text(r), "within": None,
+                     "text": f"published {r['accuracy']} for {model} on {r['set']} under {r['protocol']} "
+                             f"({source_text(r)}); this run did not score the base there"})
+        if key:
+            fix = (f"set eval.free_answer=true with {r['set']} in eval.free_answer_sets"
+                   if r["protocol"] == "free_answer_extraction" else f"score it (eval evidence key {key})")
+            blockers.append(f"the base model {model} has a published figure on {r['set']} under protocol "
+                            f"{r['protocol']} ({r['accuracy']}, {source_text(r)}) but this run did not score the "
+                            f"base there, so the sanity check cannot run: {fix}")
     return blockers, rows
 
 
@@ -202,33 +208,33 @@ def sota_lines(doc: dict, refs: list[dict], tolerance_points: float) -> list[str
              f"A published figure stands beside ours only when it was measured under the same protocol, on the same "
              f"set and split, with the same number of shots (ours: {SHOTS}). Figures from `configs/references.yaml`; "
              "'NOT confirmed' means the figure was not checked against its source here.", ""]
-    scored = scored_protocols(doc)
+    scored, shown = scored_protocols(doc), []
     for protocol, block in scored.items():
         lines += [f"### Protocol `{protocol}` ({DESCRIBE[protocol]})", ""]
         for s in (doc.get("sets") or {}):
             ours = [[f"this run: {v}", acc_cell(res.get(s)), "-", "-"] for v, res in block.items() if res.get(s)]
-            pub = [[r["model"], f"{r['accuracy']}% (n={r['n']})", f"{r['shots']}-shot", source_text(r)]
-                   for r in refs if comparable(r, s, protocol)]
             if not ours:
                 continue
+            figures = [r for r in refs if comparable(r, s, protocol)]
+            shown += figures
+            pub = [[r["model"], f"{r['accuracy']}% (n={r['n']})", _shots(r), source_text(r)] for r in figures]
             lines += [f"**{s}** ({split_of(s)}):", "", md_table(["model", "accuracy", "shots", "source"], ours + pub), ""]
             if not pub:
                 lines += [f"No published figure under protocol `{protocol}` for set {s} ({split_of(s)}, "
                           f"{SHOTS}-shot).", ""]
         lines += [f"(Ours: `{PROTOCOLS[protocol]}.<variant>.<set>` in `reports/eval/eval_default.json`.)", ""]
-    rest = [r for r in refs if r["protocol"] not in scored or "difference" in r or r["shots"] != SHOTS
-            or r["split"] != split_of(r["set"])]
+    rest = [r for r in refs if not any(r is f for f in shown)]
     rows = [[r["model"], r["set"], r["split"], r["protocol"] + (f" ({r['protocol_note']})" if r.get("protocol_note") else ""),
-             f"{r['shots']}-shot",
+             _shots(r),
              f"{r['accuracy']}%" if "accuracy" in r else
              f"{r['difference']['low']:+g} to {r['difference']['high']:+g} points ({r['difference']['between']})",
              source_text(r)] for r in rest]
     lines += ["## 3. Published figures not compared with this run", "",
-              "Measured under a protocol this run did not score (or one that is not ours), with other shots or on "
-              "another split: context only, never a like-for-like comparison.", ""]
+              "Measured under a protocol (or on a set) this run did not score, under one that is not ours, with other "
+              "shots or on another split: context only, never a like-for-like comparison.", ""]
     lines += [md_table(["model", "set", "split", "protocol", "shots", "figure", "source"], rows) if rows
               else "None.", ""]
-    blockers, checks = base_check(doc, refs, tolerance_points)
+    checks = base_check(doc, refs, tolerance_points)[1]
     lines += ["## 4. The base model against published figures for the same model", "",
               f"Within reach: the published figure lies in our 95% CI widened by {tolerance_points:g} points "
               "(readiness.anchor_tolerance_points). Readiness repeats this check.", ""]

@@ -118,12 +118,13 @@ def test_reports_stage_writes_every_file_and_says_what_was_skipped(evaluated):
     assert "OPENAI_API_KEY" not in record["env"]
 
 
-def test_a_published_number_without_citation_is_rejected(tmp_path):
-    from pipeline.reporting import load_references
-    assert all(r["paper"] and r["table"] for r in load_references())   # the shipped file is complete
+def test_a_published_number_without_its_protocol_is_rejected(tmp_path):
+    from pipeline.anchors import ReferenceError, load_references
+    assert all(r["protocol"] and r["source"]["url"] for r in load_references())   # the shipped file is complete
     bad = tmp_path / "references.yaml"
-    bad.write_text("references:\n  - {benchmark: medqa, model: X, number: 99.0, setting: s, paper: p, url: https://x}\n")
-    with pytest.raises(ValueError, match=r"references\[0\].*lacks table"):
+    bad.write_text("references:\n  - {model: X, set: medqa, split: test, n: 9, shots: 0, accuracy: 99.0, "
+                   "confirmed: true, source: {kind: paper, title: p, table: t, url: 'https://x'}}\n")
+    with pytest.raises(ReferenceError, match=r"references.yaml:2: references\[0\] \(X\) field 'protocol' is missing"):
         load_references(bad)
 
 

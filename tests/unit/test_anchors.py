@@ -69,7 +69,7 @@ def test_a_result_under_another_protocol_is_never_held_against_the_figure():
     assert rows[0]["text"] == (f"no published figure for {QWEN7} under protocol generative_letter on medqa "
                                "(test, 0-shot): not compared")
     [b] = blockers
-    assert "did not score that protocol" in b and "eval.free_answer=true" in b
+    assert "did not score the base there" in b and "eval.free_answer=true" in b
     # scored under both: only the free-answer result meets the figure
     doc["results_free"] = {"base": {"medqa": _res(0.56, 0.53, 0.59)}}
     blockers, rows = A.base_check(doc, [_ref()], 5.0)
