@@ -26,5 +26,13 @@ def prompt(row: dict) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+def free_prompt(row: dict) -> list[dict]:
+    """Protocol free_answer_extraction: answered freely, concluding with yes, no or maybe."""
+    question, _, context = row["question"].partition("\n\n")
+    text = (f"Context: {context}\n\nQuestion: {question}\n\nAnswer the question. End your answer with "
+            "\"The answer is yes\", \"The answer is no\" or \"The answer is maybe\".")
+    return [{"role": "user", "content": text}]
+
+
 def extract(row: dict, raw: str) -> tuple[str | None, str]:
     return evalkit.extract_yes_no_maybe(raw)
