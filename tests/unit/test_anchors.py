@@ -183,3 +183,12 @@ def test_sota_pairs_a_figure_with_ours_only_under_the_same_protocol_set_and_shot
     assert "No published figure under protocol `loglik` for set pubmedqa (test, 0-shot)." in loglik
     assert all(m in rest for m in ("M-free", "M-5shot", "M-unknown")) and "M-letter" not in rest
     assert "### Protocol `free_answer_extraction`" not in text        # not scored: its figure is context only
+
+
+def test_the_free_answer_protocol_is_on_for_the_thesis_tiers_only_and_validated(tmp_path):
+    env = {"PIPELINE_ROOT": str(tmp_path)}
+    assert [load_config(tier=t, env=env).eval.free_answer for t in ("tiny", "demo", "7b", "14b")] == [
+        False, False, True, True]
+    assert load_config(tier="7b", env=env).eval.free_answer_sets == ["medqa", "pubmedqa"]
+    with pytest.raises(ConfigError, match=r"eval.free_answer_sets has unknown set\(s\) \['mmlu'\]"):
+        load_config(tier="7b", env=env, overrides=["eval.free_answer_sets=[mmlu]"])
