@@ -85,8 +85,8 @@ def _problem(e: dict) -> tuple[str, str] | None:
                                 and 0 <= e["accuracy"] <= 100):
         return "accuracy", f"{e['accuracy']!r} is not a percent accuracy in [0, 100]"
     d = e.get("difference")
-    if "difference" in e and not (isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) for k in ("low", "high"))
-                                  and d["low"] <= d["high"] and d.get("between")):
+    bounds = isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) for k in ("low", "high"))
+    if "difference" in e and not (bounds and d["low"] <= d["high"] and d.get("between")):
         return "difference", "give {low, high} in points (low <= high) and between (what minus what)"
     return None
 
@@ -218,14 +218,15 @@ def sota_lines(doc: dict, refs: list[dict], tolerance_points: float) -> list[str
             figures = [r for r in refs if comparable(r, s, protocol)]
             shown += figures
             pub = [[r["model"], f"{r['accuracy']}% (n={r['n']})", _shots(r), source_text(r)] for r in figures]
-            lines += [f"**{s}** ({split_of(s)}):", "", md_table(["model", "accuracy", "shots", "source"], ours + pub), ""]
+            lines += [f"**{s}** ({split_of(s)}):", "",
+                      md_table(["model", "accuracy", "shots", "source"], ours + pub), ""]
             if not pub:
                 lines += [f"No published figure under protocol `{protocol}` for set {s} ({split_of(s)}, "
                           f"{SHOTS}-shot).", ""]
         lines += [f"(Ours: `{PROTOCOLS[protocol]}.<variant>.<set>` in `reports/eval/eval_default.json`.)", ""]
     rest = [r for r in refs if not any(r is f for f in shown)]
-    rows = [[r["model"], r["set"], r["split"], r["protocol"] + (f" ({r['protocol_note']})" if r.get("protocol_note") else ""),
-             _shots(r),
+    rows = [[r["model"], r["set"], r["split"],
+             r["protocol"] + (f" ({r['protocol_note']})" if r.get("protocol_note") else ""), _shots(r),
              f"{r['accuracy']}%" if "accuracy" in r else
              f"{r['difference']['low']:+g} to {r['difference']['high']:+g} points ({r['difference']['between']})",
              source_text(r)] for r in rest]

@@ -19,8 +19,8 @@ import unicodedata
 from collections import Counter
 from functools import lru_cache
 
-__all__ = ["extract_choice", "extract_yes_no_maybe", "extract_conclusion", "accuracy_ci", "diff_ci", "mcnemar_exact", "holm_by_protocol",
-           "min_detectable_difference", "answer_distribution", "length_stats"]
+__all__ = ["extract_choice", "extract_yes_no_maybe", "extract_conclusion", "accuracy_ci", "diff_ci", "mcnemar_exact",
+           "holm_by_protocol", "min_detectable_difference", "answer_distribution", "length_stats"]
 ALPHA, POWER = 0.05, 0.8     # two-sided significance level and power of every statement the reports make
 MDD_METHOD = ("normal approximation for two proportions at p = 0.5 (the largest variance), unpaired: "
               "(z_{1-alpha/2} + z_{power}) * sqrt(2 p (1 - p) / n); conservative for the paired McNemar test "
