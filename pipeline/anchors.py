@@ -178,10 +178,10 @@ def base_check(doc: dict, refs: list[dict], tolerance_points: float) -> tuple[li
                              "n": res.get("n"), "published": r["accuracy"], "source": source_text(r),
                              "tolerance_points": tolerance_points, "within": within,
                              "text": f"base {model} on {s} under {protocol}: ours {_ours(res)}, published "
-                                     f"{r['accuracy']} ({source_text(r)})"})
+                                     f"{r['accuracy']}% ({source_text(r)})"})
                 if not within:
                     blockers.append(f"the base model {model} scores {_ours(res)} on {s} under protocol {protocol}, "
-                                    f"published {r['accuracy']} by {source_text(r)}: outside our 95% CI widened by "
+                                    f"published {r['accuracy']}% by {source_text(r)}: outside our 95% CI widened by "
                                     f"readiness.anchor_tolerance_points {tolerance_points:g}; check {CAUSES}")
     for r in mine:
         measured = (scored.get(r["protocol"]) or {}).get("base") or {}
@@ -190,13 +190,13 @@ def base_check(doc: dict, refs: list[dict], tolerance_points: float) -> tuple[li
         key = PROTOCOLS[r["protocol"]]
         rows.append({"protocol": r["protocol"], "set": r["set"], "ours": None, "published": r["accuracy"],
                      "source": source_text(r), "within": None,
-                     "text": f"published {r['accuracy']} for {model} on {r['set']} under {r['protocol']} "
+                     "text": f"published {r['accuracy']}% for {model} on {r['set']} under {r['protocol']} "
                              f"({source_text(r)}); this run did not score the base there"})
         if key:
             fix = (f"set eval.free_answer=true with {r['set']} in eval.free_answer_sets"
                    if r["protocol"] == "free_answer_extraction" else f"score it (eval evidence key {key})")
             blockers.append(f"the base model {model} has a published figure on {r['set']} under protocol "
-                            f"{r['protocol']} ({r['accuracy']}, {source_text(r)}) but this run did not score the "
+                            f"{r['protocol']} ({r['accuracy']}%, {source_text(r)}) but this run did not score the "
                             f"base there, so the sanity check cannot run: {fix}")
     return blockers, rows
 
