@@ -2,10 +2,12 @@
 
 A set's module defines
     NAME                    the set's name (eval.sets, eval.sample_sizes, the evidence, the reports)
+    SPLIT                   the split its questions come from ("test"): a published figure must share it
     reads                   the config keys it reads, e.g. ("data.medqa_path", "data.on_bad_row")
     files(cfg) -> [Path]    the data files it reads (they enter the fingerprint of every stage that loads it)
     load(cfg) -> (rows, [LoadReport])   through the pipeline.data loaders (errors name file:line and field)
     prompt(row) -> messages             the chat messages the model answers (their sha256 is recorded)
+    free_prompt(row) -> messages        the same question for a free answer (protocol free_answer_extraction)
     extract(row, raw) -> (answer | None, method)   the answer a model's output commits to, by rules
 
 Everything that iterates eval sets (settings' validation, the eval and dry-run stages, reports, bench) asks

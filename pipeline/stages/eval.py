@@ -17,7 +17,7 @@ import json
 from collections import Counter
 
 from pipeline import data as D
-from pipeline import evalkit, evalsets, judgekit, models
+from pipeline import eval_free, evalkit, evalsets, judgekit, models
 from pipeline import evidence as ev
 from pipeline import reporting as R
 from pipeline.core import SkipStage, StageFailed
@@ -95,12 +95,12 @@ def apply_fallback(ctx, fb: dict, variant: str, preds: list[dict], rows: list[di
             p["llm_fallback"] = f"answered {answer!r}" if res["status"] == "judged" else f"unjudged ({res.get('reason')})"
 
 
-def summarize(preds: list[dict], cfg) -> dict:
-    """Per set: accuracy + CI, per-subject accuracy + CI, format failures, lengths, extraction methods."""
+def summarize(preds: list[dict], cfg, sets: list[str] | None = None) -> dict:
+    """Per set (eval.sets, or `sets`): accuracy + CI, per-subject accuracy + CI, format failures, lengths, methods."""
     ci = lambda ps: evalkit.accuracy_ci([p["correct"] for p in ps], seed=cfg.eval.seed,  # noqa: E731
                                         n_resamples=cfg.eval.n_bootstrap)
     out = {}
-    for name in cfg.eval.sets:
+    for name in sets or cfg.eval.sets:
         ps = [p for p in preds if p["set"] == name]
         fails = sum(p["extracted"] is None for p in ps)
         subjects = sorted({p["subject"] for p in ps})
@@ -145,15 +145,16 @@ def power(sets: dict) -> dict:
                      for s, (rows, _) in sets.items()}}
 
 
-def predict(ctx, vs, name: str, rows: list[dict], prompts: list[list[dict]]) -> list[dict]:
+def predict(ctx, vs, name: str, rows: list[dict], prompts: list[list[dict]], max_new_tokens: int | None = None,
+            extractor=extract, label: str | None = None) -> list[dict]:
     """The variant's answers to every question, extracted by the rules and scored against the gold answer."""
     cfg = ctx.cfg
     model, tok = vs.use(name)
-    raws = generate(model, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, ctx.progress,
-                    f"eval {name}")
+    raws = generate(model, tok, prompts, cfg.eval.batch_size, max_new_tokens or cfg.eval.max_new_tokens, ctx.progress,
+                    label or f"eval {name}")
     out = []
     for row, prompt, raw in zip(rows, prompts, raws):
-        extracted, method = extract(row, raw)
+        extracted, method = extractor(row, raw)
         out.append({"id": row["id"], "set": row["set"], "subject": row["subject"],
                     "prompt_sha256": hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest(),
                     "raw": raw, "extracted": extracted, "gold": row["answer"],
@@ -186,6 +187,9 @@ def run(ctx) -> dict:
             lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds[name])
             ev.atomic_write_text(ctx.path(rel), lines)
             outputs.append(rel)
+        free = None   # protocol free_answer_extraction: the base again, freely (pipeline/eval_free.py)
+        if cfg.eval.free_answer and "base" in preds:
+            free = eval_free.score(ctx, vs, sets, predict, summarize)
         memory = vs.memory()
     fb = {k: v for k, v in fb.items() if not k.startswith("_")}
     paired = paired_tests(preds, cfg, ctx.registry.aligned)
@@ -201,7 +205,11 @@ def run(ctx) -> dict:
                                     "protocols": sorted({t["protocol"] for t in paired})},
            "generation": {"backend": "hf", "greedy": True, "padding_side": "left",
                           "batched_by_prompt_length": True, "decoding": decoding(cfg.eval.max_new_tokens)}}
-    ev.atomic_write_text(ctx.path("reports/eval_default.md"), R.eval_markdown(doc, cfg, git_commit()))
+    if free:
+        doc |= {eval_free.KEY: free[0], "free_answer": free[1]}
+        outputs += free[2]
+    ev.atomic_write_text(ctx.path("reports/eval_default.md"), R.eval_markdown(doc, cfg, git_commit())
+                         + eval_free.markdown(doc))
     return doc | {"outputs": outputs + ["reports/eval_default.md"]}
 
 
@@ -268,7 +276,7 @@ def checks(g, doc) -> list:
     if problems:
         return [coverage, g.blocked("numbers", "coverage")]
     from pipeline.eval_audit import audit
-    wrong = audit(cfg, g.root, doc, g.registry.aligned)
+    wrong = audit(cfg, g.root, doc, g.registry.aligned) + eval_free.audit(cfg, g.root, doc)
     return [coverage, g.result("numbers", wrong[:8] + ([f"{len(wrong) - 8} more"] if len(wrong) > 8 else []),
                                "every accuracy, CI, count and paired test recomputes from the re-scored "
                                "predictions")]

@@ -2,18 +2,20 @@
 
 Writes reports/sota_compare.md, reports/error_analysis.md, reports/thesis_support/thesis_draft_material.md,
 reports/thesis_support/experiment_record.json and reports/figures/eval_accuracy.png; runs (and says so)
-when variants, the eval or the judges were skipped. Published numbers come only from configs/references.yaml.
+when variants, the eval or the judges were skipped. Published numbers come only from configs/references.yaml, and
+stand beside ours only under the same protocol (pipeline/anchors.py).
 """
 from __future__ import annotations
 
 import json
 
+from pipeline import anchors as A
 from pipeline import data as D
 from pipeline import evalsets
 from pipeline import evidence as ev
 from pipeline import reporting as R
 from pipeline import root_hash
-from pipeline.core import Stage
+from pipeline.core import Stage, StageFailed
 
 STAGE = Stage("reports", "reports/thesis_support/reports_manifest.json", needs=("eval", "judge"), reads=("*",),
               inputs=lambda cfg: R.reference_files(cfg) + D.files("sft_path", "preference_path", "kto_path")(cfg)
@@ -49,14 +51,7 @@ def sota_compare(ctx, eval_doc, refs: list[dict]) -> str:
                   "Paired tests (exact McNemar on the same question ids, Holm-adjusted per protocol):", "",
                   R.paired_table(eval_doc), "", *R.statistics_lines(eval_doc), "",
                   f"(Source: `{R.EVAL_JSON}`, fields `paired` and `min_detectable_difference`.)", ""]
-    lines += ["## 2. Published figures (other models, prompts and settings)", "",
-              "These numbers are quoted from the papers named beside them (`configs/references.yaml`); they were "
-              "measured with other models, prompts, shots and test splits, so they give context only and are not a "
-              "like-for-like comparison with section 1.", ""]
-    rows = [[r["benchmark"], r.get("model", ""), f"{r['number']}%", r["setting"], r["paper"], r["table"],
-             r.get("doi") or r.get("url")] for r in refs]
-    lines += [R.md_table(["benchmark", "model", "accuracy", "setting", "paper", "where", "link"], rows) if rows
-              else "No published figures with complete citations are listed.", ""]
+    lines += A.sota_lines(eval_doc or {}, refs, ctx.cfg.readiness.anchor_tolerance_points)
     return "\n".join(lines)
 
 
@@ -131,7 +126,10 @@ def judge_findings(doc) -> list[str]:
 
 def run(ctx) -> dict:
     eval_doc, judge_doc = ctx.evidence("eval"), ctx.evidence("judge")
-    refs = R.load_references()
+    try:
+        refs = A.load_references()
+    except A.ReferenceError as exc:
+        raise StageFailed(str(exc)) from None
     evidence_root = root_hash.of_root(ctx.root, ctx.registry)   # nothing this stage writes is inside it
     texts = {"sota": sota_compare(ctx, eval_doc, refs), "errors": error_analysis(ctx, eval_doc, judge_doc),
              "draft": R.thesis_draft(ctx, eval_doc, judge_doc) + root_lines(evidence_root)}
