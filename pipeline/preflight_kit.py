@@ -105,6 +105,16 @@ def start_batch(doc: dict | None, kind: str, planned: tuple[int, int]) -> tuple[
     return (rec["batch"], rec["grad_acc"]) if rec["batch"] < planned[0] else None
 
 
+def first_attempt(doc: dict | None, kind: str, planned: tuple[int, int, str | None]) -> tuple[int, int, str]:
+    """A training stage's first (batch, accumulation, reason): the planned one (ranks.first_batch), or the smaller
+    one the fresh preflight `doc` found, with the reason "preflight: ..." (its batch attempts record it)."""
+    smaller = start_batch(doc, kind, planned[:2])
+    if smaller:
+        return (*smaller, f"preflight: batch {planned[0]} x accumulation {planned[1]} ran out of memory in its "
+                          f"trial; starting at {smaller[0]} x {smaller[1]} (reports/migration/preflight.json)")
+    return planned[0], planned[1], planned[2] or "as configured"
+
+
 def predictions(doc: dict | None) -> dict[str, float]:
     """{stage: predicted seconds} of an ok preflight (or one being written): its training stages, eval and judge."""
     if not doc or doc.get("status", "ok") != "ok":
