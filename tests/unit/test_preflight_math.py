@@ -204,3 +204,25 @@ def test_advice_is_read_only_when_declared_and_fresh(tiny_env):
     assert engine.run(["advised"], load_config(overrides=["eval.seed=99"]), quiet, core.Registry(stages),
                       force=True) == 0
     assert got["doc"] is None
+
+
+def test_the_day1_summary_shows_predicted_against_actual_per_stage_and_in_total(tiny_env):
+    import json
+
+    from pipeline import day1
+    from pipeline import evidence as ev
+    cfg = load_config()
+    put = lambda name, doc: ev.atomic_write_json(tiny_env / REGISTRY[name].evidence(cfg), doc)   # noqa: E731
+    put("preflight", {"status": "ok", "duration_s": 12.0, "stages": {"sft": {"predicted_s": 100.0},
+                                                                      "dpo": {"predicted_s": 50.0}},
+                      "eval": {"predicted_s": 20.0}, "judge": {"predicted_s": 0.0}, "predicted_total_s": 170.0})
+    put("sft", {"status": "ok", "duration_s": 110.0})
+    put("dpo", {"status": "failed", "duration_s": 3.0})   # a failed stage has no actual to compare
+    put("eval", {"status": "ok", "duration_s": 30.0})
+    steps = tiny_env / "steps.jsonl"
+    steps.write_text(json.dumps({"name": "gpu-run", "status": "ok", "rc": 0, "seconds": 150, "log": "", "note": ""}))
+    assert day1.cli(["summary", str(steps)]) == 0
+    md = (tiny_env / "reports/migration/day1_run_summary.md").read_text()
+    assert "## Predicted vs actual (preflight)" in md and "Load average" in md
+    assert "| sft | 100.0 | 110.0 | 1.1 |" in md and "| dpo | 50.0 | - | - |" in md
+    assert "| eval | 20.0 | 30.0 | 1.5 |" in md and "| total | 120.0 | 140.0 | 1.17 |" in md
