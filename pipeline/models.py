@@ -159,11 +159,16 @@ def with_adapter(model, path, adapter, trainable: bool):
 
 
 def without_adapters(model):
-    """The base under a PeftModel with every LoRA layer taken out (PEFT's unload): the same live base, as it was
-    loaded, for the next trainer to wrap (the preflight loads the base once for all its trials)."""
+    """The base with every PEFT tuner layer taken out (a PeftModel over it, or the base a trainer wrapped in place):
+    the same live base as it was loaded, for the next trainer to wrap (the preflight loads the base once)."""
     from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    base = model.unload() if isinstance(model, PeftModel) else model
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    for parent in list(base.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(parent, name, child.get_base_layer())
     for attr in ("peft_config", "_hf_peft_config_loaded"):
         if attr in base.__dict__:
             delattr(base, attr)

@@ -156,3 +156,24 @@ def test_the_judge_prediction_measures_one_request_at_the_endpoint(tiny_env, mon
                                "risk": len(REGISTRY.variants) * questions}
     assert got["predicted_s"] == pytest.approx(got["waves"] * got["latency_s"] + got["answers_s"], abs=0.02)
     assert got["latency_s"] > 0 and FAKE_KEY not in json.dumps(got)
+
+
+def test_a_base_given_back_without_adapters_is_the_base_as_loaded(tiny_env):
+    """The preflight wraps one loaded base in every trial: models.without_adapters takes every LoRA layer out, so
+    the next trainer finds the base as it was loaded (same parameter names and values)."""
+    import torch
+    from peft import get_peft_model
+
+    from pipeline import models
+    cfg = load_config()
+    plan = {"device": "cpu", "precision": "fp32", "attn_implementation": "sdpa", "quantization": None}
+    base = models.load_model(models.base_for(cfg), plan, trainable=True)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    wrapped = get_peft_model(base, T.lora_config(cfg))
+    assert any(".lora_A." in k for k in base.state_dict())   # PEFT injects its layers into the base itself
+    for p in wrapped.parameters():
+        if p.requires_grad:
+            p.data.add_(1.0)   # a trained adapter
+    assert models.without_adapters(base) is base
+    after = base.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
