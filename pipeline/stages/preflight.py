@@ -3,10 +3,13 @@
 Run: python -m pipeline run preflight                    (make preflight; `run all` runs it before sft)
      BUDGET=20 GPU_PRICE_PER_HOUR=2.5 python -m pipeline run all    stops before SFT when the prediction costs more
 Writes reports/migration/preflight.json: per training stage (the registry's methods) the batch that fit and every
-attempt, peak memory, seconds per optimizer step, tokens/s (no padding) and the predicted wall time; the total, its
-cost and the budget decision. Each trainer is built by training.trainer_for, the function its stage uses, on the
-stage's longest rows at its longest max_length with the planned batch and accumulation; `preflight.steps` timed
-steps after one warm-up. The methods trained from SFT start from the adapter the SFT trial saved.
+attempt, peak memory, seconds per optimizer step, tokens/s (no padding) and the predicted wall time; eval's and the
+judges' predictions (pipeline/preflight_eval.py); the total, its cost and the budget decision. The base is loaded
+once: each trainer is built by training.trainer_for, the function its stage uses, on that base (given back without
+adapters after each trial), on the stage's longest rows at its longest max_length with the planned batch and
+accumulation; `preflight.steps` timed steps after one warm-up. The methods trained from SFT start from the adapter
+the SFT trial saved. A stage then starts at the batch found here (training.start_batch), and guard() re-projects
+the budget before each later stage (the engine asks it). The arithmetic: pipeline/preflight_kit.py.
 """
 from __future__ import annotations
 
