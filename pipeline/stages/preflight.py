@@ -91,7 +91,7 @@ def trial(ctx, kind: str, base: str, model, tok, data: dict, length: int, batch:
     cuda, steps = plan["device"] == "cuda", cfg.preflight.steps
     args = T.base_args(cfg, kind, plan, out, batch, grad_acc)
     args.update(max_steps=steps + 1, save_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True)
-    rec, trainer = {"batch": batch, "grad_acc": grad_acc, "oom": False}, None
+    rec, trainer, m = {"batch": batch, "grad_acc": grad_acc, "oom": False}, None, None
     models.release()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -106,7 +106,6 @@ def trial(ctx, kind: str, base: str, model, tok, data: dict, length: int, batch:
             m = meter(trainer.model, cuda)
             trainer.add_callback(m)
             trainer.train()
-            m.counter.handle.remove()
         rec.update(speed=speed(m.marks), global_step=trainer.state.global_step)
         timed = rec["speed"]["per_step"][1:] or rec["speed"]["per_step"]
         rec["s_per_step"] = round(sum(s["seconds"] for s in timed) / len(timed), 4)
@@ -119,7 +118,9 @@ def trial(ctx, kind: str, base: str, model, tok, data: dict, length: int, batch:
         if not T.is_oom(exc):
             raise
         rec.update(oom=True, error=(str(exc).splitlines() or [type(exc).__name__])[0][:200])
-    finally:
+    finally:   # the meter's hook sits on the base's decoder, which the next trial uses again
+        if m is not None:
+            m.counter.handle.remove()
         trainer = None
         models.without_adapters(model)
         models.release()
