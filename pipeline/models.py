@@ -21,7 +21,8 @@ __all__ = ["DATA", "DEMO_WHEEL", "DEMO_WHEEL_SHA256", "GENERATION_MARKER", "QWEN
            "SPECIAL_TOKENS", "TINY_VOCAB", "TOKENIZER_TEXTS", "build_tiny", "cached_model_dir",
            "chat_template_sha256", "chatml_template", "check_chat_template", "ensure_demo",
            "has_generation_markers", "PLAN_CHOICES", "load_tokenizer", "live_models", "live_high_water",
-           "release", "with_adapter", "without_adapters", "trainable_dtype", "fix_trainable_dtype", "load_model", "dtype_audit",
+           "release", "with_adapter",
+           "without_adapters", "trainable_dtype", "fix_trainable_dtype", "load_model", "dtype_audit",
            "base_model_name", "resolve_base_model", "base_for", "display_name", "base_model_identity",
            "hub_revision", "same_base"]
 

@@ -88,8 +88,8 @@ def reproject(spent_s: float, predicted: dict[str, float], todo: list[str], pric
     stop = cost(after_next, price_per_hour) > budget
     reason = None
     if stop:
-        reason = (f"BUDGET={budget:g} would be crossed by {todo[0]}: spent so far {money(cost(spent_s, price_per_hour))} "
-                  f"({spent_s:.0f} s measured), {todo[0]} is predicted at {predicted.get(todo[0], 0.0):.0f} s "
+        spent = money(cost(spent_s, price_per_hour))
+        reason = (f"BUDGET={budget:g} would be crossed by {todo[0]}: spent so far {spent} ({spent_s:.0f} s measured), {todo[0]} is predicted at {predicted.get(todo[0], 0.0):.0f} s "
                   f"({money(cost(after_next, price_per_hour))} after it), projection of the whole run "
                   f"{money(cost(projection, price_per_hour))} ({projection:.0f} s); every finished stage is kept: "
                   f"re-run with a larger BUDGET to continue from {todo[0]}")

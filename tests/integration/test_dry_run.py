@@ -113,7 +113,8 @@ def test_the_dry_run_prints_the_timeline_of_an_up_to_date_preflight_and_runs_aga
     """A preflight written for this config and this gpu_check (its fingerprint now): the dry run prints its
     predicted timeline; preflight.json is one of the dry run's inputs, so a new preflight re-runs it."""
     code, doc, _ = dry_run(dry_env)
-    assert code == 0 and doc["predicted_timeline"]["lines"] == [] and "make preflight" in doc["predicted_timeline"]["note"]
+    assert code == 0 and doc["predicted_timeline"]["lines"] == []
+    assert "make preflight" in doc["predicted_timeline"]["note"]
     cfg = load_config()
     fp, _ = engine.fingerprint(REGISTRY["preflight"], cfg, REGISTRY)
     ev.atomic_write_json(dry_env / "reports/migration/preflight.json", {
