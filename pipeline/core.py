@@ -113,15 +113,16 @@ class Registry:
                 group, dot, rest = key.partition(".")
                 out += [f"{m}{dot}{rest}" for m in groups[group]] if group in groups else [key]
             return tuple(dict.fromkeys(out))
-        resolved = []
+        resolved, names = [], {s.name for s in stages}
         for s in stages:
             s = dataclasses.replace(s, reads=expand(s.reads), untracked=expand(s.untracked),
-                                    needs=tuple(dict.fromkeys(s.needs + (methods if s.needs_methods else ()))))
+                                    needs=tuple(dict.fromkeys(s.needs + (methods if s.needs_methods else ()))),
+                                    advice=tuple(n for n in s.advice if n in names))   # advice is optional
             resolved.append(s)
         self.stages = tuple(resolved)
         self.by_name = {s.name: s for s in self.stages}
         for s in self.stages:
-            unknown = [n for n in s.needs + s.advice if n not in self.by_name]
+            unknown = [n for n in s.needs if n not in self.by_name]
             if unknown:
                 raise ValueError(f"stage {s.name} needs unknown stage(s) {unknown}")
 
