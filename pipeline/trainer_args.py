@@ -144,15 +144,19 @@ def sft_tokenizer(base: str):
 
 
 def trainer_for(cfg, kind: str, plan: dict, base: str, tok, data: dict, max_length: int, args: dict,
-                adapter: str | None = None, classes: tuple | None = None):
+                adapter: str | None = None, classes: tuple | None = None, base_model=None):
     """The TRL trainer of method `kind`, as its stage trains it and as the preflight measures it: SFT puts a fresh
     LoRA on the base (data: train and eval); a method trained from SFT continues `adapter` (data: train) with the
-    classes and arguments its stage module's trainer(cfg) names (or `classes`, the ones its run() handed over)."""
+    classes and arguments its stage module's trainer(cfg) names (or `classes`, the ones its run() handed over).
+    `base_model`: the base `base` already loaded (trainable), used instead of loading it (the preflight's one load;
+    models.without_adapters gives it back clean)."""
     from pipeline import models
     from pipeline.stages import REGISTRY   # at call time: the stage modules import this module
     tc, stage = getattr(cfg, kind), REGISTRY[kind]
 
     def load():
+        if base_model is not None:
+            return models.with_adapter(base_model, base, adapter, True) if adapter else base_model
         return models.load_model(base, plan, adapter=adapter, trainable=True,
                                  activation_checkpointing=tc.activation_checkpointing)
     if stage.method.start == "base":

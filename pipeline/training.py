@@ -33,6 +33,7 @@ TRAIN_KEYS = ("max_steps", "learning_rate", "batch_size", "grad_acc", "max_lengt
 RUN_KEYS = ("model.name", "model.tiny_seed", "runtime.seed", "runtime.nproc", "runtime.deepspeed_config",
             "runtime.force_skip_training", "runtime.rehearsal", "runtime.rehearsal_fraction")
 UNTRACKED = ("runtime.report_to", "runtime.inject_oom_at_step", "runtime.inject_oom_rank")   # log sinks, test hooks
+ADVICE = ("preflight",)   # a fresh preflight's batch is where a stage starts (start_batch): how it runs, not what
 SFT_DATA = ("data.sft_path", "data.sft_format", "data.max_sft_rows", "data.on_bad_row", "data.seed",
             "data.sft_eval_size", "data.judge_heldout_size")
 PREFERENCE_DATA = ("data.preference_path", "data.preference_format", "data.max_preference_rows", "data.on_bad_row")
@@ -144,6 +145,18 @@ def first_batch(kind: str, batch: int, grad_acc: int) -> tuple[int, int, str | N
     return ranks.first_batch(kind, batch, grad_acc, method(kind).min_batch)
 
 
+def start_batch(ctx, kind: str) -> tuple[int, int, str]:
+    """The batch the stage's first attempt uses and why: the planned one (raised to the trainer's minimum), or the
+    smaller one a fresh preflight (same fingerprint chain) found when the planned one ran out of memory there."""
+    from pipeline.preflight_kit import first_attempt
+    tc = getattr(ctx.cfg, kind)
+    doc = ctx.advice("preflight") if "preflight" in ctx.stage.advice else None
+    batch, grad_acc, why = first_attempt(doc, kind, first_batch(kind, tc.batch_size, tc.grad_acc))
+    if why != "as configured":
+        ctx.log(f"[yellow]{why}")
+    return batch, grad_acc, why
+
+
 def make_callbacks(cfg, kind: str, stop_at: int):
     import torch
     from transformers import TrainerCallback
@@ -203,10 +216,8 @@ def fit(ctx, kind: str, build_trainer) -> dict:
         if state.is_main_process:
             claim_output_dir(ctx, out)
     subs = tc.curriculum or [{"max_length": tc.max_length, "until_step": tc.max_steps}]
-    batch, grad_acc, raised = first_batch(kind, tc.batch_size, tc.grad_acc)
-    if raised:
-        ctx.log(f"[yellow]{raised}")
-    attempts = [{"attempt": 1, "per_device": batch, "grad_acc": grad_acc, "reason": raised or "as configured"}]
+    batch, grad_acc, why = start_batch(ctx, kind)
+    attempts = [{"attempt": 1, "per_device": batch, "grad_acc": grad_acc, "reason": why}]
     oom, reached, trainable = [], [], None
     first = latest_checkpoint(out)   # a checkpoint before we start = a resumed (killed) run
     resumed_from = first.name if first else None

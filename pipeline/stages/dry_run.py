@@ -26,8 +26,10 @@ STAGE = Stage("dry_run", "reports/migration/dry_run.json", needs=("gpu_check",),
     "runtime.rehearsal_fraction", "lora.r", "lora.target_modules", "@methods.batch_size",
     "@methods.curriculum", "@methods.grad_acc", "@methods.learning_rate", "@methods.max_length",
     "@methods.max_steps", "@methods.optimizer"),
-              in_all=False, in_dry_run=True, done_status="dry_run", inputs=lambda cfg: D.files(
-                  "sft_path", "preference_path", "kto_path")(cfg) + evalsets.files(cfg))
+              in_all=False, in_dry_run=True, done_status="dry_run", advice=("preflight",),
+              inputs=lambda cfg: D.files("sft_path", "preference_path", "kto_path")(cfg) + evalsets.files(cfg)
+              + [Path(cfg.root) / PREFLIGHT])
+PREFLIGHT = "reports/migration/preflight.json"   # an input: a new preflight re-runs the dry run, which prints it
 
 TOKENIZER_FILES = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "config.json"]   # never *.safetensors / *.bin
@@ -170,6 +172,20 @@ def training_plan(cfg, plan: dict, rows: dict) -> dict:
     return out
 
 
+def predicted_timeline(ctx) -> dict:
+    """The timeline of a fresh preflight (python -m pipeline run preflight; `make preflight`), when there is one."""
+    from pipeline import preflight_kit as K
+    doc = ctx.advice("preflight")
+    if not doc:
+        return {"evidence": None, "lines": [], "note": "no up-to-date preflight: `make preflight` measures and "
+                                                         "predicts the run (it runs by itself in `run all` on 7b/14b)"}
+    lines = K.timeline(doc)
+    for line in lines:
+        ctx.log(f"predicted: {line}")
+    return {"evidence": PREFLIGHT, "lines": lines, "stages_s": K.predictions(doc),
+            "predicted_total_s": doc["predicted_total_s"], "predicted_cost": doc.get("predicted_cost")}
+
+
 def run(ctx) -> dict:
     cfg, plan = ctx.cfg, ctx.plan
     loaded = load_all(cfg)
@@ -205,5 +221,5 @@ def run(ctx) -> dict:
         "memory_estimate": plan["memory_estimate"],
         "training_plan": training_plan(cfg, plan, {m: rows_for(ctx.registry[m].method, loaded)
                                                    for m in ctx.registry.methods}),
-        "warnings": warnings,
+        "warnings": warnings, "predicted_timeline": predicted_timeline(ctx),
     }

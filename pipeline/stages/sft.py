@@ -17,7 +17,7 @@ STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", config=
               distributed=True, prepare=T.prepare,
               reads=T.reads("sft", "eval_steps", "packing", data=T.SFT_DATA)
               + ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"),
-              untracked=T.UNTRACKED, inputs=D.files("sft_path"), content=models.base_content,
+              untracked=T.UNTRACKED, advice=T.ADVICE, inputs=D.files("sft_path"), content=models.base_content,
               method=Method("checkpoints/layer_b/{slug}_sft", start="base", trainer="SFTTrainer", reference="none"))
 
 __all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by every training method

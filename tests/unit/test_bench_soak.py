@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.stages import REGISTRY
 from scripts import bench
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +45,9 @@ def test_bench_quick_writes_its_reports_and_the_no_op_loads_nothing(tmp_path):
     assert ours["final_loss"]["median"] == pytest.approx(plain["final_loss"]["median"], rel=1e-3)   # the same training
     assert res["eval"]["extracted_answers_identical"].split("/")[1] == "8"
     assert res["cuda"].get("skipped") or res["cuda"]["runs"]
+    pre = res["preflight"]   # predicted vs actual per training stage and in total (ratios; no timed assertion)
+    assert [r["rc"] for r in pre["runs"]] == [0]
+    assert set(REGISTRY.methods) | {"total"} <= set(pre["ratio_actual_to_predicted"])
 
 
 @pytest.mark.slow
