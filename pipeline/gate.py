@@ -22,12 +22,12 @@ GATE = "reports/migration/gpu_completion_check.json"
 GPU_CHECK = "reports/migration/gpu_check.json"
 
 
-def _registry(registry: Registry | None, cfg) -> Registry:
-    """The registry (the real one by default) with the seed replicates the config asks for (pipeline/seeds.py)."""
+def _registry(registry: Registry | None, cfg=None) -> Registry:
+    """The registry (the real one by default), with cfg the seed replicates it asks for (pipeline/seeds.py)."""
     from pipeline import seeds
     if registry is None:
         from pipeline.stages import REGISTRY as registry
-    return seeds.expand(registry, cfg)
+    return registry if cfg is None else seeds.expand(registry, cfg)
 
 
 @dataclass
