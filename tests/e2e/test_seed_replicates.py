@@ -20,7 +20,7 @@ from pipeline.__main__ import main
 from pipeline.settings import load_config
 from pipeline.stages import REGISTRY
 
-NEW = ("checkpoints/seeds/", "reports/training/seeds/", "reports/eval/seeds/", "reports/eval/seeds.json",
+NEW = ("checkpoints/seeds/", "reports/training/seeds/", "reports/eval/seeds/", "reports/eval/seeds.",
        "reports/eval_seeds.md", "reports/logs/", ".pipeline.lock")   # what SEEDS adds (and the logs, the lock)
 
 
