@@ -192,3 +192,36 @@ def test_a_tampered_replicate_is_redone_and_the_main_run_is_not(tmp_path):
     (tmp_path / "checkpoints/seeds/5/fake_dpo/final/weights.txt").write_text("edited\n")
     CALLS.clear()
     assert _run(tmp_path, SEEDS="5")[0] == 0 and CALLS == [("fake_dpo@seed5", 5)]
+
+
+# --- the gate's check of the summary -------------------------------------------------------------
+def _common(stage: str, **fields) -> dict:
+    return {"stage": stage, "status": "ok", "skipped": False, "reason": None, "started_at": "2026-01-01T00:00:00+00:00",
+            "finished_at": "2026-01-01T00:01:00+00:00", "duration_s": 60.0, "git_commit": None,
+            "config_hash": "0" * 64, "fingerprint": "0" * 64, "versions": {}, "inputs": {}, "outputs": {},
+            "model_tier": "tiny", **fields}
+
+
+def test_the_gate_recomputes_the_mean_and_sd_and_refuses_an_edited_one(tmp_path):
+    from pipeline import evidence as ev
+    from pipeline.gate import Gate
+    from pipeline.stages import seeds as stage
+    cfg = load_config(env=env(tmp_path, SEEDS="1,2"))
+    reg = seeds.expand(REGISTRY, cfg)
+    res = lambda acc: {"accuracy": acc, "ci_low": 0.0, "ci_high": 1.0, "n": 8}   # noqa: E731
+    main = {"results": {"dpo": {"medqa": res(0.5)}}}
+    per_seed = {1: {"results": {"dpo": {"medqa": res(0.25)}}}, 2: {"results": {"dpo": {"medqa": res(0.75)}}}}
+    ev.atomic_write_json(tmp_path / reg["eval"].evidence(cfg), main)
+    for seed, doc in per_seed.items():
+        ev.atomic_write_json(tmp_path / reg[f"eval@seed{seed}"].evidence(cfg), doc)
+    doc = _common("seeds", main_seed=42, extra_seeds=[1, 2], replicate_sft=False, notes=[],
+                  seeds=stage.summary(main, per_seed, 42))
+    assert doc["seeds"]["dpo"]["medqa"]["sd"] == pytest.approx(0.25)   # sd of 0.5, 0.25, 0.75
+    g = Gate(cfg, reg, {}).of(reg["seeds"])
+    [check] = stage.checks(g, doc)
+    assert check.passed, check.detail
+    doc["seeds"]["dpo"]["medqa"]["mean"] = 0.9
+    [check] = stage.checks(g, doc)
+    assert not check.passed and "seeds.dpo.medqa.mean is 0.9, recomputed 0.5" in check.detail, check.detail
+    [check] = stage.checks(Gate(load_config(env=env(tmp_path, SEEDS="1")), reg, {}).of(reg["seeds"]), doc)
+    assert not check.passed and "not the seeds SEEDS asks for now ([1])" in check.detail, check.detail
