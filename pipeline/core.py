@@ -59,8 +59,7 @@ class Method:
 
 @dataclass(frozen=True)
 class Replicate:
-    """A stage re-run with another training seed (SEEDS; pipeline/seeds.py makes them): `of` the stage it repeats,
-    `start` the stage whose final it trains on from (its own seed's SFT under replicate_sft, else the main SFT)."""
+    """A stage re-run with another training seed (pipeline/seeds.py): `start` is the stage it trains on from."""
     of: str
     seed: int
     start: str | None = None

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 
 from pipeline import evidence as ev
+from pipeline.seeds import main_of as _main   # a replicate's start "sft@seed2": ids and messages say "sft"
+from pipeline.training_record import start_stage
 
 CPU_PLAN = {"device": "cpu", "precision": "fp32", "attn_implementation": "sdpa", "quantization": None}
 PROBE_PROMPT = "Which organ pumps blood through the human body? Answer in one word."
@@ -22,7 +24,6 @@ def checks(g, doc) -> list:
     """metrics, checkpoint, loads, curve, steps, base_model, invariants and, for a method that trains on from
     another's final, from_<start>, and for one that declares a reference (Method.reference), reference.
     Everything after metrics is blocked when the metrics are not this stage's ok."""
-    from pipeline.training_record import start_stage
     metrics = check_metrics(g, doc)
     start = start_stage(g.stage) if g.stage.method and start_stage(g.stage) in g.registry else None
     refers = bool(start) and g.stage.method.reference != "none"
@@ -36,11 +37,6 @@ def checks(g, doc) -> list:
            check_invariants(g, doc)]
     out += [check_from_start(g, doc, start)] if start else []
     return out + ([check_reference(g, doc, start)] if refers else [])
-
-
-def _main(name: str) -> str:
-    """A seed replicate's main stage ("sft@seed2" -> "sft"): check ids and messages name the method."""
-    return name.partition("@")[0]
 
 
 def final_dir(g, stage=None) -> str:
