@@ -20,6 +20,9 @@ from pipeline.__main__ import main
 from pipeline.settings import load_config
 from pipeline.stages import REGISTRY
 
+# the shared tiny Day-1 (when this module builds it) and the replicates' training count against the first test
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+
 NEW = ("checkpoints/seeds/", "reports/training/seeds/", "reports/eval/seeds/", "reports/eval/seeds.",
        "reports/eval_seeds.md", "reports/logs/", ".pipeline.lock")   # what SEEDS adds (and the logs, the lock)
 
@@ -51,7 +54,6 @@ def gate(root: Path, seeds: str = "1,2") -> dict:
     return G.evaluate(load_config(tier="tiny", env={"PIPELINE_ROOT": str(root), "SEEDS": seeds}))
 
 
-@pytest.mark.slow
 def test_both_replicates_are_trained_scored_summarised_and_checked_by_the_gate(seeded):
     root, _, _ = seeded
     aligned = REGISTRY.aligned
@@ -82,7 +84,6 @@ def test_both_replicates_are_trained_scored_summarised_and_checked_by_the_gate(s
     assert "seeds.summary" in ids
 
 
-@pytest.mark.slow
 def test_the_main_run_is_byte_identical_to_the_run_without_seeds(seeded):
     root, before, _ = seeded
     after = files(root)
@@ -92,7 +93,6 @@ def test_the_main_run_is_byte_identical_to_the_run_without_seeds(seeded):
     assert added == [], added
 
 
-@pytest.mark.slow
 def test_a_rerun_retrains_nothing_and_a_tampered_replicate_fails_the_gate(seeded, monkeypatch, capsys):
     root, _, _ = seeded
     evidence = {rel: data for rel, data in files(root).items() if rel.endswith(".json") and "logs" not in rel}
