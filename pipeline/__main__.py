@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "run":
         return engine.run(args.targets, cfg, console, REGISTRY, force=args.force, with_needs=not args.no_deps)
     if args.cmd == "ls":
-        engine.print_table(cfg, console, REGISTRY)
+        from pipeline import seeds
+        engine.print_table(cfg, console, seeds.expand(REGISTRY, cfg, console))
         return 0
     if args.cmd == "config":
         print(json.dumps(cfg.to_dict(), indent=2, default=str))

@@ -58,6 +58,18 @@ class Method:
 
 
 @dataclass(frozen=True)
+class Replicate:
+    """A stage re-run with another training seed (pipeline/seeds.py): `start` is the stage it trains on from."""
+    of: str
+    seed: int
+    start: str | None = None
+
+    @property
+    def reports(self) -> str:
+        return f"reports/training/seeds/{self.seed}"
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     evidence_path: str                               # relative to the output root; {slug} is the tier's slug
@@ -94,6 +106,12 @@ class Stage:
                                                      #   how to run (a batch), not what: not in its fingerprint
     guard: Callable | None = None                    # guard(cfg, registry, done, todo) -> None or why the run stops
                                                      #   before todo[0] (the engine asks it once this stage is ok)
+    replicate: Replicate | None = None               # a seed replicate (name "<of>@seed<N>"): pipeline/seeds.py
+
+    @property
+    def kind(self) -> str:
+        """The stage it is (a replicate's main stage): its config section, its method's name."""
+        return self.replicate.of if self.replicate else self.name
 
     def evidence(self, cfg) -> str:
         return self.evidence_path.format(slug=cfg.slug)
@@ -106,8 +124,9 @@ class Registry:
     """The only list of stages, in run order. Everything that iterates methods or stages asks it."""
 
     def __init__(self, stages: list[Stage]):
-        methods = tuple(s.name for s in stages if s.method)
-        groups = {"@methods": methods, "@aligned": tuple(s.name for s in stages if s.method and s.method.start == "sft")}
+        main = [s for s in stages if s.method and s.replicate is None]   # seed replicates are no variants
+        methods = tuple(s.name for s in main)
+        groups = {"@methods": methods, "@aligned": tuple(s.name for s in main if s.method.start == "sft")}
 
         def expand(keys):   # "@methods.batch_size" -> "sft.batch_size", ...; "@aligned" -> "dpo", "simpo", ...
             out = []
@@ -146,13 +165,13 @@ class Registry:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """Training methods, in run order (sft first)."""
-        return tuple(s.name for s in self.stages if s.method)
+        """Training methods, in run order (sft first); seed replicates are not among them."""
+        return tuple(s.name for s in self.stages if s.method and s.replicate is None)
 
     @property
     def aligned(self) -> tuple[str, ...]:
         """Methods that train on from the SFT final."""
-        return tuple(s.name for s in self.stages if s.method and s.method.start == "sft")
+        return tuple(s.name for s in self.stages if s.method and s.method.start == "sft" and s.replicate is None)
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -204,12 +223,19 @@ def declared(allowed: tuple[str, ...], key: str) -> bool:
     return "*" in allowed or key in allowed or section in allowed
 
 
+def stage_config(stage: Stage, cfg):
+    """The config a stage runs with and is fingerprinted by: a seed replicate's has its own runtime.seed."""
+    if stage.replicate is None:
+        return cfg
+    return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, seed=stage.replicate.seed))
+
+
 class ScopedCfg:
     """The resolved config as one stage sees it: reading an undeclared key raises StageFailed naming the key and
     the fix. Every read is recorded (`reads`), so a test can compare the declaration with what was read."""
 
     def __init__(self, cfg, stage: Stage, inputs: list[Path] | None = None, reads: set | None = None):
-        object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "_cfg", stage_config(stage, cfg))
         object.__setattr__(self, "_stage", stage)
         object.__setattr__(self, "_allowed", stage.reads + stage.untracked)
         object.__setattr__(self, "_inputs", None if inputs is None else [Path(p).resolve() for p in inputs])
@@ -217,7 +243,7 @@ class ScopedCfg:
 
     def _deny(self, key: str, what: str = "config key"):
         raise StageFailed(f"stage {self._stage.name} read {what} {key!r} without declaring it: add it to reads= "
-                          f"(or untracked= if it cannot change the result) in pipeline/stages/{self._stage.name}.py",
+                          f"(or untracked= if it cannot change the result) in pipeline/stages/{self._stage.kind}.py",
                           code="undeclared_read")
 
     def _read(self, key: str):
@@ -323,7 +349,7 @@ class Ctx:
     def evidence(self, stage: str) -> dict | None:
         if stage != self.name and stage not in self.registry.upstream(self.name):
             raise StageFailed(f"stage {self.name} read the evidence of {stage}, which it does not need: add "
-                              f"{stage!r} to needs= in pipeline/stages/{self.name}.py", code="undeclared_read")
+                              f"{stage!r} to needs= in pipeline/stages/{self.stage.kind}.py", code="undeclared_read")
         return self.read_evidence(self.root / self.registry[stage].evidence(self.cfg))
 
     def advice(self, stage: str) -> dict | None:

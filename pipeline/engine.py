@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from pipeline import evidence as ev
-from pipeline import launch
-from pipeline.core import Ctx, Registry, ScopedCfg, SkipStage, Stage, StageFailed, config_part
+from pipeline import launch, seeds
+from pipeline.core import Ctx, Registry, ScopedCfg, SkipStage, Stage, StageFailed, config_part, stage_config
 from pipeline.settings import REPO, Config, secret
 
 from pipeline.provenance import git_commit, now, versions
@@ -38,7 +38,8 @@ def input_files(stage: Stage, cfg: Config) -> list[Path]:
 def declared_config(stage: Stage, cfg: Config) -> dict:
     """The fingerprinted part of the config: exactly the keys the stage declares it reads, paths inside the root
     or the repository relative to it (a moved root or clone stays up to date)."""
-    return ev.portable({key: config_part(cfg, key) for key in sorted(stage.reads)}, Path(cfg.root), REPO)
+    run_cfg = stage_config(stage, cfg)   # a seed replicate's own runtime.seed
+    return ev.portable({key: config_part(run_cfg, key) for key in sorted(stage.reads)}, Path(cfg.root), REPO)
 
 
 def fingerprint(stage: Stage, cfg: Config, registry: Registry) -> tuple[str, dict]:
@@ -308,6 +309,7 @@ def _run(targets: list[str], cfg: Config, console, registry: Registry, force: bo
     """Run the targets and their needs. Under DRY_RUN=true only the stages that train nothing run (the probe,
     the dry run); every other stage of the plan is listed with what it would do, and nothing of it is written."""
     dry = cfg.runtime.dry_run
+    registry = seeds.expand(registry, cfg, console)   # SEEDS: each training stage once more per extra seed
     order = registry.order(targets, dry_run=dry, with_needs=with_needs, cfg=cfg)
     results = {}
     forced = [s.name for s in order] if targets == ["all"] else targets   # --force: the named stages, or all

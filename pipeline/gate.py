@@ -22,11 +22,12 @@ GATE = "reports/migration/gpu_completion_check.json"
 GPU_CHECK = "reports/migration/gpu_check.json"
 
 
-def _registry(registry: Registry | None) -> Registry:
-    if registry is not None:
-        return registry
-    from pipeline.stages import REGISTRY
-    return REGISTRY
+def _registry(registry: Registry | None, cfg=None) -> Registry:
+    """The registry (the real one by default), with cfg the seed replicates it asks for (pipeline/seeds.py)."""
+    from pipeline import seeds
+    if registry is None:
+        from pipeline.stages import REGISTRY as registry
+    return registry if cfg is None else seeds.expand(registry, cfg)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def stage_rows(g: Gate, stage: Stage) -> list[dict]:
 def check_stage(cfg, name: str, registry: Registry | None = None) -> list[dict]:
     """One stage's checks alone (scripts/soak.py), with their own probe."""
     from pipeline.variants import Variants
-    registry, plan = _registry(registry), probe_plan(Path(cfg.root))
+    registry, plan = _registry(registry, cfg), probe_plan(Path(cfg.root))
     with Variants(None, plan) as vs:
         return stage_rows(Gate(cfg, registry, plan, vs), registry[name])
 
@@ -135,7 +136,7 @@ def check_stage(cfg, name: str, registry: Registry | None = None) -> list[dict]:
 def evaluate(cfg, registry: Registry | None = None) -> dict:
     """Every check, recomputed from the files; strict_pass is their conjunction."""
     from pipeline.variants import Variants
-    registry = _registry(registry)
+    registry = _registry(registry, cfg)
     plan = probe_plan(Path(cfg.root))
     rows = []
     with Variants(None, plan) as vs:   # every probe on one base model load

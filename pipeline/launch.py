@@ -77,7 +77,7 @@ class Accelerate:
         work = Path(cfg.cache_dir) / "launch" / kind
         work.mkdir(parents=True, exist_ok=True)
         config_file, result_file, oom_file = work / "config.json", work / "result.json", work / "oom.json"
-        tc = getattr(cfg, kind)
+        tc = getattr(cfg, stage.kind)   # a seed replicate trains with its method's section
         floor = stage.method.min_batch if stage.method else 1
         planned = ranks.first_batch(kind, tc.batch_size, tc.grad_acc, floor)
         first = preflight_kit.first_attempt(ctx.advice("preflight") if "preflight" in stage.advice else None, kind,
@@ -88,7 +88,7 @@ class Accelerate:
             oom_file.unlink(missing_ok=True)
             # the whole config (the workers scope it again); only the batch changes
             run_cfg = config_from_dict(cfg.unscoped().to_dict())
-            getattr(run_cfg, kind).batch_size, getattr(run_cfg, kind).grad_acc = batch, grad_acc
+            getattr(run_cfg, stage.kind).batch_size, getattr(run_cfg, stage.kind).grad_acc = batch, grad_acc
             ev.atomic_write_json(config_file, run_cfg.to_dict())
             cmd = command(n, plan, kind, ctx.fingerprint, config_file, result_file)
             ctx.log(f"launching {n} training processes ({plan['device']}): {' '.join(cmd[1:])}")

@@ -16,18 +16,18 @@ from pathlib import Path, PurePosixPath
 from pipeline import evidence as ev
 
 SCOPE = ("the evidence of every training method and of the stages the reports are built from, and every file of "
-         "every checkpoints/**/final")
+         "every checkpoints/**/final of the main run (seed replicates, which run after the reports, are not in it)")
 
 
 def patterns(registry) -> list[str]:
     """The evidence files inside the root hash, as globs ({slug} -> *): the methods' and the reports' needs."""
-    names = [s.name for s in registry.stages if s.method] + [n for n in registry["reports"].needs]
+    names = [*registry.methods, *registry["reports"].needs]   # the main run's: seed replicates come after it
     return [registry[n].evidence_path.replace("{slug}", "*") for n in dict.fromkeys(names)]
 
 
 def _final_file(rel: str) -> bool:
     parts = PurePosixPath(rel).parts
-    return len(parts) > 2 and parts[0] == "checkpoints" and "final" in parts[1:-1] \
+    return len(parts) > 2 and parts[0] == "checkpoints" and parts[1] != "seeds" and "final" in parts[1:-1] \
         and not any(".stale" in p for p in parts)
 
 

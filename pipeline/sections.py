@@ -252,11 +252,16 @@ class RuntimeCfg:
     rehearsal_eval_samples: int = 4         # eval questions per set in a rehearsal
     rehearsal_changes: list[str] = field(default_factory=list)   # filled by the rehearsal: what it changed, why
     rehearsal_fraction: float = 1.0         # filled by the rehearsal: its SFT steps / the tier's (data scale too)
+    # SEEDS: extra training seeds, each re-running the methods after SFT (pipeline/seeds.py); they pick stages, so
+    # they are in no main stage's fingerprint (each replicate's own seed is in its own)
+    seeds: list[int] = field(default_factory=list, metadata={"selects": True})
+    replicate_sft: bool = field(default=False, metadata={"selects": True})   # SFT once per extra seed too
 
     def __post_init__(self):
         _numbers(self)
         _check(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
         _check(self.rehearsal_steps >= 2, f"rehearsal_steps must be >= 2, got {self.rehearsal_steps}")
+        self.seeds = _seed_list(self.seeds)
         bad = [r for r in self.report_to if r not in REPORTERS]
         _check(not bad, f"report_to has {bad}: use {', '.join(REPORTERS)} (transformers' integrations)")
         if self.deepspeed_config:
@@ -264,6 +269,18 @@ class RuntimeCfg:
             _check((ds if ds.is_absolute() else REPO / ds).is_file(),
                    f"deepspeed_config {self.deepspeed_config} does not exist (relative paths start at {REPO}): "
                    "use configs/deepspeed/zero2.json or unset DEEPSPEED_CONFIG")
+
+
+def _seed_list(values) -> list[int]:
+    """SEEDS / runtime.seeds as integers >= 0 (YAML ints or the strings of a comma list), else a ConfigError."""
+    out = []
+    for v in values:
+        text = str(v).strip()
+        _check(not isinstance(v, (bool, float)) and text.isdigit() and text.isascii(),
+               f"seeds: {v!r} is not a non-negative integer: SEEDS takes comma-separated integers >= 0, "
+               "e.g. SEEDS=1,2,3 (runtime.seeds: [1, 2, 3] in YAML)")
+        out.append(int(text))
+    return out
 
 
 @dataclass

@@ -53,7 +53,7 @@ ENV_MAP: dict[str, tuple[str, ...]] = {
     "GPU_PROBE_FILE": ("runtime.gpu_probe_file",), "REHEARSAL": ("runtime.rehearsal",),
     "REHEARSAL_STEPS": ("runtime.rehearsal_steps",), "QLORA": ("model.qlora",),
     "BUDGET": ("preflight.budget",), "GPU_PRICE_PER_HOUR": ("preflight.price_per_hour",),
-    "MERGE_FINAL": ("export.merge_final",),
+    "MERGE_FINAL": ("export.merge_final",), "SEEDS": ("runtime.seeds",),
 }
 
 

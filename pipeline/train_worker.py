@@ -20,11 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
     from rich.console import Console
 
-    from pipeline import engine, launch, ranks
+    from pipeline import engine, launch, ranks, seeds
     from pipeline import evidence as ev
     from pipeline.stages import REGISTRY
     cfg = launch.config_from_dict(json.loads(Path(config_file).read_text()))
-    ctx = engine.make_ctx(REGISTRY[kind], cfg, Console(highlight=False), REGISTRY, fingerprint)
+    registry = seeds.worker_registry(REGISTRY, cfg, kind)   # a seed replicate ("dpo@seed2") and its upstream
+    ctx = engine.make_ctx(registry[kind], cfg, Console(highlight=False), registry, fingerprint)
     # before any Trainer: the process group the TrainingArguments will join (gloo on a CPU, nccl on GPUs)
     state = PartialState(cpu=ctx.plan["device"] == "cpu")
     rank = f"train_worker rank {state.process_index} of {state.num_processes}"

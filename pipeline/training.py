@@ -209,7 +209,7 @@ def fit(ctx, kind: str, build_trainer) -> dict:
     over max_steps. One model is alive at a time: the previous trainer is dropped and collected before a rebuild."""
     from pipeline import models
     cfg, tc = ctx.cfg, getattr(ctx.cfg, kind)
-    out = ctx.root / output_dir(cfg, kind)
+    out = ctx.root / ctx.stage.checkpoint(cfg)   # its method's CONTRACT folder; a seed replicate's own
     plan = ctx.plan
     state = process_state(plan)   # one process, or one rank of pipeline.launch's N (the runner chose)
     with state.main_process_first():   # rank 0 claims the folder; the others wait, then see it claimed
@@ -310,7 +310,7 @@ def train_preference(ctx, kind: str, config_cls, trainer_cls, paired: bool, extr
         return ref_check.watch(trainer) if ref_check else trainer
 
     res = fit(ctx, kind, build)
-    out = ctx.root / output_dir(cfg, kind)
+    out = ctx.root / ctx.stage.checkpoint(cfg)
     ref = {"reference": ref_check.final(latest_checkpoint(out))} if ref_check else {}
     return training_evidence(ctx, kind, res, base, {
         "base_model_identity": models.base_model_identity(base), "start_checkpoint": start, **ref,

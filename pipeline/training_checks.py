@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 
 from pipeline import evidence as ev
+from pipeline.seeds import main_of as _main   # a replicate's start "sft@seed2": ids and messages say "sft"
+from pipeline.training_record import start_stage
 
 CPU_PLAN = {"device": "cpu", "precision": "fp32", "attn_implementation": "sdpa", "quantization": None}
 PROBE_PROMPT = "Which organ pumps blood through the human body? Answer in one word."
@@ -23,10 +25,10 @@ def checks(g, doc) -> list:
     another's final, from_<start>, and for one that declares a reference (Method.reference), reference.
     Everything after metrics is blocked when the metrics are not this stage's ok."""
     metrics = check_metrics(g, doc)
-    start = g.stage.method.start if g.stage.method and g.stage.method.start in g.registry else None
+    start = start_stage(g.stage) if g.stage.method and start_stage(g.stage) in g.registry else None
     refers = bool(start) and g.stage.method.reference != "none"
     kinds = ["checkpoint", "loads", "curve", "steps", "base_model", "invariants"]
-    kinds += ([f"from_{start}"] if start else []) + (["reference"] if refers else [])
+    kinds += ([f"from_{_main(start)}"] if start else []) + (["reference"] if refers else [])
     if not isinstance(doc, dict) or doc.get("status") != "ok" or doc.get("stage") != g.stage.name:
         return [metrics] + [g.blocked(k, "metrics", g.rel) for k in kinds]
     checkpoint = check_checkpoint(g, doc)
@@ -168,7 +170,7 @@ def check_curve(g, doc):
 
 
 def check_steps(g, doc):
-    train = getattr(g.cfg, g.stage.name)
+    train = getattr(g.cfg, g.stage.kind)
     planned, step = train.max_steps, doc.get("global_step")
     problems = []
     if step != planned or doc.get("planned_max_steps") != planned:
@@ -234,8 +236,10 @@ def _short(identity: str) -> str:
 
 
 def check_from_start(g, doc, start: str):
-    """The method started from the final of `start` (sft) as it is on disk now (hash match)."""
+    """The method started from the final of `start` (sft, or a seed replicate's) as it is on disk now (hash
+    match)."""
     start_dir, got = final_dir(g, g.registry[start]), doc.get("start_checkpoint") or {}
+    start = _main(start)
     problems = []
     if got.get("dir") != start_dir:
         problems.append(f"start_checkpoint.dir is {got.get('dir')!r}, expected the {start.upper()} final "
@@ -254,6 +258,7 @@ def check_reference(g, doc, start: str):
     to the adapter of the `start` final as it is on disk now: recomputed here, the recorded flag is not trusted."""
     from pipeline import reference
     want_kind, start_dir = g.stage.method.reference, final_dir(g, g.registry[start])
+    start = _main(start)
     got = doc.get("reference")
     if not isinstance(got, dict):
         return g.result("reference", [f"{g.rel} records no reference (evidence older than the field: re-run the "

@@ -34,14 +34,21 @@ def latest_checkpoint(out: Path) -> Path | None:
     return best[1] if best else None
 
 
+def start_stage(stage) -> str:
+    """The stage whose final a method trains on from: its Method.start, or a seed replicate's (pipeline/seeds.py)."""
+    return stage.replicate.start if stage.replicate else stage.method.start
+
+
 def verify_sft_final(ctx) -> dict:
     """DPO/SimPO/KTO start from the SFT final on disk: its files must re-hash to what the SFT metrics recorded."""
-    sft = ctx.evidence("sft")
+    name = start_stage(ctx.stage)
+    sft = ctx.evidence(name)
     if not sft or sft.get("status") != "ok":
-        raise StageFailed("the SFT metrics are missing or not ok: run `python -m pipeline run sft` first")
+        raise StageFailed(f"the SFT metrics are missing or not ok: run `python -m pipeline run {name}` first")
     folder = ctx.root / sft["checkpoint_dir"]
     if not folder.is_dir():
-        raise StageFailed(f"the SFT final {sft['checkpoint_dir']} is missing: re-run sft (python -m pipeline run sft --force)")
+        raise StageFailed(f"the SFT final {sft['checkpoint_dir']} is missing: re-run {name} "
+                          f"(python -m pipeline run {name} --force)")
     now, diff = ev.verify_tree(folder, sft["checkpoint_files"])
     if diff:
         kind, paths = next(iter(diff.items()))
@@ -172,9 +179,10 @@ def training_evidence(ctx, kind: str, res: dict, base: str, extra: dict) -> dict
     if bad:
         raise StageFailed(f"training diverged: {bad[0][0]} is not finite at step {bad[0][1]} (trainer_state.json): "
                           f"lower {kind}.learning_rate or check the data; the checkpoint is not usable")
-    figs = [plot(series, ["loss", "eval_loss"], ctx.root / f"reports/figures/{kind}_loss.png", f"{kind} loss"),
+    where = f"{ctx.stage.replicate.reports}/figures" if ctx.stage.replicate else "reports/figures"
+    figs = [plot(series, ["loss", "eval_loss"], ctx.root / f"{where}/{kind}_loss.png", f"{ctx.name} loss"),
             plot(series, [k for k in series if k.startswith(("rewards/", "kl"))],
-                 ctx.root / f"reports/figures/{kind}_rewards.png", f"{kind} reward metrics")]
+                 ctx.root / f"{where}/{kind}_rewards.png", f"{ctx.name} reward metrics")]
     figs = [ev.root_relative(ctx.root, f) for f in figs if f]
     portable_final(final, ctx.root, base)
     files = ev.sha256_tree(final)

@@ -4,5 +4,6 @@ training method is its file plus its name here."""
 from pipeline.core import Registry
 
 ORDER = ["gpu_bootstrap", "gpu_check", "dry_run", "gpu_selftest", "preflight", "sft", "dpo", "simpo", "kto", "orpo",
-         "eval", "judge", "reports", "export_merged"]
+         "eval", "judge", "reports", "seeds",
+         "export_merged"]
 REGISTRY = Registry.from_modules(ORDER)

@@ -166,6 +166,8 @@ def build_run(root, cfg, force_skip=False):
     write(root, cfg, "eval", eval_doc(root, cfg))
     write(root, cfg, "judge", judge_doc(cfg, root=root))
     write(root, cfg, "reports", common(cfg, "reports"))
+    write(root, cfg, "seeds", common(cfg, "seeds", status="skipped", skipped=True, reason_code="not_requested",
+                                     reason="no extra seeds (SEEDS is empty)", config_read=[]))
     requote(root)
 
 

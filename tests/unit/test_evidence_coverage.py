@@ -30,6 +30,7 @@ RECOMPUTED = {
              "multiple_comparisons": "numbers", "sets": "coverage", "variants": "coverage"},
     "judge": {"pairwise": "pairwise", "risk": "risk"},
     "reports": {"evidence_root": "evidence_root"},
+    "seeds": {"seeds": "summary"},
 }
 BOOKKEEPING = "the engine's own record (status, fingerprint, times, hashes of outputs): re-derived on every run"
 OUTSIDE = {   # stages whose evidence is outside the root hash: why none of their fields is a quoted result
@@ -47,6 +48,9 @@ OUTSIDE = {   # stages whose evidence is outside the root hash: why none of thei
     "export_merged": "merge parity of the take-home folders: `make verify-export` checks each merged folder "
                      "against this record; the thesis quotes the adapters' results, not the merged folders'",
     "reports": "the manifest of the report files, whose hashes the engine checks (a changed report is tampered)",
+    "seeds": "the seed replicates run after the reports, so they are outside the root the reports quote; every "
+             "figure (mean, sd per variant and set) is recomputed by seeds.summary from each eval@seed<N>, whose "
+             "numbers its own check recomputes from its predictions",
 }
 
 

@@ -25,6 +25,8 @@ FILES = {
     "checkpoints/dpo-real-baseline/final/adapter_model.safetensors": b"dpo-weights",
     "checkpoints/dpo-real-baseline/checkpoint-3/optimizer.pt": b"intermediate",
     "checkpoints/layer_b/tiny_sft.stale-0123456789abcdef/final/adapter_model.safetensors": b"another config",
+    "reports/training/seeds/1/dpo_metrics.json": b'{"status": "ok"}',           # seed replicates run after the
+    "checkpoints/seeds/1/dpo/final/adapter_model.safetensors": b"replicate",    # reports: not in their root
 }
 
 
