@@ -1,0 +1,99 @@
+"""The base model's weights into the Hugging Face cache before anything trains.
+
+Run: python -m pipeline run download   (make download; `run all` runs it after gpu_check)
+Runs where a training stage would load a hub model: a GPU tier this machine trains (gpu_check's plan), or any tier
+whose MODEL_NAME is a hub id. A plan that cannot train the tier skips it with the plan's reason; a local model (the
+tiny/demo builds, a MODEL_NAME folder) or a rehearsal's stand-in has nothing to fetch. The file list and sizes come
+from the hub first and are checked against the cache disk's free space; then huggingface_hub (HF_ENDPOINT: a mirror)
+or the modelscope SDK (MODEL_HUB=modelscope) fetches them with a progress bar, resuming after a kill. HF_HUB_OFFLINE=1
+uses the cache only. Writes reports/migration/download.json: the revision and the sha256 of every file.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline import hub
+from pipeline import training as T
+from pipeline.core import SkipStage, Stage, StageFailed
+
+STAGE = Stage("download", "reports/migration/download.json", needs=("gpu_check",), stops_run=True,
+              reads=("model.name", "model.hub", "model.tiny_seed", "runtime.rehearsal", "runtime.force_skip_training",
+                     "runtime.hf_endpoint", "runtime.hf_hub_offline", "runtime.hf_home"),
+              requested=lambda cfg: nothing_to_fetch(cfg), machine=lambda cfg: cached(cfg))
+
+REVISION = "main"
+
+
+def hub_model(cfg) -> str | None:
+    """The hub id the training stages would load, or None for a local model (computed, nothing built)."""
+    from pipeline import models
+    if cfg.runtime.rehearsal:
+        return None
+    name = models.base_for(cfg, build=False)
+    return None if Path(name).is_dir() or not ("/" in name and models.is_hub_id(name)) else name
+
+
+def nothing_to_fetch(cfg) -> str | None:
+    """Stage.requested: why there is nothing to download (the engine records the skip), or None."""
+    if cfg.runtime.rehearsal:
+        return "rehearsal: the tiny stand-in is built from a seed; the tier's weights are not downloaded"
+    try:
+        if hub_model(cfg) is None:
+            return f"the base model is local ({cfg.model.name or f'the {cfg.tier} tier builds it'}): nothing to download"
+    except ValueError:
+        return None   # a MODEL_NAME that names nothing: run() says so in one line
+    return None
+
+
+def cached(cfg) -> dict:
+    """Stage.machine: what the cache holds for the model (stat only); a deleted file makes the stage run again."""
+    try:
+        repo_id = hub_model(cfg)
+    except ValueError:
+        return {}
+    return hub.cache_state(hub.cache_dir(cfg.runtime.hf_home), repo_id) if repo_id else {}
+
+
+def run(ctx) -> dict:
+    T.gate(ctx)   # FORCE_SKIP_TRAINING, or a plan that cannot train this tier: skipped with its reason, nothing fetched
+    cfg, rt = ctx.cfg, ctx.cfg.runtime
+    try:
+        repo_id = hub_model(cfg)
+    except ValueError as exc:
+        raise StageFailed(str(exc)) from None
+    if repo_id is None:
+        raise SkipStage(nothing_to_fetch(cfg) or "nothing to download")
+    cache, offline, t0 = hub.cache_dir(rt.hf_home), rt.hf_hub_offline or hub.offline_mode(), time.monotonic()
+    endpoint = None if cfg.model.hub == "modelscope" else hub.public_endpoint(rt.hf_endpoint or hub._default_endpoint())
+    try:
+        if offline:
+            snap = hub.from_cache(repo_id, cache)
+            expected = {name: None for name in hub.wanted(snap)}
+            revision, disk, before = snap.name, None, sorted(expected)
+            ctx.log(f"HF_HUB_OFFLINE=1: {repo_id} from the cache {snap} (nothing fetched)")
+        else:
+            revision, remote = (hub.listing_modelscope(repo_id, None) if cfg.model.hub == "modelscope"
+                                else hub.listing_hf(repo_id, REVISION, rt.hf_endpoint))
+            files = hub.select(remote)
+            if not any(f.path.endswith(hub.WEIGHT_SUFFIXES) for f in files):
+                raise hub.HubError(f"{repo_id} at {revision} has no *.safetensors or *.bin weights: name a model "
+                                   "repository in MODEL_NAME", code="hub_not_found")
+            todo = hub.pending(hub.snapshot_of(cache, repo_id), files)
+            disk = hub.check_disk(cache, sum(f.size for f in todo), repo_id)   # before anything is written
+            before = sorted({f.path for f in files} - {f.path for f in todo})
+            ctx.log(f"{repo_id} at {revision}: {len(files)} files, {sum(f.size for f in files) / hub.GB:.2f} GB; "
+                    f"{len(todo)} to fetch ({disk['need_bytes'] / hub.GB:.2f} GB) into {cache}, "
+                    f"{disk['free_bytes'] / hub.GB:.1f} GB free on {disk['mount']}")
+            patterns = hub.patterns_for([f.path for f in remote])
+            snap = (hub.fetch_modelscope(repo_id, revision, cache, patterns) if cfg.model.hub == "modelscope"
+                    else hub.fetch_hf(repo_id, REVISION, cache, rt.hf_endpoint, patterns))
+            expected, revision = {f.path: f.sha256 for f in files}, snap.name
+        hashed = hub.hash_files(snap, expected, log=ctx.log)
+    except hub.HubError as exc:
+        raise StageFailed(str(exc), code=exc.code) from None
+    return {"model": repo_id, "hub": cfg.model.hub, "endpoint": endpoint, "revision": revision, "offline": offline,
+            "source": "cache (HF_HUB_OFFLINE=1: nothing was fetched)" if offline else "hub",
+            "cache_dir": str(cache), "snapshot": str(snap), "disk": disk, "already_cached": before,
+            "files": hashed, "total_bytes": sum(f["size"] for f in hashed.values()),
+            "wall_s": round(time.monotonic() - t0, 3)}
