@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline import hub
 from pipeline import training as T
 from pipeline.core import SkipStage, Stage, StageFailed
+from pipeline.evidence import sha256_json
 
 STAGE = Stage("download", "reports/migration/download.json", needs=("gpu_check",), stops_run=True,
               reads=("model.name", "model.hub", "model.tiny_seed", "runtime.rehearsal", "runtime.force_skip_training",
@@ -96,4 +97,6 @@ def run(ctx) -> dict:
             "source": "cache (HF_HUB_OFFLINE=1: nothing was fetched)" if offline else "hub",
             "cache_dir": str(cache), "snapshot": str(snap), "disk": disk, "already_cached": before,
             "files": hashed, "total_bytes": sum(f["size"] for f in hashed.values()),
-            "wall_s": round(time.monotonic() - t0, 3)}
+            "wall_s": round(time.monotonic() - t0, 3),
+            # the cache as this run leaves it (the engine hashed it before the run): up to date while it stays so
+            "machine_sha256": sha256_json(cached(cfg))}
