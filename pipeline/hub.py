@@ -197,6 +197,49 @@ def check_disk(cache: Path, need: int, repo_id: str) -> dict:
 
 # ---- fetching ---------------------------------------------------------------------------------------------------
 
+def resume_partials(repo_id: str, commit: str, cache: Path, endpoint: str | None, files: list[RemoteFile],
+                    log=print) -> dict[str, int]:
+    """huggingface_hub 2.x writes each download to a process-unique `blobs/<sha256>.<id>.incomplete` and starts a
+    file over after a kill, leaving that partial behind (file_download.py _download_to_tmp_and_move). Continue the
+    largest partial of each pending LFS file with a Range request (its own http_get), under its lock, check the
+    sha256, and put it where snapshot_download takes a blob as fetched: a kill costs only the bytes in flight.
+    Returns {file: bytes kept}."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+    folder = repo_folder(cache, repo_id)
+    kept: dict[str, int] = {}
+    for f in files:
+        blob = folder / "blobs" / f.sha256 if f.sha256 else None
+        if blob is None or blob.exists() or not any(blob.parent.glob(f"{f.sha256}*.incomplete")):
+            continue
+        (cache / ".locks" / folder.name).mkdir(parents=True, exist_ok=True)
+        with WeakFileLock(cache / ".locks" / folder.name / f"{f.sha256}.lock"):
+            parts = sorted(blob.parent.glob(f"{f.sha256}*.incomplete"), key=lambda p: p.stat().st_size)
+            for extra in parts[:-1]:
+                extra.unlink(missing_ok=True)
+            part, have = parts[-1], parts[-1].stat().st_size
+            if blob.exists() or not 0 < have <= f.size:
+                part.unlink(missing_ok=True)
+                continue
+            log(f"resuming {f.path} at {have / GB:.2f} of {f.size / GB:.2f} GB (left by an interrupted download)")
+            url = hf_hub_url(repo_id, f.path, revision=commit, endpoint=endpoint)
+            try:
+                with part.open("ab") as out:
+                    http_get(url, out, resume_size=have, headers=build_hf_headers(), expected_size=f.size,
+                             displayed_filename=f.path)
+            except Exception as exc:  # noqa: BLE001 - the partial stays for the next run; snapshot_download says more
+                log(f"resuming {f.path} stopped ({type(exc).__name__}); it starts over")
+                continue
+            if sha256_file(part) != f.sha256:
+                part.unlink()
+                log(f"the resumed {f.path} does not hash to the hub's sha256; it starts over")
+                continue
+            os.replace(part, blob)
+            kept[f.path] = have
+    return kept
+
+
 def fetch_hf(repo_id: str, revision: str, cache: Path, endpoint: str | None, patterns: list[str]) -> Path:
     """huggingface_hub's snapshot_download (its progress bar; resumes `.incomplete` blobs; skips finished files)."""
     import httpx2

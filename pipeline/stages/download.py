@@ -71,7 +71,7 @@ def run(ctx) -> dict:
         if offline:
             snap = hub.from_cache(repo_id, cache)
             expected = {name: None for name in hub.wanted(snap)}
-            revision, disk, before = snap.name, None, sorted(expected)
+            revision, disk, before, resumed = snap.name, None, sorted(expected), {}
             ctx.log(f"HF_HUB_OFFLINE=1: {repo_id} from the cache {snap} (nothing fetched)")
         else:
             revision, remote = (hub.listing_modelscope(repo_id, None) if cfg.model.hub == "modelscope"
@@ -87,8 +87,11 @@ def run(ctx) -> dict:
                     f"{len(todo)} to fetch ({disk['need_bytes'] / hub.GB:.2f} GB) into {cache}, "
                     f"{disk['free_bytes'] / hub.GB:.1f} GB free on {disk['mount']}")
             patterns = hub.patterns_for([f.path for f in remote])
-            snap = (hub.fetch_modelscope(repo_id, revision, cache, patterns) if cfg.model.hub == "modelscope"
-                    else hub.fetch_hf(repo_id, REVISION, cache, rt.hf_endpoint, patterns))
+            if cfg.model.hub == "modelscope":
+                resumed, snap = {}, hub.fetch_modelscope(repo_id, revision, cache, patterns)
+            else:
+                resumed = hub.resume_partials(repo_id, revision, cache, rt.hf_endpoint, todo, log=ctx.log)
+                snap = hub.fetch_hf(repo_id, REVISION, cache, rt.hf_endpoint, patterns)
             expected, revision = {f.path: f.sha256 for f in files}, snap.name
         hashed = hub.hash_files(snap, expected, log=ctx.log)
     except hub.HubError as exc:
@@ -96,6 +99,7 @@ def run(ctx) -> dict:
     return {"model": repo_id, "hub": cfg.model.hub, "endpoint": endpoint, "revision": revision, "offline": offline,
             "source": "cache (HF_HUB_OFFLINE=1: nothing was fetched)" if offline else "hub",
             "cache_dir": str(cache), "snapshot": str(snap), "disk": disk, "already_cached": before,
+            "resumed": resumed,
             "files": hashed, "total_bytes": sum(f["size"] for f in hashed.values()),
             "wall_s": round(time.monotonic() - t0, 3),
             # the cache as this run leaves it (the engine hashed it before the run): up to date while it stays so
