@@ -111,7 +111,7 @@ def listing_hf(repo_id: str, revision: str, endpoint: str | None) -> tuple[str, 
     import httpx2
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-    where = public_endpoint(endpoint or _default_endpoint())
+    where = public_endpoint(endpoint or default_endpoint())
     try:
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
     except GatedRepoError:
@@ -133,7 +133,7 @@ def listing_hf(repo_id: str, revision: str, endpoint: str | None) -> tuple[str, 
     return info.sha, files
 
 
-def _default_endpoint() -> str:
+def default_endpoint() -> str:
     from huggingface_hub import constants
     return constants.ENDPOINT
 

@@ -32,7 +32,7 @@ def hub_model(cfg) -> str | None:
     if cfg.runtime.rehearsal:
         return None
     name = models.base_for(cfg, build=False)
-    return None if Path(name).is_dir() or not ("/" in name and models.is_hub_id(name)) else name
+    return None if Path(name).is_dir() or not models.is_hub_id(name) else name
 
 
 def nothing_to_fetch(cfg) -> str | None:
@@ -66,41 +66,50 @@ def run(ctx) -> dict:
     if repo_id is None:
         raise SkipStage(nothing_to_fetch(cfg) or "nothing to download")
     cache, offline, t0 = hub.cache_dir(rt.hf_home), rt.hf_hub_offline or hub.offline_mode(), time.monotonic()
-    endpoint = None if cfg.model.hub == "modelscope" else hub.public_endpoint(rt.hf_endpoint or hub._default_endpoint())
     try:
-        if offline:
-            snap = hub.from_cache(repo_id, cache)
-            expected = {name: None for name in hub.wanted(snap)}
-            revision, disk, before, resumed = snap.name, None, sorted(expected), {}
-            ctx.log(f"HF_HUB_OFFLINE=1: {repo_id} from the cache {snap} (nothing fetched)")
-        else:
-            revision, remote = (hub.listing_modelscope(repo_id, None) if cfg.model.hub == "modelscope"
-                                else hub.listing_hf(repo_id, REVISION, rt.hf_endpoint))
-            files = hub.select(remote)
-            if not any(f.path.endswith(hub.WEIGHT_SUFFIXES) for f in files):
-                raise hub.HubError(f"{repo_id} at {revision} has no *.safetensors or *.bin weights: name a model "
-                                   "repository in MODEL_NAME", code="hub_not_found")
-            todo = hub.pending(hub.snapshot_of(cache, repo_id), files)
-            disk = hub.check_disk(cache, sum(f.size for f in todo), repo_id)   # before anything is written
-            before = sorted({f.path for f in files} - {f.path for f in todo})
-            ctx.log(f"{repo_id} at {revision}: {len(files)} files, {sum(f.size for f in files) / hub.GB:.2f} GB; "
-                    f"{len(todo)} to fetch ({disk['need_bytes'] / hub.GB:.2f} GB) into {cache}, "
-                    f"{disk['free_bytes'] / hub.GB:.1f} GB free on {disk['mount']}")
-            patterns = hub.patterns_for([f.path for f in remote])
-            if cfg.model.hub == "modelscope":
-                resumed, snap = {}, hub.fetch_modelscope(repo_id, revision, cache, patterns)
-            else:
-                resumed = hub.resume_partials(repo_id, revision, cache, rt.hf_endpoint, todo, log=ctx.log)
-                snap = hub.fetch_hf(repo_id, REVISION, cache, rt.hf_endpoint, patterns)
-            expected, revision = {f.path: f.sha256 for f in files}, snap.name
-        hashed = hub.hash_files(snap, expected, log=ctx.log)
+        got = from_cache(ctx, repo_id, cache) if offline else fetch(ctx, repo_id, cache)
+        files = hub.hash_files(got["snapshot"], got.pop("expected"), log=ctx.log)
     except hub.HubError as exc:
         raise StageFailed(str(exc), code=exc.code) from None
-    return {"model": repo_id, "hub": cfg.model.hub, "endpoint": endpoint, "revision": revision, "offline": offline,
+    endpoint = rt.hf_endpoint or hub.default_endpoint()
+    return {"model": repo_id, "hub": cfg.model.hub, "offline": offline,
+            "endpoint": None if cfg.model.hub == "modelscope" else hub.public_endpoint(endpoint),
             "source": "cache (HF_HUB_OFFLINE=1: nothing was fetched)" if offline else "hub",
-            "cache_dir": str(cache), "snapshot": str(snap), "disk": disk, "already_cached": before,
-            "resumed": resumed,
-            "files": hashed, "total_bytes": sum(f["size"] for f in hashed.values()),
-            "wall_s": round(time.monotonic() - t0, 3),
+            "cache_dir": str(cache), **got, "snapshot": str(got["snapshot"]), "files": files,
+            "total_bytes": sum(f["size"] for f in files.values()), "wall_s": round(time.monotonic() - t0, 3),
             # the cache as this run leaves it (the engine hashed it before the run): up to date while it stays so
             "machine_sha256": sha256_json(cached(cfg))}
+
+
+def from_cache(ctx, repo_id: str, cache: Path) -> dict:
+    """HF_HUB_OFFLINE=1: the cached snapshot, nothing asked of any hub."""
+    snap = hub.from_cache(repo_id, cache)
+    ctx.log(f"HF_HUB_OFFLINE=1: {repo_id} from the cache {snap} (nothing fetched)")
+    names = hub.wanted(snap)
+    return {"snapshot": snap, "expected": dict.fromkeys(names), "revision": snap.name, "disk": None,
+            "already_cached": names, "resumed": {}}
+
+
+def fetch(ctx, repo_id: str, cache: Path) -> dict:
+    """The file list and sizes first, the disk check, then the download (a killed file resumes)."""
+    cfg, rt = ctx.cfg, ctx.cfg.runtime
+    modelscope = cfg.model.hub == "modelscope"
+    revision, remote = (hub.listing_modelscope(repo_id, None) if modelscope
+                        else hub.listing_hf(repo_id, REVISION, rt.hf_endpoint))
+    files = hub.select(remote)
+    if not any(f.path.endswith(hub.WEIGHT_SUFFIXES) for f in files):
+        raise hub.HubError(f"{repo_id} at {revision} has no *.safetensors or *.bin weights: name a model repository "
+                           "in MODEL_NAME", code="hub_not_found")
+    todo = hub.pending(hub.snapshot_of(cache, repo_id), files)
+    disk = hub.check_disk(cache, sum(f.size for f in todo), repo_id)   # before anything is written
+    ctx.log(f"{repo_id} at {revision}: {len(files)} files, {sum(f.size for f in files) / hub.GB:.2f} GB; {len(todo)} "
+            f"to fetch ({disk['need_bytes'] / hub.GB:.2f} GB) into {cache}, {disk['free_bytes'] / hub.GB:.1f} GB free "
+            f"on {disk['mount']}")
+    patterns = hub.patterns_for([f.path for f in remote])
+    if modelscope:
+        resumed, snap = {}, hub.fetch_modelscope(repo_id, revision, cache, patterns)
+    else:
+        resumed = hub.resume_partials(repo_id, revision, cache, rt.hf_endpoint, todo, log=ctx.log)
+        snap = hub.fetch_hf(repo_id, REVISION, cache, rt.hf_endpoint, patterns)
+    return {"snapshot": snap, "expected": {f.path: f.sha256 for f in files}, "revision": snap.name, "disk": disk,
+            "already_cached": sorted({f.path for f in files} - {f.path for f in todo}), "resumed": resumed}
