@@ -218,4 +218,4 @@ def stage_env(monkeypatch, root: Path, hub: FakeHub, probe: str = "h100_80g", **
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", values["HF_HUB_OFFLINE"] in ("1", "true"))
-    return root / "hf" / "hub"
+    return Path(values["HF_HOME"]) / "hub"

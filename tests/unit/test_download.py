@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 import types
 from collections import namedtuple
@@ -94,6 +95,22 @@ def test_a_too_small_disk_is_one_line_naming_the_disk_and_writes_nothing(tiny_en
     assert f"disk {H.mount_point(tiny_env)}" in reason and "nothing was downloaded" in reason
     assert not cache.exists() and resolves(fake_hub) == []   # nothing fetched, nothing written in the cache
     assert "Traceback" not in capsys.readouterr().out
+
+
+def test_a_real_small_tmpfs_is_named_as_the_disk_and_stays_empty(tiny_env, fake_hub, monkeypatch):
+    disk = tiny_env / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:80]}); the test above covers it")
+    try:
+        stage_env(monkeypatch, tiny_env, fake_hub, HF_HOME=str(disk / "hf"))
+        assert main(["run", "download"]) == 1
+        reason = doc(tiny_env)["reason"]
+        assert f"its disk {disk} has 0.0 GB free" in reason and "set HF_HOME" in reason and "\n" not in reason
+        assert list(disk.iterdir()) == [] and resolves(fake_hub) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_offline_uses_the_cache_and_says_so_or_fails_in_one_line(tiny_env, fake_hub, monkeypatch):
