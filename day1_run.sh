@@ -11,7 +11,7 @@ PY=.venv/bin/python
 RUN_DIR=${DAY1_RUN_DIR:-$(mktemp -d)}   # step records (and the first logs, until the output root is known)
 mkdir -p "$RUN_DIR"   # DAY1_RUN_DIR may name a folder that does not exist yet
 STEPS=$RUN_DIR/steps.jsonl   # one JSON object per step (python -m pipeline day1 summary reads it)
-ALL_STEPS="sync venv keys gpu-probe gpu-bootstrap gpu-check dry-run gpu-selftest gpu-run gpu-complete-check"
+ALL_STEPS="sync venv keys gpu-probe gpu-bootstrap gpu-check dry-run download gpu-selftest gpu-run gpu-complete-check"
 LOGS=$RUN_DIR
 
 json_str() {  # a bash string as a JSON string
@@ -121,6 +121,9 @@ main() {
   dry_rc=$?
   [ "$DRY" = true ] && finish "$dry_rc" "not run: DAY1_DRY_RUN=true, nothing is trained"
   [ "$dry_rc" = 0 ] || finish "$dry_rc" "not run: the dry run failed (see reports/migration/dry_run.json)"
+  # the weights before anything loads them (the self-test does): the hub's file list against the free disk first;
+  # skipped where the plan trains nothing or the model is local
+  step download make -s download || finish 1 "not run: the download failed (reports/migration/download.json)"
   # a few steps of each trainer on the real model first: a crash or a broken invariant costs minutes here, not hours
   # (on a CUDA machine only: on a CPU, a rehearsal's own training stages are that check; make gpu-selftest still runs)
   if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
