@@ -40,11 +40,14 @@ def nothing_to_fetch(cfg) -> str | None:
     if cfg.runtime.rehearsal:
         return "rehearsal: the tiny stand-in is built from a seed; the tier's weights are not downloaded"
     try:
-        if hub_model(cfg) is None:
-            return f"the base model is local ({cfg.model.name or f'the {cfg.tier} tier builds it'}): nothing to download"
+        if hub_model(cfg) is not None:
+            return None
     except ValueError:
         return None   # a MODEL_NAME that names nothing: run() says so in one line
-    return None
+    name = cfg.model.name
+    where = (f"the {cfg.tier} tier builds it" if not name else f"a folder, {name}" if Path(name).is_dir()
+             else f"MODEL_NAME={name}, no hub id")
+    return f"the base model is local ({where}): nothing to download"
 
 
 def cached(cfg) -> dict:

@@ -136,9 +136,11 @@ def test_offline_uses_the_cache_and_says_so_or_fails_in_one_line(tiny_env, fake_
     ("forced skip", {"FORCE_SKIP_TRAINING": "true"}, "FORCE_SKIP_TRAINING=true"),
     ("tiny tier", {"MODEL_TIER": "tiny", "MODEL_NAME": ""}, "the tiny tier builds it"),
     ("rehearsal", {"REHEARSAL": "true", "MODEL_NAME": ""}, "rehearsal: the tiny stand-in"),
+    ("local folder", {"MODEL_NAME": "@folder"}, "the base model is local (a folder, "),
 ])
-def test_nothing_is_downloaded_where_nothing_trains_the_hub_model(tiny_env, fake_hub, monkeypatch, case, env, reason):
-    stage_env(monkeypatch, tiny_env, fake_hub, **env)
+def test_nothing_is_downloaded_where_nothing_trains_the_hub_model(tiny_env, fake_hub, model_folder, monkeypatch, case,
+                                                                  env, reason):
+    stage_env(monkeypatch, tiny_env, fake_hub, **{k: str(model_folder) if v == "@folder" else v for k, v in env.items()})
     assert main(["run", "download"]) == 0
     d = doc(tiny_env)
     assert d["status"] == "skipped" and reason in d["reason"], d["reason"]
