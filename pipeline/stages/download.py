@@ -18,9 +18,12 @@ from pipeline import training as T
 from pipeline.core import SkipStage, Stage, StageFailed
 from pipeline.evidence import sha256_json
 
+# What is fetched (reads) is the model the config names; where from and how (untracked: mirror, hub, offline, cache
+# folder) leaves the files and their sha256 the same, and the gate run in a plain shell must not find it stale. The
+# cache's own state is the machine fact: a changed cache runs the stage again.
 STAGE = Stage("download", "reports/migration/download.json", needs=("gpu_check",), stops_run=True,
-              reads=("model.name", "model.hub", "model.tiny_seed", "runtime.rehearsal", "runtime.force_skip_training",
-                     "runtime.hf_endpoint", "runtime.hf_hub_offline", "runtime.hf_home"),
+              reads=("model.name", "model.tiny_seed", "runtime.rehearsal", "runtime.force_skip_training"),
+              untracked=("model.hub", "runtime.hf_endpoint", "runtime.hf_hub_offline", "runtime.hf_home"),
               requested=lambda cfg: nothing_to_fetch(cfg), machine=lambda cfg: cached(cfg))
 
 REVISION = "main"

@@ -72,6 +72,19 @@ def test_a_gpu_tier_downloads_through_hf_endpoint_and_records_every_sha256(tiny_
     assert len(fake_hub.requests) == asked
 
 
+def test_the_gate_in_a_plain_shell_finds_the_download_fresh(tiny_env, fake_hub, monkeypatch):
+    """Mirror, hub, offline switch and cache folder say where from, not what: `make gpu-complete-check` in a shell
+    without HF_ENDPOINT / HF_HOME must not find the download stale."""
+    from pipeline import engine
+    from pipeline.stages import REGISTRY
+    stage_env(monkeypatch, tiny_env, fake_hub)
+    assert main(["run", "download"]) == 0
+    plain = load_config(env={"PIPELINE_ROOT": str(tiny_env), "MODEL_TIER": "7b", "MODEL_NAME": fake_hub.repo_id,
+                             "GPU_PROBE_FILE": "configs/probes/h100_80g.json"})
+    stage = REGISTRY["download"]
+    assert engine.status_of(stage, plain, engine.fingerprint(stage, plain, REGISTRY)[0]) == "ok"
+
+
 def test_a_file_deleted_from_the_cache_makes_it_run_again_and_fetch_only_that_file(tiny_env, fake_hub, monkeypatch):
     stage_env(monkeypatch, tiny_env, fake_hub)
     assert main(["run", "download"]) == 0
@@ -120,10 +133,11 @@ def test_offline_uses_the_cache_and_says_so_or_fails_in_one_line(tiny_env, fake_
     assert d["reason_code"] == "offline_cache_missing" and "\n" not in d["reason"]
     assert "HF_HUB_OFFLINE=1" in d["reason"] and "unset HF_HUB_OFFLINE" in d["reason"]
     assert fake_hub.requests == []
-    stage_env(monkeypatch, tiny_env, fake_hub)                       # online: fill the cache
+    hf_home = str(tiny_env / "hf")
+    stage_env(monkeypatch, tiny_env / "a", fake_hub, HF_HOME=hf_home)   # online, another root: fill the cache
     assert main(["run", "download"]) == 0
-    online, asked = doc(tiny_env), len(fake_hub.requests)
-    stage_env(monkeypatch, tiny_env, fake_hub, HF_HUB_OFFLINE="1")  # offline again: the cache, nothing asked
+    online, asked = doc(tiny_env / "a"), len(fake_hub.requests)
+    stage_env(monkeypatch, tiny_env, fake_hub, HF_HUB_OFFLINE="1")      # offline again: the cache, nothing asked
     assert main(["run", "download"]) == 0
     d = doc(tiny_env)
     assert d["offline"] is True and "HF_HUB_OFFLINE=1" in d["source"] and len(fake_hub.requests) == asked
