@@ -79,6 +79,8 @@ class Stage:
     requested: Callable | None = None                # cfg -> None, or why it is not asked for (skipped, up to date
                                                      # while the fingerprint stays and it stays unrequested)
     machine: Callable | None = None                  # cfg -> facts about this machine that enter the fingerprint
+    content: Callable | None = None                  # cfg -> content identities that enter the fingerprint (the
+                                                     # base model's: models.base_content)
     method: Method | None = None
     config: type | None = None                       # a method's config section (settings.SFTCfg, ...)
     distributed: bool = False                        # NPROC>1: the engine's runner launches N ranks of run()

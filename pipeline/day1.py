@@ -61,6 +61,10 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg, config_error
             from pipeline.readiness import thesis_readiness
             r = thesis_readiness(cfg, strict)
             out["thesis_readiness"] = {"ready_for_writing": r["ready_for_writing"], "blockers": r["blockers"]}
+    if trained:
+        from pipeline import root_hash
+        from pipeline.stages import REGISTRY
+        out["evidence_root"] = root_hash.of_root(root, REGISTRY)
     if dry_run:
         dry = ev.read_json(root / "reports/migration/dry_run.json") or {}
         out["dry_run_result"] = {"status": dry.get("status", "missing"), "reason": dry.get("reason")}
@@ -104,6 +108,10 @@ def summary_markdown(s: dict) -> str:
              "| step | status | seconds | log | note |", "|---|---|---|---|---|"]
     lines += [f"| {x['name']} | {x['status']} | {x['seconds']} | {x['log']} | {x['note']} |"
               for x in s["steps"]]
+    if s.get("evidence_root"):
+        r = s["evidence_root"]
+        lines += ["", f"Evidence root sha256 `{r['sha256']}` over {r['files']} files ({r['scope']}): the hash the "
+                  "thesis material quotes; `make export` prints it for the archive, `make verify-export` recomputes it."]
     if s["first_fixes"]:
         lines += ["", "## First things to fix", ""] + [f"{i}. {f}" for i, f in enumerate(s["first_fixes"], 1)]
     if "thesis_readiness" in s:

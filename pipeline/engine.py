@@ -11,6 +11,7 @@ import contextlib
 import faulthandler
 import fcntl
 import os
+import signal
 import sys
 import threading
 import time
@@ -49,6 +50,8 @@ def fingerprint(stage: Stage, cfg: Config, registry: Registry) -> tuple[str, dic
         upstream[need] = {"status": up.get("status"), "fingerprint": up.get("fingerprint"), "outputs": up.get("outputs")}
     material = {"stage": stage.name, "tier": cfg.tier, "config": declared_config(stage, cfg), "inputs": inputs,
                 "upstream": upstream, "versions": versions()}
+    if stage.content is not None:
+        material["content"] = stage.content(cfg)
     return ev.sha256_json(material), inputs
 
 
@@ -186,6 +189,14 @@ def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: boo
                                   f"end pipeline/stages/{stage.name}.py's run() with `return {{...}}`")
         except (SkipStage, StageFailed) as exc:
             result = exc
+        except KeyboardInterrupt as exc:   # SIGINT, or SIGTERM through _signals_interrupt: marker kept, says which
+            name = str(exc) or "SIGINT"
+            ev.atomic_write_json(marker_path(stage, cfg), {"stage": stage.name, "pid": os.getpid(), "started_at": started,
+                                                           "interrupted": name, "interrupted_at": now()})
+            console.print(f"[yellow]{stage.name} interrupted by {name}[/]: its marker is kept "
+                          f"({marker_path(stage, cfg).relative_to(root)}); run the same command again to resume it "
+                          "from its last checkpoint (finished stages are skipped)")
+            raise
         except Exception as exc:  # noqa: BLE001 - any crash becomes failed evidence with its text
             import traceback
             traceback.print_exc()
@@ -254,6 +265,34 @@ def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0, read
 
 def run(targets: list[str], cfg: Config, console, registry: Registry, force: bool = False,
         with_needs: bool = True) -> int:
+    """_run, with SIGINT and SIGTERM ending it as the shell would (exit 130 / 143) once the interrupted stage has
+    recorded it in its marker and said how to resume: no traceback."""
+    try:
+        with _signals_interrupt():
+            return _run(targets, cfg, console, registry, force, with_needs)
+    except KeyboardInterrupt as exc:
+        return 143 if str(exc) == "SIGTERM" else 130
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM (a host shutting down, `kill`) raises KeyboardInterrupt("SIGTERM") as Ctrl-C raises SIGINT's, so
+    the stage records it and the lock and the log capture are released; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run(targets: list[str], cfg: Config, console, registry: Registry, force: bool = False,
+         with_needs: bool = True) -> int:
     """Run the targets and their needs. Under DRY_RUN=true only the stages that train nothing run (the probe,
     the dry run); every other stage of the plan is listed with what it would do, and nothing of it is written."""
     dry = cfg.runtime.dry_run

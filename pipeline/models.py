@@ -24,7 +24,7 @@ __all__ = ["DATA", "DEMO_WHEEL", "DEMO_WHEEL_SHA256", "GENERATION_MARKER", "QWEN
            "has_generation_markers", "PLAN_CHOICES", "load_tokenizer", "live_models", "live_high_water",
            "release", "trainable_dtype", "fix_trainable_dtype", "load_model", "dtype_audit",
            "base_model_name", "is_hub_id", "resolve_base_model", "base_for", "display_name", "base_model_identity",
-           "hub_revision", "same_base"]
+           "base_content", "hub_revision", "same_base"]
 
 
 PLAN_CHOICES = {
@@ -240,6 +240,24 @@ def base_model_identity(base: str) -> str:
     if key not in _IDENTITIES:
         _IDENTITIES[key] = sha256_json(sha256_tree(folder))
     return _IDENTITIES[key]
+
+
+def base_content(cfg) -> dict:
+    """The base model's content identity for the fingerprints of the stages that train or score it: weights
+    replaced in a MODEL_NAME folder, or a hub base at another revision, make them stale. A local folder is hashed
+    (the hashes kept in <cache>/file_hashes.json, so a 15 GB folder costs a stat per file after the first time); a
+    hub id is `<id>@<revision>` of the local cache. The tiny/demo builds are named by their recipe (built or not
+    yet, one fingerprint; the build is deterministic and the gate's base_model check hashes what was trained on)."""
+    from pipeline.evidence import sha256_json, sha256_tree_cached
+    try:
+        base = base_for(cfg, build=False)
+    except ValueError:   # a MODEL_NAME that names nothing: the stage says so in one line when it runs
+        return {"base_model": f"unresolved {cfg.model.name}"}
+    if cfg.runtime.rehearsal or (not cfg.model.name and cfg.tier not in HUB_MODELS):
+        return {"base_model": f"local build {Path(base).name}"}
+    if Path(base).is_dir():
+        return {"base_model": sha256_json(sha256_tree_cached(base, Path(cfg.cache_dir) / "file_hashes.json"))}
+    return {"base_model": base_model_identity(base)}
 
 
 def hub_revision(repo_id: str) -> str | None:

@@ -70,10 +70,15 @@ def gate(ctx) -> None:
 # --- data ------------------------------------------------------------------------------------------
 def sft_splits(cfg) -> dict:
     """Deterministic SFT split: judge held-out, eval held-out (eval_loss), train. Same cfg -> same ids."""
-    rows, report = D.load_sft(cfg.data_path(cfg.data.sft_path), cfg.data.sft_format, cfg.data.on_bad_row,
-                              source="data.sft_path")
-    rest, judge = D.split_heldout(rows, cfg.data.judge_heldout_size, cfg.data.seed)
-    train, held = D.split_heldout(rest, cfg.data.sft_eval_size, cfg.data.seed + 1)
+    d = cfg.data
+    rows, report = D.load_sft(cfg.data_path(d.sft_path), d.sft_format, d.on_bad_row, source="data.sft_path")
+    try:
+        rest, judge = D.split_heldout(rows, d.judge_heldout_size, d.seed)
+        train, held = D.split_heldout(rest, d.sft_eval_size, d.seed + 1)
+    except ValueError:   # the held-out sizes do not fit the file: the keys, not the helper's argument
+        raise StageFailed(f"{cfg.data_path(d.sft_path)}: {len(rows)} usable rows cannot hold out data.judge_heldout_"
+                          f"size={d.judge_heldout_size} for the judge and data.sft_eval_size={d.sft_eval_size} for "
+                          "eval loss and still train on one: use a bigger SFT file or smaller held-out sizes") from None
     if cfg.data.max_sft_rows:
         train = train[: cfg.data.max_sft_rows]
     train = train[: rehearsal_rows(cfg, len(train))]

@@ -23,7 +23,7 @@ from pipeline.sections import GPU_TIERS
 
 STAGE = Stage("preflight", "reports/migration/preflight.json", needs=("gpu_check",), stops_run=True,
               requested=lambda cfg: not_requested(cfg),
-              inputs=D.files("sft_path", "preference_path", "kto_path"),
+              inputs=D.files("sft_path", "preference_path", "kto_path"), content=models.base_content,
               reads=(*T.RUN_KEYS, *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", "lora", "sft", "@aligned",
                      "preflight.steps", "preflight.enabled"),
               # the money keys decide pass/fail, not the measurement: a failed preflight runs again, so a raised

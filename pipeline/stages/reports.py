@@ -12,6 +12,7 @@ from pipeline import data as D
 from pipeline import evalsets
 from pipeline import evidence as ev
 from pipeline import reporting as R
+from pipeline import root_hash
 from pipeline.core import Stage
 
 STAGE = Stage("reports", "reports/thesis_support/reports_manifest.json", needs=("eval", "judge"), reads=("*",),
@@ -131,11 +132,13 @@ def judge_findings(doc) -> list[str]:
 def run(ctx) -> dict:
     eval_doc, judge_doc = ctx.evidence("eval"), ctx.evidence("judge")
     refs = R.load_references()
+    evidence_root = root_hash.of_root(ctx.root, ctx.registry)   # nothing this stage writes is inside it
     texts = {"sota": sota_compare(ctx, eval_doc, refs), "errors": error_analysis(ctx, eval_doc, judge_doc),
-             "draft": R.thesis_draft(ctx, eval_doc, judge_doc)}
+             "draft": R.thesis_draft(ctx, eval_doc, judge_doc) + root_lines(evidence_root)}
     for key, text in texts.items():
         ev.atomic_write_text(ctx.path(FILES[key]), text)
-    ev.atomic_write_json(ctx.path(FILES["record"]), R.experiment_record(ctx, judge_doc))
+    ev.atomic_write_json(ctx.path(FILES["record"]), {**R.experiment_record(ctx, judge_doc),
+                                                     "evidence_root": evidence_root})
     outputs = [FILES[k] for k in ("sota", "errors", "draft", "record")]
     figure = None
     if R.scored(eval_doc):
@@ -143,5 +146,24 @@ def run(ctx) -> dict:
                                  ctx.path(FILES["figure"]))
     outputs += [FILES["figure"]] if figure else []
     notes = eval_state(eval_doc) + ([] if figure else ["no accuracy figure: nothing was scored"])
-    return {"files": outputs, "references": len(refs), "eval_status": (eval_doc or {}).get("status"),
+    return {"files": outputs, "references": len(refs), "evidence_root": evidence_root,
+            "eval_status": (eval_doc or {}).get("status"),
             "judge_status": (judge_doc or {}).get("status"), "notes": notes, "outputs": outputs}
+
+
+def root_lines(evidence_root: dict) -> str:
+    return "\n".join(["", "## Evidence root", "",
+                      f"sha256 `{evidence_root['sha256']}` over {evidence_root['files']} files ({evidence_root['scope']}; "
+                      f"{FILES['record']}: evidence_root). Quote it in the thesis: `make export` prints the same hash "
+                      "for an archive of this run and `make verify-export` recomputes it from the archive's files.", ""])
+
+
+def checks(g, doc) -> list:
+    """reports.evidence_root: the root hash the thesis material quotes is the root's now."""
+    if not doc or doc.get("status") != "ok":
+        return []   # chain.stages says it did not run
+    record = ev.read_json(g.root / FILES["record"]) or {}
+    problems = root_hash.problems(g.root, g.registry, record.get("evidence_root"))
+    return [g.result("evidence_root", [f"{FILES['record']} {p}" for p in problems],
+                     f"the thesis material quotes the root's evidence hash {record.get('evidence_root', {}).get('sha256', '')[:12]}",
+                     FILES["record"], code="evidence_root")]

@@ -106,3 +106,11 @@ def test_dry_run_is_a_mode_for_every_target_and_run_sft_trains_nothing(dry_env):
     assert not (dry_env / REGISTRY["sft"].evidence(load_config())).exists()
     assert ev.read_json(dry_env / EVIDENCE)["status"] == "dry_run"
     assert "dry run sft" in out.getvalue() and "would run" in out.getvalue()
+
+
+def test_a_lora_rank_beyond_the_models_width_fails_the_dry_run_naming_the_key(dry_env):
+    """The tiny model's k_proj/v_proj are 32 wide (2 KV heads x 16): lora.r=48 passed the config and the dry run."""
+    code, doc, out = dry_run(dry_env, "lora.r=48")
+    assert code == 1 and doc["status"] == "failed"
+    assert "lora.r=48 exceeds the width of k_proj (32)" in doc["reason"] and "Traceback" not in out
+    assert not (dry_env / "checkpoints").exists()

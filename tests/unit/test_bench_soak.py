@@ -61,6 +61,8 @@ def test_soak_quick_writes_its_reports_and_every_must_be_zero_counter_is_zero(tm
     assert res["judge_faults"]["completed_after_clean_rerun"] == res["judge_faults"]["items"]
     assert res["two_pipelines"]["refusals"] == res["two_pipelines"]["trials"]
     assert res["moved_root"]["tried"] == 3 and res["moved_root"]["same_verdict"] == 3, res["moved_root"]["rows"]
+    fa = res["failed_attempt"]
+    assert fa["tried"] == 1 and fa["kept"] == 1 and fa["rows"][0]["restored"], fa["rows"]
 
 
 # --- the CUDA benchmark's parts that run without a GPU ---------------------------------------------------
