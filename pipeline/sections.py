@@ -50,7 +50,7 @@ class ModelCfg:
     qlora: bool = False              # 4-bit QLoRA where the hardware plan allows it
     flash_attn: bool = True          # use flash_attention_2 when installed, Ampere+, not 4-bit
     tiny_seed: int = 0               # seed of the locally built tiny model
-    hub: str = "hf"                  # MODEL_HUB: where the download stage fetches a hub id (HUBS)
+    hub: str = field(default="hf", metadata={"where": True})   # MODEL_HUB: where a hub id is fetched from (HUBS)
 
     def __post_init__(self):
         _numbers(self)
@@ -241,9 +241,11 @@ class RuntimeCfg:
     min_cuda_mem_gb_14b: float = 36.0
     nproc: int = 1
     dry_run: bool = False
-    hf_home: str | None = None
-    hf_endpoint: str | None = None          # HF_ENDPOINT: a hub mirror (https://hf-mirror.com) for the download stage
-    hf_hub_offline: bool = False            # HF_HUB_OFFLINE: the download stage uses the cache only
+    # where the hub's files come from and go (not what they are: the download records their sha256); a stage that
+    # reads the whole config ("*") leaves them out, so the gate in a shell without them finds it fresh
+    hf_home: str | None = field(default=None, metadata={"where": True})
+    hf_endpoint: str | None = field(default=None, metadata={"where": True})   # HF_ENDPOINT: a mirror
+    hf_hub_offline: bool = field(default=False, metadata={"where": True})     # HF_HUB_OFFLINE: the cache only
     seed: int = 42
     inject_oom_at_step: int | None = None   # test hook: raise torch.OutOfMemoryError at this global step
     inject_oom_rank: int | None = None      # test hook: only this rank raises it (None: every rank)
