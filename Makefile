@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: help venv test test-slow test-fast day1-smoke gpu-bootstrap gpu-check dry-run gpu-run gpu-complete-check \
-        gpu-selftest preflight day1-v100-dual rehearse bench soak export-merged export verify-export chat ls prune
+        gpu-selftest preflight download day1-v100-dual rehearse bench soak export-merged export verify-export chat ls prune
 
 help:                ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -35,6 +35,9 @@ gpu-selftest: venv   ## each trainer, a few steps at the longest length/batch ->
 
 preflight: venv      ## a few measured steps of each trainer -> predicted timeline, cost, BUDGET check -> reports/migration/preflight.json
 	$(PY) -m pipeline run preflight --force preflight.enabled=true
+
+download: venv       ## the base model's files into the HF cache (HF_ENDPOINT / MODEL_HUB=modelscope; disk check first) -> reports/migration/download.json
+	$(PY) -m pipeline run download
 
 dry-run: venv        ## configs, data, tokenizer, chat template, memory plan; trains nothing
 	DRY_RUN=true $(PY) -m pipeline run all

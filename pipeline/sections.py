@@ -6,6 +6,7 @@ pipeline.settings resolves the values (files, environment, arguments) into these
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,15 +41,21 @@ def _numbers(obj) -> None:
         _check(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
 
 
+HUBS = ("hf", "modelscope")   # MODEL_HUB values (CONTRACT)
+
+
 @dataclass
 class ModelCfg:
     name: str | None = None          # MODEL_NAME: a local folder (or a hub name on a machine that can reach one)
     qlora: bool = False              # 4-bit QLoRA where the hardware plan allows it
     flash_attn: bool = True          # use flash_attention_2 when installed, Ampere+, not 4-bit
     tiny_seed: int = 0               # seed of the locally built tiny model
+    hub: str = field(default="hf", metadata={"where": True})   # MODEL_HUB: where a hub id is fetched from (HUBS)
 
     def __post_init__(self):
         _numbers(self)
+        _check(self.hub in HUBS, f"hub is {self.hub!r}: use one of {', '.join(HUBS)} (MODEL_HUB=modelscope fetches "
+               "through the modelscope SDK into the same cache layout)")
 
 
 @dataclass
@@ -240,7 +247,11 @@ class RuntimeCfg:
     min_cuda_mem_gb_14b: float = 36.0
     nproc: int = 1
     dry_run: bool = False
-    hf_home: str | None = None
+    # where the hub's files come from and go (not what they are: the download records their sha256); a stage that
+    # reads the whole config ("*") leaves them out, so the gate in a shell without them finds it fresh
+    hf_home: str | None = field(default=None, metadata={"where": True})
+    hf_endpoint: str | None = field(default=None, metadata={"where": True})   # HF_ENDPOINT: a mirror
+    hf_hub_offline: bool = field(default=False, metadata={"where": True})     # HF_HUB_OFFLINE: the cache only
     seed: int = 42
     inject_oom_at_step: int | None = None   # test hook: raise torch.OutOfMemoryError at this global step
     inject_oom_rank: int | None = None      # test hook: only this rank raises it (None: every rank)
@@ -262,6 +273,8 @@ class RuntimeCfg:
         _check(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
         _check(self.rehearsal_steps >= 2, f"rehearsal_steps must be >= 2, got {self.rehearsal_steps}")
         self.seeds = _seed_list(self.seeds)
+        _check(self.hf_endpoint is None or re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.hf_endpoint) is not None,
+               f"hf_endpoint is {self.hf_endpoint!r}: give a URL with its scheme, e.g. https://hf-mirror.com")
         bad = [r for r in self.report_to if r not in REPORTERS]
         _check(not bad, f"report_to has {bad}: use {', '.join(REPORTERS)} (transformers' integrations)")
         if self.deepspeed_config:

@@ -54,6 +54,7 @@ ENV_MAP: dict[str, tuple[str, ...]] = {
     "REHEARSAL_STEPS": ("runtime.rehearsal_steps",), "QLORA": ("model.qlora",),
     "BUDGET": ("preflight.budget",), "GPU_PRICE_PER_HOUR": ("preflight.price_per_hour",),
     "MERGE_FINAL": ("export.merge_final",), "SEEDS": ("runtime.seeds",),
+    "HF_ENDPOINT": ("runtime.hf_endpoint",), "MODEL_HUB": ("model.hub",), "HF_HUB_OFFLINE": ("runtime.hf_hub_offline",),
 }
 
 

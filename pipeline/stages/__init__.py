@@ -3,7 +3,6 @@ reports). Each pipeline/stages/<name>.py declares itself (STAGE) beside its run(
 training method is its file plus its name here."""
 from pipeline.core import Registry
 
-ORDER = ["gpu_bootstrap", "gpu_check", "dry_run", "gpu_selftest", "preflight", "sft", "dpo", "simpo", "kto", "orpo",
-         "eval", "judge", "reports", "seeds",
-         "export_merged"]
+ORDER = ["gpu_bootstrap", "gpu_check", "download", "dry_run", "gpu_selftest", "preflight", "sft", "dpo", "simpo", "kto",
+         "orpo", "eval", "judge", "reports", "seeds", "export_merged"]
 REGISTRY = Registry.from_modules(ORDER)

@@ -155,8 +155,10 @@ def judge_doc(cfg, risk=(10, 10), root=None):
 
 def build_run(root, cfg, force_skip=False):
     write(root, cfg, "gpu_check", common(cfg, "gpu_check", plan={"device": "cpu"}))
-    write(root, cfg, "preflight", common(cfg, "preflight", status="skipped", skipped=True, reason_code="not_requested",
-                                         reason="not asked for on the tiny tier", config_read=[]))
+    for name, why in (("download", "the base model is local (the tiny tier builds it): nothing to download"),
+                      ("preflight", "not asked for on the tiny tier")):
+        write(root, cfg, name, common(cfg, name, status="skipped", skipped=True, reason_code="not_requested",
+                                      reason=why, config_read=[]))
     for i, stage in enumerate(FINALS):
         if force_skip:
             write(root, cfg, stage, common(cfg, stage, status="skipped", skipped=True, reason_code="skip_forced",

@@ -41,6 +41,9 @@ OUTSIDE = {   # stages whose evidence is outside the root hash: why none of thei
                      "`make gpu-bootstrap`; no result is computed from them",
     "gpu_check": "the hardware probe and the plan: machine facts, re-probed on another boot (Stage.machine); the "
                  "thesis record names the hardware, it quotes no figure from it",
+    "download": "where the base weights came from and their sha256 at download time: the cache's state is the "
+                "stage's machine fact (a changed cache runs it again) and the training evidence records the base "
+                "identity the gate's base_model check compares; no result is computed from this record",
     "dry_run": "the dry run's validation record, rewritten by each `make dry-run`; no figure is quoted from it",
     "gpu_selftest": "a few trainer steps on the GPU with a stand-in model: a machine check, not a result",
     "preflight": "predictions and the budget decision, labelled as predictions wherever shown; the engine re-decides "
