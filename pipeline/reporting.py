@@ -94,10 +94,35 @@ def plot_accuracy(results: dict, sets: list[str], path: Path) -> str | None:
 
 
 # --- reports/eval_default.md ------------------------------------------------------------------------
-def results_table(doc: dict) -> str:
+# the evidence field of each scoring protocol: its name (the one references.yaml and readiness use) and what it is
+PROTOCOLS = {"results": ("generative_letter", "greedy generation, \"answer with the letter\", rule extraction"),
+             "results_loglik": ("loglik", "lm-evaluation-harness log-likelihood multiple choice: lm-eval's own "
+                                "medqa_4options / pubmedqa / cmmlu_<subject> prompts over the bundled files, "
+                                "zero-shot, no chat template, acc (argmax of the options' log-likelihoods)")}
+
+
+def results_table(doc: dict, field: str = "results") -> str:
     sets = list(doc.get("sets") or {})
-    rows = [[v] + [acc_cell((doc["results"].get(v) or {}).get(s)) for s in sets] for v in scored(doc)]
+    rows = [[v] + [acc_cell(((doc.get(field) or {}).get(v) or {}).get(s)) for s in sets] for v in scored(doc)]
     return md_table(["variant"] + [f"{s} accuracy [95% CI]" for s in sets], rows)
+
+
+def protocols_table(doc: dict) -> str:
+    """Both protocols side by side: per variant, each set's accuracy [95% CI] under each protocol."""
+    sets, fields = list(doc.get("sets") or {}), [f for f in PROTOCOLS if f in doc]
+    rows = [[v] + [acc_cell(((doc.get(f) or {}).get(v) or {}).get(s)) for s in sets for f in fields] for v in scored(doc)]
+    return md_table(["variant"] + [f"{s}, `{PROTOCOLS[f][0]}`" for s in sets for f in fields], rows)
+
+
+def protocol_lines(doc: dict) -> list[str]:
+    lines = [f"- `{name}` (`{field}.<variant>.<set>`): {what}." for field, (name, what) in PROTOCOLS.items()
+             if field in doc]
+    norm = [f"{v} {s} {pct(r['acc_norm']['accuracy'])}" for v in scored(doc)
+            for s, r in ((doc.get("results_loglik") or {}).get(v) or {}).items() if (r.get("acc_norm") or {}).get("n")]
+    if norm:
+        lines.append(f"- `loglik` acc_norm (per-character normalised; lm-eval reports it for medqa_4options and "
+                     f"cmmlu, where every option is one letter and it equals acc): {', '.join(norm)}.")
+    return lines
 
 
 def _pt(x) -> str:
@@ -120,9 +145,10 @@ def paired_table(doc: dict) -> str:
         if ci.get("ci_low") is not None:
             diff += f" [{100 * ci['ci_low']:+.1f}, {100 * ci['ci_high']:+.1f}]"
         holm = f"{p['p_holm']:.3g}" if p.get("p_holm") is not None else "n/a"
-        rows.append([f"{p['a']} vs {p['b']}", p["set"], pct(p["accuracy_a"]), pct(p["accuracy_b"]), diff,
-                     f"{p['a_only']} / {p['b_only']}", f"{p['p_value']:.3g}", holm, reading(doc, p)])
-    return md_table(["comparison", "set", "acc a", "acc b", "a - b [95% paired bootstrap CI]",
+        rows.append([f"{p['a']} vs {p['b']}", p.get("protocol", "-"), p["set"], pct(p["accuracy_a"]),
+                     pct(p["accuracy_b"]), diff, f"{p['a_only']} / {p['b_only']}", f"{p['p_value']:.3g}", holm,
+                     reading(doc, p)])
+    return md_table(["comparison", "protocol", "set", "acc a", "acc b", "a - b [95% paired bootstrap CI]",
                      "discordant a-only / b-only", "McNemar exact p", "Holm p", "reading"], rows)
 
 
@@ -154,23 +180,30 @@ def answers_table(doc: dict) -> str:
     """Per variant and set: extracted answers against the gold answers, and the degenerate-predictor flag."""
     rows = []
     for v in scored(doc):
-        for s, res in (doc["results"].get(v) or {}).items():
-            a = res.get("answers") or {}
-            if not a:
-                continue
-            top = f"{a['top_answer']} {pct(a['top_share'], 0)}" if a.get("top_answer") is not None else "-"
-            rows.append([v, s, _counts(a["predicted"]), a["unanswered"], _counts(a["gold"]), top,
-                         pct(a["gold_top_share"], 0), "**DEGENERATE**" if a["degenerate"] else "-"])
-    return md_table(["variant", "set", "extracted answers", "unanswered", "gold answers", "top answer (share)",
-                     "gold's top share", "degenerate predictor"], rows)
+        for field, (protocol, _) in PROTOCOLS.items():
+            for s, res in ((doc.get(field) or {}).get(v) or {}).items():
+                a = res.get("answers") or {}
+                if not a:
+                    continue
+                top = f"{a['top_answer']} {pct(a['top_share'], 0)}" if a.get("top_answer") is not None else "-"
+                rows.append([v, protocol, s, _counts(a["predicted"]), a["unanswered"], _counts(a["gold"]), top,
+                             pct(a["gold_top_share"], 0), "**DEGENERATE**" if a["degenerate"] else "-"])
+    return md_table(["variant", "protocol", "set", "answers (extracted / loglik argmax)", "unanswered", "gold answers",
+                     "top answer (share)", "gold's top share", "degenerate predictor"], rows)
 
 
 def degenerate_lines(doc: dict) -> list[str]:
     flagged = [(v, s, r["answers"]["threshold"]) for v in scored(doc) for s, r in (doc["results"].get(v) or {}).items()
                if (r.get("answers") or {}).get("degenerate")]
-    return [f"Degenerate predictors (one answer above eval.degenerate_share of a set's questions while the gold's "
-            f"largest share is below it): {', '.join(f'{v} on {s} (> {pct(t, 0)})' for v, s, t in flagged) or 'none'}. "
-            "A flagged trained variant is not a result: thesis readiness lists it as a blocker."]
+    lines = [f"Degenerate predictors (one answer above eval.degenerate_share of a set's questions while the gold's "
+             f"largest share is below it), protocol `generative_letter`: "
+             f"{', '.join(f'{v} on {s} (> {pct(t, 0)})' for v, s, t in flagged) or 'none'}. "
+             "A flagged trained variant is not a result: thesis readiness lists it as a blocker."]
+    ll = [f"{v} on {s}" for v in scored(doc) for s, r in ((doc.get("results_loglik") or {}).get(v) or {}).items()
+          if (r.get("answers") or {}).get("degenerate")]
+    if "results_loglik" in doc:
+        lines.append(f"Under `loglik` (the option with the highest log-likelihood): {', '.join(ll) or 'none'}.")
+    return lines
 
 
 def skipped_lines(doc: dict) -> list[str]:
@@ -191,10 +224,18 @@ def eval_markdown(doc: dict, cfg, commit: str | None) -> str:
              ["models in memory", f"base loaded {doc['memory']['base_loads']}x, at most "
                                   f"{doc['memory']['max_live_models']} alive (adapters switched on it)"],
              ["LLM extraction fallback", "used" if doc["fallback"]["available"] else f"not used: {doc['fallback']['reason']}"]]
+    if ll := doc.get("loglik"):
+        copies = ", ".join(f"{k} = lm-eval {t.get('replicates')}" for k, t in ll["tasks"].items())
+        setup.append(["loglik protocol", f"lm_eval {ll['lm_eval']} (`{ll['tasks_dir']}`: {copies}), "
+                      f"{ll['num_fewshot']}-shot, chat template {'on' if ll['chat_template'] else 'off'}, "
+                      f"{sum(ll['seconds'].values()):.1f} s for {len(ll['seconds'])} variants"])
     fails = [[v] + [f"{pct((doc['results'][v].get(s) or {}).get('format_failure_rate'))} "
                     f"({(doc['results'][v].get(s) or {}).get('format_failures')})" for s in sets] for v in scored(doc)]
     lines = [f"# Evaluation: {cfg.tier} tier", "", src, "", "## Setup", "", md_table(["item", "value"], setup), "",
-             "## Accuracy", "", results_table(doc), "", f"(Source: `{EVAL_JSON}`, fields `results.<variant>.<set>`.)", ""]
+             "## Accuracy under both protocols (same question ids)", "", *protocol_lines(doc), "", protocols_table(doc), "",
+             f"(Source: `{EVAL_JSON}`, fields `results.<variant>.<set>` (generative_letter) and "
+             "`results_loglik.<variant>.<set>` (loglik); per item: `reports/eval/predictions/<variant>.jsonl` and "
+             "`reports/eval/predictions/loglik/<variant>.jsonl`.)", ""]
     if cfg.tier in ("tiny", "demo"):
         lines += [f"Tier {cfg.tier} is a smoke test on small samples: these numbers check the pipeline, not the method.", ""]
     lines += ["## Format failures (no answer extracted; counted as wrong)", "",

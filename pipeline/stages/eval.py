@@ -6,7 +6,10 @@ answers extracted by evalkit's rules (then, optionally, an LLM that only extract
 bootstrap CI, format failures, lengths, answer distributions against the gold (degenerate predictors), paired
 McNemar tests against SFT and base with Holm-adjusted p-values (one family per protocol) and a paired bootstrap
 CI of each difference, and the minimum detectable difference per set.
-Writes reports/eval/predictions/<variant>.jsonl, reports/eval_default.md, reports/eval/eval_default.json.
+Two protocols on the same question ids: `generative_letter` (the above: `results`) and `loglik` (lm-evaluation-
+harness's log-likelihood multiple choice through our task definitions, pipeline/loglik.py: `results_loglik`).
+Writes reports/eval/predictions/<variant>.jsonl, reports/eval/predictions/loglik/<variant>.jsonl,
+reports/eval_default.md, reports/eval/eval_default.json.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import json
 from collections import Counter
 
 from pipeline import data as D
-from pipeline import evalkit, evalsets, judgekit, models
+from pipeline import evalkit, evalsets, judgekit, loglik, models
 from pipeline import evidence as ev
 from pipeline import reporting as R
 from pipeline.core import SkipStage, StageFailed
@@ -145,10 +148,9 @@ def power(sets: dict) -> dict:
                      for s, (rows, _) in sets.items()}}
 
 
-def predict(ctx, vs, name: str, rows: list[dict], prompts: list[list[dict]]) -> list[dict]:
+def predict(ctx, model, tok, name: str, rows: list[dict], prompts: list[list[dict]]) -> list[dict]:
     """The variant's answers to every question, extracted by the rules and scored against the gold answer."""
     cfg = ctx.cfg
-    model, tok = vs.use(name)
     raws = generate(model, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, ctx.progress,
                     f"eval {name}")
     out = []
@@ -167,31 +169,42 @@ def run(ctx) -> dict:
         raise SkipStage("FORCE_SKIP_TRAINING=true: no trained variant to evaluate (unset it to train and evaluate)")
     if not ctx.plan.get("feasible"):
         raise SkipStage(f"hardware plan: {ctx.plan.get('feasible_reason', 'not feasible')} (no model is loaded)")
-    if importlib.util.find_spec("statsmodels") is None:   # before the generation, not after it
-        raise StageFailed("statsmodels is not installed (Holm's correction of the paired tests needs it): "
-                          "run `make venv` or `.venv/bin/pip install -r requirements.txt`")
+    for module, why in (("statsmodels", "Holm's correction of the paired tests"), ("lm_eval", "the loglik protocol")):
+        if importlib.util.find_spec(module) is None:   # before the generation, not after it
+            raise StageFailed(f"{module} is not installed ({why} needs it): "
+                              "run `make venv` or `.venv/bin/pip install -r requirements.txt`")
     table, sets, fb = variant_table(ctx), load_sets(cfg), fallback_setup(ctx)
     rows = [r for name in cfg.eval.sets for r in sets[name][0]]
     prompts = [messages(r) for r in rows]
+    tasks = loglik.tasks_for(cfg, rows)   # lm-eval's tasks over the bundled files: the same ids, built once
     preds, results, outputs = {}, {}, []
+    ll_preds, results_ll, ll_seconds = {}, {}, {}
     with Variants(ctx) as vs:   # the base loads once; each trained variant is an adapter switched on it
         for name, entry in table.items():
             if entry["status"] != "scored":
                 ctx.log(f"{name}: skipped, not scored ({entry['reason']})")
                 continue
-            preds[name] = predict(ctx, vs, name, rows, prompts)
+            model, tok = vs.use(name)
+            preds[name] = predict(ctx, model, tok, name, rows, prompts)
             apply_fallback(ctx, fb, name, preds[name], rows)
             results[name] = summarize(preds[name], cfg)
-            rel = f"reports/eval/predictions/{name}.jsonl"
-            lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds[name])
-            ev.atomic_write_text(ctx.path(rel), lines)
-            outputs.append(rel)
+            ll_preds[name], own, ll_seconds[name] = loglik.score(model, tok, tasks, rows, cfg.eval.batch_size)
+            loglik.check_own(name, ll_preds[name], own)
+            results_ll[name] = loglik.summarize(ll_preds[name], cfg)
+            del model, tok
+            for rel, items in ((f"reports/eval/predictions/{name}.jsonl", preds[name]),
+                               (loglik.PREDICTIONS.format(variant=name), ll_preds[name])):
+                ev.atomic_write_text(ctx.path(rel), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in items))
+                outputs.append(rel)
         memory = vs.memory()
     fb = {k: v for k, v in fb.items() if not k.startswith("_")}
-    paired = paired_tests(preds, cfg, ctx.registry.aligned)
+    paired = (paired_tests(preds, cfg, ctx.registry.aligned)
+              + paired_tests(ll_preds, cfg, ctx.registry.aligned, protocol=loglik.PROTOCOL))
     doc = {"model_name": models.display_name(cfg.tier, base := base_model_path(ctx)),
            "base_model": ev.root_relative(ctx.root, base),
-           "variants": table, "results": results, "paired": paired,
+           "variants": table, "results": results, "results_loglik": results_ll, "paired": paired,
+           "protocols": {"results": PROTOCOL, "results_loglik": loglik.PROTOCOL},
+           "loglik": loglik.describe(tasks, ll_seconds),
            "sets": {s: {"planned_n": len(r), "full_size": full, "question_ids": [x["id"] for x in r], "seed": cfg.eval.seed}
                     for s, (r, full) in sets.items()},
            "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens, "n_bootstrap": cfg.eval.n_bootstrap,
@@ -224,7 +237,7 @@ def checks(g, doc) -> list:
         return [g.result("coverage", [f"{rel} is missing: run `python -m pipeline run eval`"], "")]
     problems = [f"status is {doc.get('status')!r}: {doc.get('reason')}"] if doc.get("status") != "ok" else []
     problems += [f"does not match its schema: {e}" for e in ev.validate("eval", doc)[:1]]
-    sets, variants, results = doc.get("sets") or {}, doc.get("variants") or {}, doc.get("results") or {}
+    sets, variants = doc.get("sets") or {}, doc.get("variants") or {}
     planned, floor = {}, required_sizes(cfg)
     for name in dict.fromkeys([*floor, *cfg.eval.sets]):
         info = sets.get(name)
@@ -256,19 +269,20 @@ def checks(g, doc) -> list:
             problems.append(f"variant {method} was scored on a checkpoint that is not the current {method} final")
     for variant, entry in variants.items():
         if isinstance(entry, dict) and entry.get("status") == "scored":
-            for name, (n, ids) in planned.items():
-                res = (results.get(variant) or {}).get(name)
-                if not isinstance(res, dict) or res.get("n") != n:
-                    problems.append(f"variant {variant} on {name}: n {(res or {}).get('n')}, planned {n}")
-                elif "question_ids" in res and list(res["question_ids"]) != ids:
-                    problems.append(f"variant {variant} on {name} used other question ids than planned")
+            for field in ("results", "results_loglik"):   # both protocols, on the planned ids
+                for name, (n, ids) in planned.items():
+                    res = ((doc.get(field) or {}).get(variant) or {}).get(name)
+                    if not isinstance(res, dict) or res.get("n") != n:
+                        problems.append(f"{field}: variant {variant} on {name}: n {(res or {}).get('n')}, planned {n}")
+                    elif list(res.get("question_ids") or []) != ids:
+                        problems.append(f"{field}: variant {variant} on {name} used other question ids than planned")
     sizes = ", ".join(f"{k} {v[0]}" for k, v in planned.items())
     coverage = g.result("coverage", problems[:8], f"{', '.join(g.registry.methods)} scored on the same question ids "
-                        f"({sizes})", code=doc.get("reason_code"))
+                        f"({sizes}) under both protocols", code=doc.get("reason_code"))
     if problems:
         return [coverage, g.blocked("numbers", "coverage")]
     from pipeline.eval_audit import audit
     wrong = audit(cfg, g.root, doc, g.registry.aligned)
     return [coverage, g.result("numbers", wrong[:8] + ([f"{len(wrong) - 8} more"] if len(wrong) > 8 else []),
-                               "every accuracy, CI, count and paired test recomputes from the re-scored "
-                               "predictions")]
+                               "every accuracy, CI, count and paired test of both protocols recomputes from the "
+                               "re-scored predictions")]
