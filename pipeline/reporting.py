@@ -94,35 +94,22 @@ def plot_accuracy(results: dict, sets: list[str], path: Path) -> str | None:
 
 
 # --- reports/eval_default.md ------------------------------------------------------------------------
-# the evidence field of each scoring protocol: its name (the one references.yaml and readiness use) and what it is
-PROTOCOLS = {"results": ("generative_letter", "greedy generation, \"answer with the letter\", rule extraction"),
-             "results_loglik": ("loglik", "lm-evaluation-harness log-likelihood multiple choice: lm-eval's own "
-                                "medqa_4options / pubmedqa / cmmlu_<subject> prompts over the bundled files, "
-                                "zero-shot, no chat template, acc (argmax of the options' log-likelihoods)")}
+# what each scoring protocol is; the evidence names the field each one fills (`protocols`: {field: name})
+PROTOCOL_TEXT = {"generative_letter": "greedy generation, \"answer with the letter\", rule extraction",
+                 "loglik": "lm-evaluation-harness log-likelihood multiple choice: lm-eval's own medqa_4options / "
+                           "pubmedqa / cmmlu_<subject> prompts over the bundled files, zero-shot, no chat template, acc "
+                           "(argmax of the options' log-likelihoods)"}
+
+
+def protocol_fields(doc: dict) -> dict:
+    """{evidence field: protocol name}; evidence from before the second protocol has `results` only."""
+    return doc.get("protocols") or {"results": "generative_letter"}
 
 
 def results_table(doc: dict, field: str = "results") -> str:
     sets = list(doc.get("sets") or {})
     rows = [[v] + [acc_cell(((doc.get(field) or {}).get(v) or {}).get(s)) for s in sets] for v in scored(doc)]
     return md_table(["variant"] + [f"{s} accuracy [95% CI]" for s in sets], rows)
-
-
-def protocols_table(doc: dict) -> str:
-    """Both protocols side by side: per variant, each set's accuracy [95% CI] under each protocol."""
-    sets, fields = list(doc.get("sets") or {}), [f for f in PROTOCOLS if f in doc]
-    rows = [[v] + [acc_cell(((doc.get(f) or {}).get(v) or {}).get(s)) for s in sets for f in fields] for v in scored(doc)]
-    return md_table(["variant"] + [f"{s}, `{PROTOCOLS[f][0]}`" for s in sets for f in fields], rows)
-
-
-def protocol_lines(doc: dict) -> list[str]:
-    lines = [f"- `{name}` (`{field}.<variant>.<set>`): {what}." for field, (name, what) in PROTOCOLS.items()
-             if field in doc]
-    norm = [f"{v} {s} {pct(r['acc_norm']['accuracy'])}" for v in scored(doc)
-            for s, r in ((doc.get("results_loglik") or {}).get(v) or {}).items() if (r.get("acc_norm") or {}).get("n")]
-    if norm:
-        lines.append(f"- `loglik` acc_norm (per-character normalised; lm-eval reports it for medqa_4options and "
-                     f"cmmlu, where every option is one letter and it equals acc): {', '.join(norm)}.")
-    return lines
 
 
 def _pt(x) -> str:
@@ -180,7 +167,7 @@ def answers_table(doc: dict) -> str:
     """Per variant and set: extracted answers against the gold answers, and the degenerate-predictor flag."""
     rows = []
     for v in scored(doc):
-        for field, (protocol, _) in PROTOCOLS.items():
+        for field, protocol in protocol_fields(doc).items():
             for s, res in ((doc.get(field) or {}).get(v) or {}).items():
                 a = res.get("answers") or {}
                 if not a:
@@ -209,45 +196,6 @@ def degenerate_lines(doc: dict) -> list[str]:
 def skipped_lines(doc: dict) -> list[str]:
     return [f"- **{v}**: skipped, not scored: {e.get('reason')}" for v, e in (doc.get("variants") or {}).items()
             if e.get("status") != "scored"]
-
-
-def eval_markdown(doc: dict, cfg, commit: str | None) -> str:
-    src = f"Source of every number below: `{EVAL_JSON}`."
-    sets = doc["sets"]
-    setup = [["model", doc["model_name"]], ["tier", cfg.tier], ["git commit", commit or "unknown"],
-             ["sets (sample / full size)", ", ".join(f"{s} {i['planned_n']}/{i['full_size']}" for s, i in sets.items())],
-             ["sample seed", cfg.eval.seed], ["bootstrap", f"{doc['n_bootstrap']} percentile resamples, seed {cfg.eval.seed}"],
-             ["generation", f"greedy, HF generate, batch size {doc['batch_size']} (left padding), "
-                            f"max_new_tokens {doc['max_new_tokens']}"],
-             ["decoding", ", ".join(f"{k} {v}" for k, v in doc["generation"]["decoding"].items())
-              + " (set explicitly: the model's generation_config.json is not used)"],
-             ["models in memory", f"base loaded {doc['memory']['base_loads']}x, at most "
-                                  f"{doc['memory']['max_live_models']} alive (adapters switched on it)"],
-             ["LLM extraction fallback", "used" if doc["fallback"]["available"] else f"not used: {doc['fallback']['reason']}"]]
-    if ll := doc.get("loglik"):
-        copies = ", ".join(f"{k} = lm-eval {t.get('replicates')}" for k, t in ll["tasks"].items())
-        setup.append(["loglik protocol", f"lm_eval {ll['lm_eval']} (`{ll['tasks_dir']}`: {copies}), "
-                      f"{ll['num_fewshot']}-shot, chat template {'on' if ll['chat_template'] else 'off'}, "
-                      f"{sum(ll['seconds'].values()):.1f} s for {len(ll['seconds'])} variants"])
-    fails = [[v] + [f"{pct((doc['results'][v].get(s) or {}).get('format_failure_rate'))} "
-                    f"({(doc['results'][v].get(s) or {}).get('format_failures')})" for s in sets] for v in scored(doc)]
-    lines = [f"# Evaluation: {cfg.tier} tier", "", src, "", "## Setup", "", md_table(["item", "value"], setup), "",
-             "## Accuracy under both protocols (same question ids)", "", *protocol_lines(doc), "", protocols_table(doc), "",
-             f"(Source: `{EVAL_JSON}`, fields `results.<variant>.<set>` (generative_letter) and "
-             "`results_loglik.<variant>.<set>` (loglik); per item: `reports/eval/predictions/<variant>.jsonl` and "
-             "`reports/eval/predictions/loglik/<variant>.jsonl`.)", ""]
-    if cfg.tier in ("tiny", "demo"):
-        lines += [f"Tier {cfg.tier} is a smoke test on small samples: these numbers check the pipeline, not the method.", ""]
-    lines += ["## Format failures (no answer extracted; counted as wrong)", "",
-              md_table(["variant"] + list(sets), fails), "", f"(Source: `{EVAL_JSON}`, `results.<variant>.<set>.format_failures`.)", "",
-              "## Answers against the gold (degenerate predictors)", "", answers_table(doc), "",
-              *degenerate_lines(doc), "", f"(Source: `{EVAL_JSON}`, `results.<variant>.<set>.answers`.)", "",
-              "## Paired comparisons (same question ids)", "", paired_table(doc), "", *statistics_lines(doc), "",
-              f"(Source: `{EVAL_JSON}`, fields `paired` (p_holm, survives_holm, diff_ci) and "
-              "`min_detectable_difference`.)", ""]
-    if skipped_lines(doc):
-        lines += ["## Variants not scored", ""] + skipped_lines(doc) + [""]
-    return "\n".join(lines)
 
 
 # --- reports/thesis_support/ ------------------------------------------------------------------------

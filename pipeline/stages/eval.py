@@ -20,9 +20,8 @@ import json
 from collections import Counter
 
 from pipeline import data as D
-from pipeline import evalkit, evalsets, judgekit, loglik, models
+from pipeline import eval_report, evalkit, evalsets, judgekit, loglik, models
 from pipeline import evidence as ev
-from pipeline import reporting as R
 from pipeline.core import SkipStage, StageFailed
 from pipeline.provenance import git_commit
 from pipeline.variants import Variants, base_model_path, decoding, generate, variant_table
@@ -214,7 +213,7 @@ def run(ctx) -> dict:
                                     "protocols": sorted({t["protocol"] for t in paired})},
            "generation": {"backend": "hf", "greedy": True, "padding_side": "left",
                           "batched_by_prompt_length": True, "decoding": decoding(cfg.eval.max_new_tokens)}}
-    ev.atomic_write_text(ctx.path("reports/eval_default.md"), R.eval_markdown(doc, cfg, git_commit()))
+    ev.atomic_write_text(ctx.path("reports/eval_default.md"), eval_report.eval_markdown(doc, cfg, git_commit()))
     return doc | {"outputs": outputs + ["reports/eval_default.md"]}
 
 

@@ -30,8 +30,9 @@ def pubmedqa_doc_to_text(doc: dict) -> str:
 
 
 def pubmedqa_dataset(ori_path: str, test_ids_path: str, **_metadata):
-    """{"test": rows}: each test PMID's ori_pqal.json entry, with its fields as the file names them, plus PMID, in
-    test_ground_truth.json's order (lm-eval calls this with the task's dataset_kwargs and its metadata)."""
+    """{"test": rows}: each test PMID's ori_pqal.json entry (the fields lm-eval's pubmedqa reads, named as the file
+    and the bigbio source schema name them) plus PMID, in test_ground_truth.json's order (lm-eval calls this with the
+    task's dataset_kwargs and its metadata)."""
     import datasets
     with open(ori_path, encoding="utf-8") as f:
         ori = json.load(f)
