@@ -34,7 +34,13 @@ class Tasks:
     loaded: dict                      # TaskManager.load(...): {"tasks": {name: Task}, "groups": ..., ...}
     samples: dict                     # {task: [doc index, ...]} (sorted: lm-eval 0.4.13 logs doc_id right only then)
     where: dict                       # {row id: task}
+    sets: dict                        # {task: the eval set module whose rows it scores}
     replicates: dict                  # {task: the lm-eval task it copies}
+
+
+def inputs(cfg) -> list[Path]:
+    """The eval stage's input files: the sets' data and our task definitions (an edit to a task re-runs eval)."""
+    return [*evalsets.files(cfg), *sorted(p for p in TASKS_DIR.iterdir() if p.is_file() and p.suffix != ".pyc")]
 
 
 def task_manager():
@@ -57,18 +63,15 @@ def task_spec(tm, name: str, data: dict) -> dict:
 
 def tasks_for(cfg, rows: list[dict]) -> Tasks:
     """The tasks of the rows' sets, built once (every variant answers them), each row found as one task doc."""
-    tm, specs = task_manager(), {}
+    tm, specs, sets = task_manager(), {}, {}
     for row in rows:
         mod = evalsets.of(row)
         name = mod.lm_eval_task(row)
         if name not in specs:
-            specs[name] = task_spec(tm, name, mod.lm_eval_data(cfg, row))
+            specs[name], sets[name] = task_spec(tm, name, mod.lm_eval_data(cfg, row)), mod
     loaded = tm.load(list(specs.values()))
-    found = {}
-    for name, task in loaded["tasks"].items():
-        mod = evalsets.SETS[next(r["set"] for r in rows if evalsets.of(r).lm_eval_task(r) == name)]
-        for i, doc in enumerate(task.eval_docs):
-            found[mod.lm_eval_id(name, doc)] = (name, i)
+    found = {sets[name].lm_eval_id(name, doc): (name, i)
+             for name, task in loaded["tasks"].items() for i, doc in enumerate(task.eval_docs)}
     missing = [r["id"] for r in rows if r["id"] not in found]
     if missing:
         raise StageFailed(f"{len(missing)} sampled questions are not docs of their lm-eval task (first: {missing[0]}): "
@@ -78,7 +81,7 @@ def tasks_for(cfg, rows: list[dict]) -> Tasks:
         name, i = found[row["id"]]
         samples.setdefault(name, []).append(i)
     return Tasks(loaded, {k: sorted(v) for k, v in samples.items()}, {r["id"]: found[r["id"]][0] for r in rows},
-                 {k: (s.get("metadata") or {}).get("replicates") for k, s in specs.items()})
+                 sets, {k: (s.get("metadata") or {}).get("replicates") for k, s in specs.items()})
 
 
 def choice_index(choices: list[str], target) -> int:
@@ -130,9 +133,8 @@ def score(model, tok, tasks: Tasks, rows: list[dict], batch_size: int) -> tuple[
     by_id = {r["id"]: r for r in rows}
     items = {}
     for name, samples in res["samples"].items():
-        mod = evalsets.SETS[next(r["set"] for r in rows if tasks.where[r["id"]] == name)]
         for s in samples:
-            rid = mod.lm_eval_id(name, s["doc"])
+            rid = tasks.sets[name].lm_eval_id(name, s["doc"])
             items[rid] = record(by_id[rid], name, tasks.loaded["tasks"][name], s)
     if set(items) != set(by_id):
         raise StageFailed(f"lm-eval scored {len(items)} of the {len(by_id)} sampled questions", code="loglik_task")

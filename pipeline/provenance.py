@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "openai",
-            "tokenizers", "safetensors", "jsonschema", "lm_eval")
+            "tokenizers", "safetensors", "jsonschema")
 
 
 def now() -> str:

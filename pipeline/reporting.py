@@ -245,7 +245,10 @@ def thesis_draft(ctx, eval_doc: dict | None, judge_doc: dict | None) -> str:
               "", "(learning rate: resolved config in `reports/thesis_support/experiment_record.json`, field config.<stage>.)", ""]
     lines += ["## Results", ""]
     if scored(eval_doc):
-        lines += [results_table(eval_doc), "", f"[{EVAL_JSON}: results]", "", paired_table(eval_doc), "",
+        for field, protocol in protocol_fields(eval_doc).items():
+            lines += [f"Protocol `{protocol}` ({PROTOCOL_TEXT.get(protocol, protocol)}):", "",
+                      results_table(eval_doc, field), "", f"[{EVAL_JSON}: {field}]", ""]
+        lines += [paired_table(eval_doc), "",
                   *statistics_lines(eval_doc), "", f"[{EVAL_JSON}: paired, min_detectable_difference]", ""]
     else:
         lines += [f"No measured results: eval {(eval_doc or {}).get('status', 'missing')} ({(eval_doc or {}).get('reason')}).", ""]

@@ -30,7 +30,7 @@ from pipeline.core import Stage
 STAGE = Stage("eval", "reports/eval/eval_default.json", needs=("sft",), needs_methods=True, reads=(
     *evalsets.reads(), "eval", "judge.model", "judge.base_url", "judge.concurrency", "judge.timeout_s",
     "judge.max_retries", "judge.max_reasks", "model.name", "model.tiny_seed", "runtime.force_skip_training",
-    "runtime.rehearsal"), inputs=evalsets.files, runs_after_skip=True)
+    "runtime.rehearsal"), inputs=loglik.inputs, runs_after_skip=True)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 

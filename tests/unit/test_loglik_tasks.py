@@ -94,9 +94,8 @@ def test_every_bundled_row_is_one_doc_of_its_task_with_the_loaders_gold(cfg, row
     assert sum(len(v) for v in tasks.samples.values()) == len(every) > 3000
     by_id = {r["id"]: r for r in every}
     for name, task in tasks.loaded["tasks"].items():
-        mod = evalsets.SETS[by_id[next(i for i, t in tasks.where.items() if t == name)]["set"]]
         for doc in task.eval_docs:
-            row = by_id[mod.lm_eval_id(name, doc)]
+            row = by_id[tasks.sets[name].lm_eval_id(name, doc)]
             choices = task.doc_to_choice(doc)
             assert choices == list(row["options"]) and choices[loglik.choice_index(choices, task.doc_to_target(doc))] \
                 == row["answer"], row["id"]
