@@ -127,7 +127,7 @@ TAMPERS = {
     "a paired test's p-value edited": (lambda r: _edit_json(r / EVAL, lambda d: d["paired"][0].update(p_value=0.001)), "eval.numbers"),
     "a prediction marked correct, its file re-hashed": (_mark_correct_and_rehash, "eval.numbers"),
     "a loglik accuracy edited": (lambda r: _edit_json(r / EVAL, lambda d: d["results_loglik"]["base"]["medqa"].update(accuracy=0.93)), "eval.numbers"),
-    "a loglik item marked correct, its file re-hashed": (_loglik_marked_correct_and_rehash, "eval.numbers"),
+    "a loglik item marked correct, its file re-hashed": (_loglik_marked_correct_and_rehashed, "eval.numbers"),
     "a stage marked incomplete (killed)": (lambda r: (r / "reports/.incomplete").mkdir(exist_ok=True) or (r / "reports/.incomplete/kto.marker").write_text("{}"), "chain.no_incomplete"),
 }
 
