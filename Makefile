@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: help venv test test-slow test-fast day1-smoke gpu-bootstrap gpu-check dry-run gpu-run gpu-complete-check \
-        gpu-selftest preflight day1-v100-dual rehearse bench soak export-merged export verify-export ls prune
+        gpu-selftest preflight day1-v100-dual rehearse bench soak export-merged export verify-export chat ls prune
 
 help:                ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -62,6 +62,9 @@ export-merged: venv  ## merge each trained adapter into the base, check it answe
 
 export: venv         ## one archive of reports/, every checkpoints/*/final and each merged folder that passed its parity check, with a sha256 manifest
 	$(PY) -m scripts.export pack
+
+chat: venv           ## talk to a variant: make chat VARIANT=sft; PROMPT="..." answers once and exits (SYSTEM_PROMPT, MAX_NEW_TOKENS, MERGED)
+	$(PY) -m pipeline chat   # VARIANT, PROMPT, ... reach it through the environment (make exports them)
 
 verify-export: venv  ## check an archive against its manifest: make verify-export FILE=...
 	$(PY) -m scripts.export verify "$(FILE)"

@@ -11,7 +11,7 @@ PY=.venv/bin/python
 RUN_DIR=${DAY1_RUN_DIR:-$(mktemp -d)}   # step records (and the first logs, until the output root is known)
 mkdir -p "$RUN_DIR"   # DAY1_RUN_DIR may name a folder that does not exist yet
 STEPS=$RUN_DIR/steps.jsonl   # one JSON object per step (python -m pipeline day1 summary reads it)
-ALL_STEPS="sync venv keys gpu-probe gpu-bootstrap gpu-check dry-run gpu-selftest gpu-run gpu-complete-check"
+ALL_STEPS="sync venv keys gpu-probe gpu-bootstrap gpu-check preflight dry-run gpu-selftest gpu-run gpu-complete-check"
 LOGS=$RUN_DIR
 
 json_str() {  # a bash string as a JSON string
@@ -117,6 +117,14 @@ main() {
   # 4-5. environment, hardware plan, dry run: a failure here means training cannot start, so stop
   step gpu-bootstrap make -s gpu-bootstrap || finish 1 "not run: gpu-bootstrap failed"
   step gpu-check make -s gpu-check || finish 1 "not run: gpu-check failed (no hardware plan)"
+  # the preflight before the dry run: measured memory and speed per stage, the timeline the dry run prints; over
+  # BUDGET it stops here, before anything trains (the engine skips it on a tier that does not ask for it)
+  if [ "$DRY" = true ]; then
+    not_run "DAY1_DRY_RUN=true: the preflight trains a few measured steps (make preflight runs it)" preflight
+  else
+    step preflight $PY -m pipeline run preflight \
+      || finish 1 "not run: the preflight failed or the run is over BUDGET (see reports/migration/preflight.json)"
+  fi
   step dry-run env DRY_RUN=true $PY -m pipeline run dry_run
   dry_rc=$?
   [ "$DRY" = true ] && finish "$dry_rc" "not run: DAY1_DRY_RUN=true, nothing is trained"

@@ -1,4 +1,4 @@
-"""CLI.  python -m pipeline run <stage>|all [key=value ...] [--force] | ls | check | config | prune | day1 ..."""
+"""CLI.  python -m pipeline run <stage>|all [key=value ...] [--force] | ls | check | config | prune | chat ... | day1 ..."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("targets", nargs="*", help="key=value overrides")
     sub.add_parser("day1", help="day1_run.sh's helpers: keys, root, flag NAME, summary STEPS.jsonl (see -h)",
                    add_help=False)
+    sub.add_parser("chat", help="talk to base or a trained variant: chat --variant sft [--prompt TEXT] (see -h)",
+                   add_help=False)
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chat"]:   # forwarded as is: a prompt may hold "=" (never a config override)
+        from pipeline import chat
+        return chat.cli(argv[1:])
     if argv[:1] == ["day1"]:   # forwarded as is: the helpers parse their own arguments (and need no config)
         from pipeline import day1
         return day1.cli(argv[1:])

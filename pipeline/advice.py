@@ -36,6 +36,8 @@ ADVICE = {   # code -> what to do; a check's code is the one its stage raised, e
                           "fallback or another adapter); check `pip show trl peft` and {stage}.trl, then " + REDO,
     "invariants": "the metrics predate these fields, or the trainer broke an invariant: " + REDO + "; if it "
                   "breaks again, report it with reports/logs/{stage}_full.log (a pipeline defect)",
+    "evidence_root": "evidence or a final changed after the thesis material quoted the root hash (never edit "
+                     "them): `python -m pipeline run reports --force` quotes the root as it is now",
     "coverage": "run `python -m pipeline run eval --force` once every training stage is ok",
     "loglik_task": "the loglik protocol's lm-eval task definitions (pipeline/evalsets/lm_eval_tasks/) do not read "
                    "the configured eval files as the sets' loaders do (see the reason): fix the task YAML or the "

@@ -79,6 +79,8 @@ class Stage:
     requested: Callable | None = None                # cfg -> None, or why it is not asked for (skipped, up to date
                                                      # while the fingerprint stays and it stays unrequested)
     machine: Callable | None = None                  # cfg -> facts about this machine that enter the fingerprint
+    content: Callable | None = None                  # cfg -> content identities that enter the fingerprint (the
+                                                     # base model's: models.base_content)
     method: Method | None = None
     config: type | None = None                       # a method's config section (settings.SFTCfg, ...)
     distributed: bool = False                        # NPROC>1: the engine's runner launches N ranks of run()
@@ -88,6 +90,10 @@ class Stage:
     checks: Callable | None = None                   # checks(gate_ctx, doc) -> list[Check]
     trainer: Callable | None = None                  # trainer(cfg) -> (TRL config class, trainer class, paired,
                                                      #   extra config arguments): a method trained from SFT
+    advice: tuple[str, ...] = ()                     # stages whose evidence it may read when fresh (ctx.advice):
+                                                     #   how to run (a batch), not what: not in its fingerprint
+    guard: Callable | None = None                    # guard(cfg, registry, done, todo) -> None or why the run stops
+                                                     #   before todo[0] (the engine asks it once this stage is ok)
 
     def evidence(self, cfg) -> str:
         return self.evidence_path.format(slug=cfg.slug)
@@ -109,10 +115,11 @@ class Registry:
                 group, dot, rest = key.partition(".")
                 out += [f"{m}{dot}{rest}" for m in groups[group]] if group in groups else [key]
             return tuple(dict.fromkeys(out))
-        resolved = []
+        resolved, names = [], {s.name for s in stages}
         for s in stages:
             s = dataclasses.replace(s, reads=expand(s.reads), untracked=expand(s.untracked),
-                                    needs=tuple(dict.fromkeys(s.needs + (methods if s.needs_methods else ()))))
+                                    needs=tuple(dict.fromkeys(s.needs + (methods if s.needs_methods else ()))),
+                                    advice=tuple(n for n in s.advice if n in names))   # advice is optional
             resolved.append(s)
         self.stages = tuple(resolved)
         self.by_name = {s.name: s for s in self.stages}
@@ -128,7 +135,7 @@ class Registry:
         for name in names:
             mod = importlib.import_module(f"{package}.{name}")
             stages.append(dataclasses.replace(mod.STAGE, run=mod.run, checks=getattr(mod, "checks", None),
-                                              trainer=getattr(mod, "trainer", None)))
+                                              trainer=getattr(mod, "trainer", None), guard=getattr(mod, "guard", None)))
         return cls(stages)
 
     def __getitem__(self, name: str) -> Stage:
@@ -298,6 +305,7 @@ class Ctx:
     fingerprint: str = ""
     read_evidence: Callable = field(default=None, repr=False)   # path -> dict | None
     secrets: Callable = field(default=None, repr=False)          # name -> str | None
+    read_advice: Callable = field(default=None, repr=False)      # stage name -> its evidence if fresh, else None
 
     @property
     def root(self) -> Path:
@@ -317,6 +325,13 @@ class Ctx:
             raise StageFailed(f"stage {self.name} read the evidence of {stage}, which it does not need: add "
                               f"{stage!r} to needs= in pipeline/stages/{self.name}.py", code="undeclared_read")
         return self.read_evidence(self.root / self.registry[stage].evidence(self.cfg))
+
+    def advice(self, stage: str) -> dict | None:
+        """The evidence of a stage this one takes advice from (Stage.advice), when it is up to date; else None."""
+        if stage not in self.stage.advice:
+            raise StageFailed(f"stage {self.name} read the advice of {stage} without declaring it: add {stage!r} to "
+                              f"advice= in pipeline/stages/{self.name}.py", code="undeclared_read")
+        return self.read_advice(stage) if self.read_advice else None
 
     @property
     def plan(self) -> dict:

@@ -43,6 +43,8 @@ PREF_FORMATS = {"trl": ("prompt", "chosen", "rejected"),
                 "medicalgpt": ("question", "response_chosen", "response_rejected")}
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+READS = {"alpaca": {"instruction", "input", "output", "history", "system"}, "messages": {"messages"},
+         "sharegpt": {"conversations", "system"}}   # the fields each SFT format's loader reads (others: reported)
 
 
 # ---- training data ------------------------------------------------------------------------
@@ -73,7 +75,8 @@ def _sft_messages(where: str, record: dict, fmt: str | None) -> list[dict]:
         instruction = _text(where, record, "instruction")
         extra = _text(where, record, "input", allow_empty=True) if "input" in record else ""
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(where, record, "output")}]
+        return [*_system(where, record), *_history(where, record), {"role": "user", "content": user},
+                {"role": "assistant", "content": _text(where, record, "output")}]
 
     if fmt == "messages":
         key, role_key, content_key = "messages", "role", "content"
@@ -100,7 +103,37 @@ def _sft_messages(where: str, record: dict, fmt: str | None) -> list[dict]:
     if not {"user", "assistant"} <= spoken:
         raise _error(where, key, "needs at least one user turn and one assistant turn",
                      "Add the missing turn or delete the row")
-    return messages
+    first = next(m for m in messages if m["role"] != "system")
+    if first["role"] == "assistant":
+        raise _error(where, key, "starts with the assistant (before any user turn): the chat template would train "
+                     "a reply to nothing", "Start the conversation with the user's turn or delete the row")
+    has_system = any(m["role"] == "system" for m in messages)
+    return ([] if has_system else _system(where, record)) + messages
+
+
+def _system(where: str, record: dict) -> list[dict]:
+    """A top-level `system` field (Alpaca, ShareGPT as LLaMA-Factory writes them) as the first turn."""
+    if "system" not in record:
+        return []
+    text = _text(where, record, "system", allow_empty=True)
+    return [{"role": "system", "content": text}] if text.strip() else []
+
+
+def _history(where: str, record: dict) -> list[dict]:
+    """Alpaca `history` ([[instruction, response], ...], MedicalGPT / LLaMA-Factory) as the earlier turns."""
+    history = record.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise _error(where, "history", f"expected a list of [instruction, response] pairs, got {type(history).__name__}",
+                     "Write it as [[\"question\", \"answer\"], ...] or remove it")
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) and t.strip() for t in pair)):
+            raise _error(where, f"history[{i}]", "expected a pair of two non-empty strings [instruction, response]",
+                         "Fix the pair or remove it")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
 
 
 def load_sft(path, fmt: str = "auto", on_bad_row: str = "error", source: str | None = None):
@@ -112,7 +145,9 @@ def load_sft(path, fmt: str = "auto", on_bad_row: str = "error", source: str | N
 
     def convert(where, line):
         record = _parse_object(where, line)
-        return {"id": f"sft-{where.rsplit(':', 1)[1]}", "messages": _sft_messages(where, record, fmt)}
+        row = {"id": f"sft-{where.rsplit(':', 1)[1]}", "messages": _sft_messages(where, record, fmt)}
+        report.note_ignored(record, READS.get(fmt, ()))
+        return row
 
     return _collect(report, records, convert, on_bad_row, "SFT"), report
 
@@ -133,6 +168,7 @@ def load_preferences(path, fmt: str = "auto", on_bad_row: str = "error", source:
         if row["chosen"].strip() == row["rejected"].strip():
             raise _error(where, rejected_key, f"identical to '{chosen_key}'",
                          "A pair must prefer one answer; delete the row")
+        report.note_ignored(record, (prompt_key, chosen_key, rejected_key))
         return row
 
     return _collect(report, records, convert, on_bad_row, "preference"), report
@@ -150,6 +186,7 @@ def load_kto(path, on_bad_row: str = "error", source: str | None = None):
         if not isinstance(record.get("label"), bool):
             problem = "missing" if "label" not in record else f"expected true or false, got {record['label']!r}"
             raise _error(where, "label", problem, "Set label to JSON true (desirable) or false (undesirable)")
+        report.note_ignored(record, ("prompt", "completion", "label"))
         return {**row, "label": record["label"]}
 
     return _collect(report, _jsonl_records(path, text), convert, on_bad_row, "KTO"), report

@@ -31,6 +31,12 @@ class LoadReport:
     n_rows: int = 0
     n_skipped: int = 0
     skipped: list[dict] = field(default_factory=list)  # [{"where": "file:line", "reason": str}]
+    ignored_fields: dict = field(default_factory=dict)  # {field no loader reads: rows that carry it}, never silent
+
+    def note_ignored(self, record: dict, read) -> None:
+        for key in record:
+            if key not in read:
+                self.ignored_fields[key] = self.ignored_fields.get(key, 0) + 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +72,16 @@ def _jsonl_records(path, text: str) -> Iterable[tuple[str, str]]:
 
 
 def _parse_object(where: str, line: str) -> dict:
+    def unique(pairs):   # a JSON reader keeps the last of two equal keys: the first value would vanish unseen
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _error(where, key, "given twice in one object (a JSON reader silently keeps only the last)",
+                             "Keep one value for it")
+            seen.add(key)
+        return dict(pairs)
     try:
-        record = json.loads(line)
+        record = json.loads(line, object_pairs_hook=unique)
     except json.JSONDecodeError as e:
         raise _error(where, "(whole line)", f"not valid JSON ({e.msg} at column {e.colno})",
                      "Fix the line; the file must be JSON Lines, one object per line") from None

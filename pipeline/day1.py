@@ -61,6 +61,10 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg, config_error
             from pipeline.readiness import thesis_readiness
             r = thesis_readiness(cfg, strict)
             out["thesis_readiness"] = {"ready_for_writing": r["ready_for_writing"], "blockers": r["blockers"]}
+    if trained:
+        from pipeline import root_hash
+        from pipeline.stages import REGISTRY
+        out["evidence_root"] = root_hash.of_root(root, REGISTRY)
     if dry_run:
         dry = ev.read_json(root / "reports/migration/dry_run.json") or {}
         out["dry_run_result"] = {"status": dry.get("status", "missing"), "reason": dry.get("reason")}
@@ -81,7 +85,27 @@ def day1_summary(root: Path, steps: list[dict], dry_run: bool, cfg, config_error
                           + ("" if trained else "; nothing was trained"))
     if config_error:
         out["first_fixes"].insert(0, f"config error: {config_error}")
+    if cfg is not None and not dry_run:
+        out["prediction"] = predicted_vs_actual(root, cfg)
     return out
+
+
+def predicted_vs_actual(root: Path, cfg) -> dict | None:
+    """The preflight's predicted seconds per stage against each stage's measured duration_s (ok evidence only),
+    and in total over the stages that have both; None without an ok preflight."""
+    import os
+
+    from pipeline import preflight_kit as K
+    from pipeline.stages import REGISTRY
+    doc = ev.read_json(root / REGISTRY["preflight"].evidence(cfg))
+    if not isinstance(doc, dict) or doc.get("status") != "ok":
+        return None
+    actual = {}
+    for name in K.predictions(doc):
+        got = ev.read_json(root / REGISTRY[name].evidence(cfg)) if name in REGISTRY else None
+        actual[name] = got.get("duration_s") if isinstance(got, dict) and got.get("status") == "ok" else None
+    return {"evidence": REGISTRY["preflight"].evidence(cfg), "rows": K.versus(doc, actual),
+            "preflight_s": doc.get("duration_s"), "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _last_line(log: Path) -> str:
@@ -104,8 +128,21 @@ def summary_markdown(s: dict) -> str:
              "| step | status | seconds | log | note |", "|---|---|---|---|---|"]
     lines += [f"| {x['name']} | {x['status']} | {x['seconds']} | {x['log']} | {x['note']} |"
               for x in s["steps"]]
+    if s.get("evidence_root"):
+        r = s["evidence_root"]
+        lines += ["", f"Evidence root sha256 `{r['sha256']}` over {r['files']} files ({r['scope']}): the hash the "
+                  "thesis material quotes; `make export` prints it for the archive, `make verify-export` recomputes it."]
     if s["first_fixes"]:
         lines += ["", "## First things to fix", ""] + [f"{i}. {f}" for i, f in enumerate(s["first_fixes"], 1)]
+    if s.get("prediction"):
+        p = s["prediction"]
+        lines += ["", "## Predicted vs actual (preflight)", "",
+                  f"Predicted by `{p['evidence']}` (the preflight itself took {p['preflight_s']} s); actual: each "
+                  f"stage's `duration_s`. Load average (1, 5, 15 min) when this summary was written: "
+                  f"{', '.join(map(str, p['load_average']))}.", "",
+                  "| stage | predicted s | actual s | actual / predicted |", "|---|---|---|---|"]
+        lines += [f"| {r['stage']} | {r['predicted_s']} | {'-' if r['actual_s'] is None else r['actual_s']} | "
+                  f"{'-' if r['ratio'] is None else r['ratio']} |" for r in p["rows"]]
     if "thesis_readiness" in s:
         r = s["thesis_readiness"]
         lines += ["", f"## Thesis readiness: ready_for_writing {str(r['ready_for_writing']).lower()}", ""]

@@ -11,6 +11,7 @@ import contextlib
 import faulthandler
 import fcntl
 import os
+import signal
 import sys
 import threading
 import time
@@ -49,6 +50,8 @@ def fingerprint(stage: Stage, cfg: Config, registry: Registry) -> tuple[str, dic
         upstream[need] = {"status": up.get("status"), "fingerprint": up.get("fingerprint"), "outputs": up.get("outputs")}
     material = {"stage": stage.name, "tier": cfg.tier, "config": declared_config(stage, cfg), "inputs": inputs,
                 "upstream": upstream, "versions": versions()}
+    if stage.content is not None:
+        material["content"] = stage.content(cfg)
     return ev.sha256_json(material), inputs
 
 
@@ -140,8 +143,9 @@ def tee_output(log_path: Path, header: str):
 
 # --- running -------------------------------------------------------------------------------------
 def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: bool = False,
-              launcher=None) -> str:
-    """`launcher(n)`: the runner for a distributed stage with n > 1 processes (default launch.Accelerate)."""
+              launcher=None, stop: str | None = None) -> str:
+    """`launcher(n)`: the runner for a distributed stage with n > 1 processes (default launch.Accelerate).
+    `stop`: why a guard stops the run before this stage (a budget); it fails here unless it is up to date."""
     root = Path(cfg.root)
     fp, inputs = fingerprint(stage, cfg, registry)
     current = status_of(stage, cfg, fp)
@@ -157,6 +161,10 @@ def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: boo
             console.print(f"[green]✓ {stage.name}[/]: up to date (skipped: not requested)")
             return "skipped"
         return _finish(stage, cfg, console, fp, inputs, now(), SkipStage(why, code="not_requested"))
+    if stop:   # an earlier result is kept aside, as when it runs
+        if (root / stage.evidence(cfg)).exists():
+            os.replace(root / stage.evidence(cfg), (root / stage.evidence(cfg)).with_suffix(".previous.json"))
+        return _finish(stage, cfg, console, fp, inputs, now(), StageFailed(stop, code="over_budget"))
     if current == "incomplete":
         console.print(f"[yellow]{stage.name}[/]: an earlier run did not finish (marker left); running it again")
     skipped_need = None
@@ -186,6 +194,14 @@ def run_stage(stage: Stage, cfg: Config, console, registry: Registry, force: boo
                                   f"end pipeline/stages/{stage.name}.py's run() with `return {{...}}`")
         except (SkipStage, StageFailed) as exc:
             result = exc
+        except KeyboardInterrupt as exc:   # SIGINT, or SIGTERM through _signals_interrupt: marker kept, says which
+            name = str(exc) or "SIGINT"
+            ev.atomic_write_json(marker_path(stage, cfg), {"stage": stage.name, "pid": os.getpid(), "started_at": started,
+                                                           "interrupted": name, "interrupted_at": now()})
+            console.print(f"[yellow]{stage.name} interrupted by {name}[/]: its marker is kept "
+                          f"({marker_path(stage, cfg).relative_to(root)}); run the same command again to resume it "
+                          "from its last checkpoint (finished stages are skipped)")
+            raise
         except Exception as exc:  # noqa: BLE001 - any crash becomes failed evidence with its text
             import traceback
             traceback.print_exc()
@@ -201,7 +217,14 @@ def _read_doc(stage: Stage, cfg: Config) -> dict:
 def make_ctx(stage: Stage, cfg: Config, console, registry: Registry, fp: str = "", reads: set | None = None) -> Ctx:
     """The context a stage runs with: its declared config keys, files and upstream evidence, nothing more."""
     scoped = ScopedCfg(cfg, stage, inputs=input_files(stage, cfg), reads=reads)
-    return Ctx(scoped, stage, console, registry, fp, read_evidence=ev.read_json, secrets=secret)
+    return Ctx(scoped, stage, console, registry, fp, read_evidence=ev.read_json, secrets=secret,
+               read_advice=lambda name: fresh_evidence(registry[name], cfg, registry))
+
+
+def fresh_evidence(stage: Stage, cfg: Config, registry: Registry) -> dict | None:
+    """A stage's evidence when it is done and up to date with the config and its upstream now, else None."""
+    return _read_doc(stage, cfg) if status_of(stage, cfg, fingerprint(stage, cfg, registry)[0]) == stage.done_status \
+        else None
 
 
 def _fresh_process_state() -> None:
@@ -254,14 +277,43 @@ def _finish(stage, cfg, console, fp, inputs, started, result, duration=0.0, read
 
 def run(targets: list[str], cfg: Config, console, registry: Registry, force: bool = False,
         with_needs: bool = True) -> int:
+    """_run, with SIGINT and SIGTERM ending it as the shell would (exit 130 / 143) once the interrupted stage has
+    recorded it in its marker and said how to resume: no traceback."""
+    try:
+        with _signals_interrupt():
+            return _run(targets, cfg, console, registry, force, with_needs)
+    except KeyboardInterrupt as exc:
+        return 143 if str(exc) == "SIGTERM" else 130
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM (a host shutting down, `kill`) raises KeyboardInterrupt("SIGTERM") as Ctrl-C raises SIGINT's, so
+    the stage records it and the lock and the log capture are released; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run(targets: list[str], cfg: Config, console, registry: Registry, force: bool = False,
+         with_needs: bool = True) -> int:
     """Run the targets and their needs. Under DRY_RUN=true only the stages that train nothing run (the probe,
     the dry run); every other stage of the plan is listed with what it would do, and nothing of it is written."""
     dry = cfg.runtime.dry_run
     order = registry.order(targets, dry_run=dry, with_needs=with_needs, cfg=cfg)
     results = {}
     forced = [s.name for s in order] if targets == ["all"] else targets   # --force: the named stages, or all
+    guards: list[Stage] = []   # stages whose guard decides, once they are ok, whether each later stage may start
     with pipeline_lock(Path(cfg.root), console):
-        for stage in order:
+        for i, stage in enumerate(order):
             if dry and not stage.in_dry_run:
                 fp, _ = fingerprint(stage, cfg, registry)
                 current = status_of(stage, cfg, fp)
@@ -269,10 +321,18 @@ def run(targets: list[str], cfg: Config, console, registry: Registry, force: boo
                 what = "up to date, would be skipped" if current == stage.done_status else f"{current}: would run"
                 console.print(f"[cyan]dry run[/] {stage.name}: {what} (DRY_RUN=true: nothing trained or written)")
                 continue
-            results[stage.name] = run_stage(stage, cfg, console, registry, force=force and stage.name in forced)
+            done, todo = [s.name for s in order[:i]], [s.name for s in order[i:]]
+            stop = next(filter(None, (g.guard(cfg, registry, done, todo) for g in guards)), None)
+            results[stage.name] = run_stage(stage, cfg, console, registry, force=force and stage.name in forced,
+                                            stop=stop)
+            if stop and results[stage.name] == "failed":
+                console.print(f"[red]stopped[/] before {stage.name}: nothing from it on runs (its evidence says why)")
+                break
             if stage.stops_run and results[stage.name] == "failed":
                 console.print(f"[red]stopped[/] after {stage.name}: nothing after it runs (its evidence says why)")
                 break
+            if stage.guard and results[stage.name] == "ok":
+                guards.append(stage)
     if len(order) > 1:
         print_table(cfg, console, registry, order)
     bad = [n for n, s in results.items() if s not in ("ok", "skipped", "dry_run")]

@@ -9,6 +9,7 @@ Methods are named so an error analysis can group by them:
           ambiguous:leading_labels, ambiguous:option_text, no_match
   yes/no/maybe: rule:only_word, rule:answer_is, rule:zh_daan, rule:leading_word, rule:zh_leading;
           failures: ambiguous:or, ambiguous:conflict, no_match
+  free answers (extract_conclusion): conclusion:<one of the above> or whole:<one of the above>
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import unicodedata
 from collections import Counter
 from functools import lru_cache
 
-__all__ = ["extract_choice", "extract_yes_no_maybe", "accuracy_ci", "diff_ci", "mcnemar_exact", "holm_by_protocol",
-           "min_detectable_difference", "answer_distribution", "length_stats"]
+__all__ = ["extract_choice", "extract_yes_no_maybe", "extract_conclusion", "accuracy_ci", "diff_ci", "mcnemar_exact",
+           "holm_by_protocol", "min_detectable_difference", "answer_distribution", "length_stats"]
 ALPHA, POWER = 0.05, 0.8     # two-sided significance level and power of every statement the reports make
 MDD_METHOD = ("normal approximation for two proportions at p = 0.5 (the largest variance), unpaired: "
               "(z_{1-alpha/2} + z_{power}) * sqrt(2 p (1 - p) / n); conservative for the paired McNemar test "
@@ -139,6 +140,25 @@ def extract_yes_no_maybe(text: str) -> tuple[str | None, str]:
     if m := _YNM_RULES["zh_leading"].match(t):
         return _ZH_WORDS[m.group(1)], "rule:zh_leading"
     return None, "no_match"
+
+
+# ---------------------------------------------------------------- free answers (protocol free_answer_extraction)
+_CUES = re.compile(r"(?i:final response|final answer|the answer is|correct answer is|answer\s*:)|答案|最终回答")
+
+
+def extract_conclusion(text: str, extract) -> tuple[str | None, str]:
+    """The answer a free (possibly long) output concludes with: `extract` (the set's own rules) on the text from
+    its last answer cue ('The answer is', 'Final answer', 'Answer:', '答案', HuatuoGPT-o1's '## Final Response')
+    on; where there is no cue, or the rules find nothing after it, the rules on the whole output. The method says
+    which: 'conclusion:<rule>' or 'whole:<rule>'. Never guesses: a whole output that names several answers is
+    ambiguous, as in extract_choice."""
+    cues = list(_CUES.finditer(text or ""))
+    if cues:
+        answer, method = extract(text[cues[-1].start():])
+        if answer is not None:
+            return answer, f"conclusion:{method}"
+    answer, method = extract(text or "")
+    return answer, f"whole:{method}"
 
 
 # ---------------------------------------------------------------- statistics

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from pipeline import evidence as ev
-from pipeline import ranks
+from pipeline import preflight_kit, ranks
 from pipeline.core import SkipStage, Stage, StageFailed
 from pipeline.settings import REPO, config_from_dict
 
@@ -79,7 +79,9 @@ class Accelerate:
         config_file, result_file, oom_file = work / "config.json", work / "result.json", work / "oom.json"
         tc = getattr(cfg, kind)
         floor = stage.method.min_batch if stage.method else 1
-        first = ranks.first_batch(kind, tc.batch_size, tc.grad_acc, floor)
+        planned = ranks.first_batch(kind, tc.batch_size, tc.grad_acc, floor)
+        first = preflight_kit.first_attempt(ctx.advice("preflight") if "preflight" in stage.advice else None, kind,
+                                            planned)   # a fresh preflight's smaller batch, when it found one
         batch, grad_acc, retries = first[0], first[1], []
         while True:
             result_file.unlink(missing_ok=True)
@@ -112,12 +114,12 @@ class Accelerate:
             raise StageFailed(f"the {n}-process launch of {kind} exited with status {rc} without a result "
                               f"({result_file}): read reports/logs/{kind}_full.log for the failing rank")
         evidence = outcome["evidence"]
-        if retries:   # the ranks saw only their last launch: put the relaunches in front
+        if retries or first[:2] != planned[:2]:   # the ranks saw only their last launch: put the first in front
             evidence["oom_retries"] = retries + evidence.get("oom_retries", [])
             evidence["batch"] = {
                 "requested": {"per_device": tc.batch_size, "grad_acc": tc.grad_acc},
                 "attempts": [{"attempt": 1, "per_device": first[0], "grad_acc": first[1],
-                              "reason": first[2] or "as configured"}]
+                              "reason": first[2]}]
                 + [{"attempt": r["attempt"] + 1, "per_device": r["batch_size"], "grad_acc": r["grad_acc"],
                     "reason": f"out of memory at step {r['step']} ({r['error'][:80]})"} for r in retries]
                 + evidence["batch"]["attempts"][1:]}

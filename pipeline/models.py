@@ -21,8 +21,9 @@ __all__ = ["DATA", "DEMO_WHEEL", "DEMO_WHEEL_SHA256", "GENERATION_MARKER", "QWEN
            "SPECIAL_TOKENS", "TINY_VOCAB", "TOKENIZER_TEXTS", "build_tiny", "cached_model_dir",
            "chat_template_sha256", "chatml_template", "check_chat_template", "ensure_demo",
            "has_generation_markers", "PLAN_CHOICES", "load_tokenizer", "live_models", "live_high_water",
-           "release", "trainable_dtype", "fix_trainable_dtype", "load_model", "dtype_audit",
-           "base_model_name", "resolve_base_model", "base_for", "display_name", "base_model_identity",
+           "release", "with_adapter",
+           "without_adapters", "trainable_dtype", "fix_trainable_dtype", "load_model", "dtype_audit",
+           "base_model_name", "resolve_base_model", "base_for", "display_name", "base_model_identity", "base_content",
            "hub_revision", "same_base"]
 
 
@@ -142,14 +143,37 @@ def load_model(path, plan: dict, adapter: str | None = None, trainable: bool = F
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-        for config in model.peft_config.values():   # a final names its base relative to the root: this is the one
-            config.base_model_name_or_path = str(path)   # loaded (PEFT reads it when it saves the adapter)
+        model = with_adapter(model, path, adapter, trainable)
     if not trainable:
         model.eval().requires_grad_(False)
     return model
+
+
+def with_adapter(model, path, adapter, trainable: bool):
+    """A LoRA adapter on top of the loaded base `model` (loaded from `path`)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    for config in model.peft_config.values():   # a final names its base relative to the root: this is the one
+        config.base_model_name_or_path = str(path)   # loaded (PEFT reads it when it saves the adapter)
+    return model
+
+
+def without_adapters(model):
+    """The base with every PEFT tuner layer taken out (a PeftModel over it, or the base a trainer wrapped in place):
+    the same live base as it was loaded, for the next trainer to wrap (the preflight loads the base once)."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    for parent in list(base.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(parent, name, child.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in base.__dict__:
+            delattr(base, attr)
+    return base
 
 
 def dtype_audit(model) -> dict:
@@ -233,6 +257,24 @@ def base_model_identity(base: str) -> str:
     if key not in _IDENTITIES:
         _IDENTITIES[key] = sha256_json(sha256_tree(folder))
     return _IDENTITIES[key]
+
+
+def base_content(cfg) -> dict:
+    """The base model's content identity for the fingerprints of the stages that train or score it: weights
+    replaced in a MODEL_NAME folder, or a hub base at another revision, make them stale. A local folder is hashed
+    (the hashes kept in <cache>/file_hashes.json, so a 15 GB folder costs a stat per file after the first time); a
+    hub id is `<id>@<revision>` of the local cache. The tiny/demo builds are named by their recipe (built or not
+    yet, one fingerprint; the build is deterministic and the gate's base_model check hashes what was trained on)."""
+    from pipeline.evidence import sha256_json, sha256_tree_cached
+    try:
+        base = base_for(cfg, build=False)
+    except ValueError:   # a MODEL_NAME that names nothing: the stage says so in one line when it runs
+        return {"base_model": f"unresolved {cfg.model.name}"}
+    if cfg.runtime.rehearsal or (not cfg.model.name and cfg.tier not in HUB_MODELS):
+        return {"base_model": f"local build {Path(base).name}"}
+    if Path(base).is_dir():
+        return {"base_model": sha256_json(sha256_tree_cached(base, Path(cfg.cache_dir) / "file_hashes.json"))}
+    return {"base_model": base_model_identity(base)}
 
 
 def hub_revision(repo_id: str) -> str | None:

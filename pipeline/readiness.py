@@ -114,6 +114,20 @@ def eval_loss_blockers(cfg, registry) -> list[str]:
     return out
 
 
+def anchor_blockers(cfg, eval_doc: dict) -> tuple[list[str], dict]:
+    """The base-model sanity check (pipeline/anchors.py base_check) against configs/references.yaml: blockers, and
+    what was compared for the readiness evidence. Runs on every tier (the smoke tiers are not ready anyway)."""
+    from pipeline import anchors
+    tol = cfg.readiness.anchor_tolerance_points
+    record = {"model": eval_doc.get("model_name"), "tolerance_points": tol, "comparisons": []}
+    try:
+        refs = anchors.load_references()
+    except (OSError, anchors.ReferenceError) as exc:
+        return [f"the published anchors cannot be read ({exc}): the base model cannot be checked against them"], record
+    blockers, record["comparisons"] = anchors.base_check(eval_doc, refs, tol)
+    return blockers, record
+
+
 def thesis_readiness(cfg, strict_pass: bool, registry=None) -> dict:
     from pipeline.gate import GATE, _registry
     from pipeline.settings import GPU_TIERS
@@ -138,6 +152,8 @@ def thesis_readiness(cfg, strict_pass: bool, registry=None) -> dict:
     if partial:
         blockers.append(f"the eval is not on the full sets: {', '.join(partial)}; set eval.sample_sizes to null and keep every set in eval.sets")
     blockers += answer_blockers(cfg, eval_doc, registry.methods) + eval_loss_blockers(cfg, registry)
+    anchor_problems, anchors = anchor_blockers(cfg, eval_doc)
+    blockers += anchor_problems
     present = {a: (root / a).is_file() for a in ARTIFACTS}
     figures = sorted(p.relative_to(root).as_posix() for p in (root / "reports/figures").glob("*.png"))
     missing = [a for a, ok in present.items() if not ok] + ([] if figures else ["reports/figures/*.png"])
@@ -146,13 +162,17 @@ def thesis_readiness(cfg, strict_pass: bool, registry=None) -> dict:
     from pipeline.provenance import now
     return {"ready_for_writing": not blockers, "blockers": blockers, "tier": cfg.tier, "strict_pass": strict_pass,
             "rehearsal": rehearsal, "eval_full_size": not partial, "artifacts": present, "figures": figures,
-            "checked_at": now()}
+            "anchors": anchors, "checked_at": now()}
 
 
 def readiness_markdown(r: dict) -> str:
     head = "ready for writing" if r["ready_for_writing"] else "NOT ready for writing"
     lines = [f"# Thesis readiness: {head}", "", f"Tier `{r['tier']}`, checked {r['checked_at']}.", ""]
     lines += (["## Blockers", ""] + [f"- {b}" for b in r["blockers"]]) if r["blockers"] else ["No blockers."]
+    from pipeline.anchors import verdict_line
+    anchors = r.get("anchors") or {}
+    lines += ["", f"## The base model against published figures (tolerance {anchors.get('tolerance_points')} points)",
+              ""] + ([verdict_line(c) for c in anchors.get("comparisons") or []] or ["- no scored base model"])
     lines += ["", "## Artifacts", ""] + [f"- [{'x' if ok else ' '}] {a}" for a, ok in r["artifacts"].items()]
     lines.append(f"- [{'x' if r['figures'] else ' '}] figures: {', '.join(r['figures']) or 'none'}")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,5 @@
-"""Small helpers the eval, judge and reports stages share: number formatting, markdown tables, the
-published-references loader (no citation, no number) and the accuracy figure."""
+"""Small helpers the eval, judge and reports stages share: number formatting, markdown tables, where the published
+references lie (pipeline/anchors.py loads and checks them) and the accuracy figure."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,6 @@ import yaml
 EVAL_JSON = "reports/eval/eval_default.json"
 JUDGE_JSON = "reports/judge/judge_summary.json"
 REFERENCES = Path(__file__).resolve().parents[1] / "configs" / "references.yaml"
-CITATION_FIELDS = ("paper", "table", "setting", "benchmark", "number")
 
 
 def pct(x, digits: int = 1) -> str:
@@ -40,29 +39,6 @@ def scored(eval_doc: dict | None) -> list[str]:
 def reference_files(cfg) -> list[Path]:
     """The reports stage's declared input: the published figures it quotes."""
     return [REFERENCES]
-
-
-def load_references(path: str | Path = REFERENCES) -> list[dict]:
-    """Published figures from a YAML list under `references:`; an entry without paper, table, setting,
-    benchmark, number and a url or doi is an error naming the file, the entry and the missing field."""
-    path = Path(path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    entries = data.get("references") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a mapping with a list under 'references:'")
-    for i, e in enumerate(entries):
-        where = f"{path}: references[{i}]"
-        if not isinstance(e, dict):
-            raise ValueError(f"{where} is not a mapping: give paper, table, setting, benchmark, number, url or doi")
-        missing = [k for k in CITATION_FIELDS if e.get(k) in (None, "")]
-        if not (e.get("url") or e.get("doi")):
-            missing.append("url or doi")
-        if missing:
-            raise ValueError(f"{where} ({e.get('model', '?')}) lacks {', '.join(missing)}: "
-                             "no citation, no number; complete the entry or delete it")
-        if not isinstance(e["number"], (int, float)):
-            raise ValueError(f"{where}: number {e['number']!r} is not a number (percent accuracy)")
-    return entries
 
 
 def plot_accuracy(results: dict, sets: list[str], path: Path) -> str | None:
@@ -265,7 +241,8 @@ def thesis_draft(ctx, eval_doc: dict | None, judge_doc: dict | None) -> str:
     lines += ["- Accuracies carry 95% percentile-bootstrap intervals, differences paired-bootstrap intervals; paired "
               "McNemar p-values are Holm-Bonferroni adjusted within each protocol's family (`p_holm`), and a null "
               "result is bounded by the minimum detectable difference of its set, not read as equality.",
-              "- Published figures in reports/sota_compare.md come from other models, prompts and settings.",
+              "- Published figures in reports/sota_compare.md stand beside ours only under the same protocol, set, split "
+              "and shots; each says whether it was confirmed in its source.",
               "- LLM judges are themselves models: position and length bias are reported (order inconsistency, "
               "length-controlled win rate), not removed."]
     judge_status = (judge_doc or {}).get("status", "missing")

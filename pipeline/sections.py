@@ -184,6 +184,9 @@ class EvalCfg:
     n_bootstrap: int = 2000
     degenerate_share: float = 0.6    # one answer above this share of a set, the gold's largest below: degenerate
     format_failure_margin: float = 0.10   # a trained variant's format-failure rate above the base's by more: blocker
+    free_answer: bool = False        # protocol free_answer_extraction for the base too (results_free); on: 7b, 14b
+    free_answer_sets: list[str] = field(default_factory=lambda: ["medqa", "pubmedqa"])   # those with figures
+    free_answer_max_new_tokens: int = 1024
 
     def __post_init__(self):
         _numbers(self)
@@ -198,6 +201,9 @@ class EvalCfg:
                         "with eval.sets)")
         _check(0 < self.degenerate_share < 1,
                f"eval.degenerate_share must be in (0, 1) (a share of a set's questions), got {self.degenerate_share}")
+        bad = [s for s in self.free_answer_sets if s not in known]
+        _check(not bad, f"eval.free_answer_sets has unknown set(s) {bad}: use {', '.join(known)}")
+        _check(self.free_answer_max_new_tokens >= 1, "eval.free_answer_max_new_tokens must be >= 1")
         _check(0 <= self.format_failure_margin < 1, "eval.format_failure_margin must be in [0, 1) (a share of a set's "
                f"questions: 0.10 = 10 points), got {self.format_failure_margin}")
 
@@ -289,8 +295,17 @@ class ExportCfg:
         _check(self.parity_per_set >= 1, f"export.parity_per_set must be >= 1, got {self.parity_per_set}")
 
 
+@dataclass
+class ReadinessCfg:
+    """pipeline/readiness.py (the gate): what a thesis run must show before it is ready for writing."""
+    anchor_tolerance_points: float = 5.0   # base vs a published figure (same model, protocol): 95% CI widened by this
+
+    def __post_init__(self):
+        _numbers(self)
+
+
 BASE_SECTIONS = {"model": ModelCfg, "lora": LoraCfg, "data": DataCfg, "eval": EvalCfg, "judge": JudgeCfg,
-                 "runtime": RuntimeCfg, "preflight": PreflightCfg, "export": ExportCfg}
+                 "runtime": RuntimeCfg, "preflight": PreflightCfg, "export": ExportCfg, "readiness": ReadinessCfg}
 
 
 def method_sections() -> dict[str, type]:
@@ -317,6 +332,7 @@ class Config:
     runtime: RuntimeCfg = field(default_factory=RuntimeCfg)
     preflight: PreflightCfg = field(default_factory=PreflightCfg)
     export: ExportCfg = field(default_factory=ExportCfg)
+    readiness: ReadinessCfg = field(default_factory=ReadinessCfg)
     methods: dict = field(default_factory=lambda: {k: cls() for k, cls in method_sections().items()})
 
     def __post_init__(self):

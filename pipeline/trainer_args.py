@@ -74,8 +74,55 @@ def trl_config(config_cls, kind: str, tc, **ours):
 
 
 # --- the trainer itself: one builder for the stage (training.fit) and the preflight ---------------------------
-def lora_config(cfg):
+def module_widths(model_config: dict) -> dict[str, int]:
+    """The smaller dimension (in, out) of each linear LoRA can target in a Llama/Qwen2-style decoder, from its
+    config.json: a rank above it adds parameters and no capacity (the update's rank is capped by it)."""
+    c = model_config
+    hidden, inter = c.get("hidden_size"), c.get("intermediate_size")
+    heads = c.get("num_attention_heads")
+    head_dim = c.get("head_dim") or (hidden // heads if hidden and heads else None)
+    kv = (c.get("num_key_value_heads") or heads or 0) * (head_dim or 0) or None
+    q = (heads or 0) * (head_dim or 0) or None
+    dims = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    return {name: min(d) for name, d in dims.items() if all(isinstance(x, int) and x > 0 for x in d)}
+
+
+def lora_rank_problem(cfg, model_config: dict, model: str) -> str | None:
+    """One line when lora.r exceeds the width of a module it targets (None when it fits or is unknown)."""
+    widths = module_widths(model_config)
+    targets = cfg.lora.target_modules
+    names = list(widths) if targets in ("all-linear", ["all-linear"]) else [t for t in targets if t in widths]
+    narrow = sorted((widths[n], n) for n in names)
+    if narrow and cfg.lora.r > narrow[0][0]:
+        width, name = narrow[0]
+        return (f"lora.r={cfg.lora.r} exceeds the width of {name} ({width}) in {model}: a LoRA update cannot have "
+                f"a rank above its module's smaller dimension; set lora.r <= {width} (configs/base.yaml `lora.r`, "
+                "or the argument lora.r=...), or drop the narrow module from lora.target_modules")
+    return None
+
+
+def _config_json(base: str) -> dict | None:
+    """The base's config.json (a local folder or the hub cache), or None."""
+    import json
+    path = Path(base) / "config.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+        try:
+            found = try_to_load_from_cache(base, "config.json")
+        except ValueError:
+            return None
+        path = Path(found) if isinstance(found, str) else None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def lora_config(cfg, model_config: dict | None = None, model: str = "the base model"):
     from peft import LoraConfig
+    if model_config is not None and (problem := lora_rank_problem(cfg, model_config, model)):
+        raise StageFailed(problem)
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
 
@@ -97,15 +144,19 @@ def sft_tokenizer(base: str):
 
 
 def trainer_for(cfg, kind: str, plan: dict, base: str, tok, data: dict, max_length: int, args: dict,
-                adapter: str | None = None, classes: tuple | None = None):
+                adapter: str | None = None, classes: tuple | None = None, base_model=None):
     """The TRL trainer of method `kind`, as its stage trains it and as the preflight measures it: SFT puts a fresh
     LoRA on the base (data: train and eval); a method trained from SFT continues `adapter` (data: train) with the
-    classes and arguments its stage module's trainer(cfg) names (or `classes`, the ones its run() handed over)."""
+    classes and arguments its stage module's trainer(cfg) names (or `classes`, the ones its run() handed over).
+    `base_model`: the base `base` already loaded (trainable), used instead of loading it (the preflight's one load;
+    models.without_adapters gives it back clean)."""
     from pipeline import models
     from pipeline.stages import REGISTRY   # at call time: the stage modules import this module
     tc, stage = getattr(cfg, kind), REGISTRY[kind]
 
     def load():
+        if base_model is not None:
+            return models.with_adapter(base_model, base, adapter, True) if adapter else base_model
         return models.load_model(base, plan, adapter=adapter, trainable=True,
                                  activation_checkpointing=tc.activation_checkpointing)
     if stage.method.start == "base":
@@ -113,8 +164,9 @@ def trainer_for(cfg, kind: str, plan: dict, base: str, tok, data: dict, max_leng
         sargs = trl_config(SFTConfig, kind, tc, **args, max_length=max_length, assistant_only_loss=True,
                            packing=tc.packing, eval_strategy="steps", eval_steps=tc.eval_steps,
                            per_device_eval_batch_size=args["per_device_train_batch_size"], dataset_num_proc=None)
+        peft_config = lora_config(cfg, _config_json(base), base)   # before the model loads
         return SFTTrainer(model=load(), args=sargs, train_dataset=data["train"], eval_dataset=data["eval"],
-                          processing_class=tok, peft_config=lora_config(cfg))
+                          processing_class=tok, peft_config=peft_config)
     config_cls, trainer_cls, _, extra = classes or stage.trainer(cfg)   # classes: what the stage's run() passed
     targs = trl_config(config_cls, kind, tc, **args, max_length=max_length, beta=tc.beta, **extra)
     return trainer_cls(model=load(), args=targs, train_dataset=data["train"], processing_class=tok)

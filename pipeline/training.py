@@ -33,6 +33,7 @@ TRAIN_KEYS = ("max_steps", "learning_rate", "batch_size", "grad_acc", "max_lengt
 RUN_KEYS = ("model.name", "model.tiny_seed", "runtime.seed", "runtime.nproc", "runtime.deepspeed_config",
             "runtime.force_skip_training", "runtime.rehearsal", "runtime.rehearsal_fraction")
 UNTRACKED = ("runtime.report_to", "runtime.inject_oom_at_step", "runtime.inject_oom_rank")   # log sinks, test hooks
+ADVICE = ("preflight",)   # a fresh preflight's batch is where a stage starts (start_batch): how it runs, not what
 SFT_DATA = ("data.sft_path", "data.sft_format", "data.max_sft_rows", "data.on_bad_row", "data.seed",
             "data.sft_eval_size", "data.judge_heldout_size")
 PREFERENCE_DATA = ("data.preference_path", "data.preference_format", "data.max_preference_rows", "data.on_bad_row")
@@ -70,10 +71,15 @@ def gate(ctx) -> None:
 # --- data ------------------------------------------------------------------------------------------
 def sft_splits(cfg) -> dict:
     """Deterministic SFT split: judge held-out, eval held-out (eval_loss), train. Same cfg -> same ids."""
-    rows, report = D.load_sft(cfg.data_path(cfg.data.sft_path), cfg.data.sft_format, cfg.data.on_bad_row,
-                              source="data.sft_path")
-    rest, judge = D.split_heldout(rows, cfg.data.judge_heldout_size, cfg.data.seed)
-    train, held = D.split_heldout(rest, cfg.data.sft_eval_size, cfg.data.seed + 1)
+    d = cfg.data
+    rows, report = D.load_sft(cfg.data_path(d.sft_path), d.sft_format, d.on_bad_row, source="data.sft_path")
+    try:
+        rest, judge = D.split_heldout(rows, d.judge_heldout_size, d.seed)
+        train, held = D.split_heldout(rest, d.sft_eval_size, d.seed + 1)
+    except ValueError:   # the held-out sizes do not fit the file: the keys, not the helper's argument
+        raise StageFailed(f"{cfg.data_path(d.sft_path)}: {len(rows)} usable rows cannot hold out data.judge_heldout_"
+                          f"size={d.judge_heldout_size} for the judge and data.sft_eval_size={d.sft_eval_size} for "
+                          "eval loss and still train on one: use a bigger SFT file or smaller held-out sizes") from None
     if cfg.data.max_sft_rows:
         train = train[: cfg.data.max_sft_rows]
     train = train[: rehearsal_rows(cfg, len(train))]
@@ -139,6 +145,18 @@ def first_batch(kind: str, batch: int, grad_acc: int) -> tuple[int, int, str | N
     return ranks.first_batch(kind, batch, grad_acc, method(kind).min_batch)
 
 
+def start_batch(ctx, kind: str) -> tuple[int, int, str]:
+    """The batch the stage's first attempt uses and why: the planned one (raised to the trainer's minimum), or the
+    smaller one a fresh preflight (same fingerprint chain) found when the planned one ran out of memory there."""
+    from pipeline.preflight_kit import first_attempt
+    tc = getattr(ctx.cfg, kind)
+    doc = ctx.advice("preflight") if "preflight" in ctx.stage.advice else None
+    batch, grad_acc, why = first_attempt(doc, kind, first_batch(kind, tc.batch_size, tc.grad_acc))
+    if why != "as configured":
+        ctx.log(f"[yellow]{why}")
+    return batch, grad_acc, why
+
+
 def make_callbacks(cfg, kind: str, stop_at: int):
     import torch
     from transformers import TrainerCallback
@@ -198,10 +216,8 @@ def fit(ctx, kind: str, build_trainer) -> dict:
         if state.is_main_process:
             claim_output_dir(ctx, out)
     subs = tc.curriculum or [{"max_length": tc.max_length, "until_step": tc.max_steps}]
-    batch, grad_acc, raised = first_batch(kind, tc.batch_size, tc.grad_acc)
-    if raised:
-        ctx.log(f"[yellow]{raised}")
-    attempts = [{"attempt": 1, "per_device": batch, "grad_acc": grad_acc, "reason": raised or "as configured"}]
+    batch, grad_acc, why = start_batch(ctx, kind)
+    attempts = [{"attempt": 1, "per_device": batch, "grad_acc": grad_acc, "reason": why}]
     oom, reached, trainable = [], [], None
     first = latest_checkpoint(out)   # a checkpoint before we start = a resumed (killed) run
     resumed_from = first.name if first else None

@@ -163,11 +163,13 @@ def generation_config(model, tok, max_new_tokens: int, **extra):
 
 
 def generate(model, tok, prompts: list[list[dict]], batch_size: int, max_new_tokens: int,
-             progress=None, description: str = "generating", token_ids: list | None = None) -> list[str]:
+             progress=None, description: str = "generating", token_ids: list | None = None,
+             streamer=None) -> list[str]:
     """Greedy answers (`decoding`) to chat prompts (lists of messages), batched with left padding, in input order.
 
     Prompts are batched by rendered length (less padding); `progress(iterable, total=, description=)`
-    wraps the batch loop (ctx.progress). A `token_ids` list receives each answer's generated token ids."""
+    wraps the batch loop (ctx.progress). A `token_ids` list receives each answer's generated token ids. A
+    transformers streamer (TextStreamer: batch_size 1) receives the tokens as they come (pipeline/chat.py)."""
     import torch
     if tok.padding_side != "left":
         raise ValueError("generate: the tokenizer pads on the right; load it with padding_side='left'")
@@ -182,7 +184,7 @@ def generate(model, tok, prompts: list[list[dict]], batch_size: int, max_new_tok
         idx = order[start:start + batch_size]
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.no_grad():
-            seqs = model.generate(**enc, generation_config=config)
+            seqs = model.generate(**enc, generation_config=config, streamer=streamer)
         new = seqs[:, enc["input_ids"].shape[1]:]
         for i, text, row in zip(idx, tok.batch_decode(new, skip_special_tokens=True), new.tolist()):
             out[i], ids[i] = text.strip(), row

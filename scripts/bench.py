@@ -9,7 +9,7 @@ Benchmarks: day1 (whole tiny Day-1, then the no-op re-run, instrumented), sft (o
 eval (batched left-padded generation vs one prompt at a time, demo tier), judge (concurrency vs sequential,
 then the cached re-run), cuda (the pipeline's SFT on a Qwen2.5-7B-shaped random-init model built in memory,
 LoRA and QLoRA at seq 2048: tokens/s, MFU against the dense fp32-accumulate peak, memory against the planner;
-skipped without CUDA).
+skipped without CUDA), preflight (its predicted wall time per stage against the run's: scripts/bench_preflight.py).
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ from pathlib import Path
 
 from pipeline import evalsets
 from pipeline.stages import REGISTRY
+from scripts.bench_preflight import bench_preflight
 
 REPO = Path(__file__).resolve().parents[1]
-ALL = ("day1", "sft", "eval", "judge", "cuda")
+ALL = ("day1", "sft", "eval", "judge", "cuda", "preflight")
 # Variables that change the resolved config or hold secrets: a developer's shell must not leak into a child run.
 CLEARED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "MODEL_NAME", "ALLOW_SKIP_TRAINING", "FORCE_SKIP_TRAINING",
            "ENABLE_LLM_JUDGE", "ENABLE_LLM_RISK_JUDGE", "ENABLE_V2_LLM_FALLBACK", "JUDGE_MODEL", "MIN_CUDA_MEM_GB_7B",
@@ -438,6 +439,9 @@ def rows_for_table(res: dict) -> list[tuple[str, str, str]]:
         rows += [("judge", "judgments/s concurrent vs sequential", f"{j['judgments_per_s']['concurrent']['median']:.1f} vs "
                   f"{j['judgments_per_s']['sequential']['median']:.1f} ({j['ratio_concurrent_to_sequential']}x)"),
                  ("judge", "requests in the cached re-run (must be 0)", str(j["rerun"]["requests_made"]))]
+    if p := res.get("preflight"):
+        from scripts.bench_preflight import rows as preflight_rows
+        rows += preflight_rows(p)
     if c := res.get("cuda"):
         if c.get("skipped"):
             rows.append(("cuda", "7B-shaped LoRA / QLoRA", "skipped: " + c["reason"]))
@@ -529,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                 "eval": lambda: bench_eval(work, reps, args.quick, 8 if args.quick else 16),
                 "judge": lambda: bench_judge(work, max(3, reps) if not args.quick else 1, args.quick, 16 if args.quick else 48,
                                              50 if args.quick else 200, 8),
-                "cuda": lambda: bench_cuda(work, reps)}
+                "cuda": lambda: bench_cuda(work, reps),
+                "preflight": lambda: bench_preflight(work, reps, args.quick, child_env, run_pipeline, QUICK_OVERRIDES)}
         for name in only:
             t = time.perf_counter()
             print(f"[bench] {name} ...", flush=True)

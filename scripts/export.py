@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 MANIFEST = "MANIFEST.sha256"
+ROOT_FILE = "EVIDENCE_ROOT"   # "<sha256>  <n> files: <scope>": pipeline/root_hash.py over the archive's files
 INTERMEDIATE = re.compile(r"^checkpoint-\d+$")
 PARITY = "reports/export/merge_parity.json"   # the export_merged stage's evidence
 
@@ -94,23 +95,46 @@ def pack(root: Path, out: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        lines = []
+        hashes = {}
         with tarfile.open(tmp, "w:gz") as tar:
             for rel in files:
                 with open(root / rel, "rb") as f:
-                    lines.append(f"{_sha256_stream(f)}  {rel}\n")
+                    hashes[rel] = _sha256_stream(f)
                 tar.add(root / rel, arcname=f"{top}/{rel}", recursive=False)
-            data = "".join(lines).encode()
-            info = tarfile.TarInfo(f"{top}/{MANIFEST}")
-            info.size, info.mtime = len(data), int(dt.datetime.now().timestamp())
-            tar.addfile(info, io.BytesIO(data))
+            evidence_root = _root_of(hashes)
+            text = f"{evidence_root['sha256']}  {evidence_root['files']} files: {evidence_root['scope']}\n".encode()
+            _add_bytes(tar, f"{top}/{ROOT_FILE}", text)
+            hashes[ROOT_FILE] = hashlib.sha256(text).hexdigest()
+            _add_bytes(tar, f"{top}/{MANIFEST}", "".join(f"{sha}  {rel}\n" for rel, sha in hashes.items()).encode())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     size_mb = out.stat().st_size / 2**20
     print(f"export: {len(files)} files ({size_mb:.1f} MB) -> {out}")
+    print(f"export: evidence root sha256 {evidence_root['sha256']} over {evidence_root['files']} files (the hash the "
+          "run summary and the thesis material quote; verify-export recomputes it from the archive)")
     return out
+
+
+def _add_bytes(tar, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), int(dt.datetime.now().timestamp())
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _root_of(hashes: dict[str, str]) -> dict:
+    from pipeline import root_hash
+    from pipeline.stages import REGISTRY
+    return root_hash.of_hashes({r: h for r, h in hashes.items() if r != ROOT_FILE}, REGISTRY)
+
+
+def archive_root(archive: Path) -> str:
+    """The evidence root recomputed from the archive's files (never read from its EVIDENCE_ROOT)."""
+    with tarfile.open(archive, "r:gz") as tar:
+        found = {m.name.split("/", 1)[1]: _sha256_stream(tar.extractfile(m)) for m in tar.getmembers()
+                 if m.isfile() and "/" in m.name}
+    return _root_of(found)["sha256"]
 
 
 def verify(archive: Path) -> list[str]:
@@ -139,6 +163,8 @@ def verify(archive: Path) -> list[str]:
                 found[rel] = _sha256_stream(tar.extractfile(m))
             parity = next((m for m in members if m.name == f"{top}/{PARITY}" and m.isfile()), None)
             record = merged_record(tar.extractfile(parity).read() if parity else None)
+            root_member = next((m for m in members if m.name == f"{top}/{ROOT_FILE}" and m.isfile()), None)
+            stated = tar.extractfile(root_member).read().decode(errors="replace").split() if root_member else None
     except (OSError, EOFError, tarfile.TarError) as exc:
         return [f"{archive}: cannot be read as a .tar.gz ({type(exc).__name__}: {exc}): download it again"]
     problems += [f"merged: {rel} is not a file of a merged folder that passed its parity check ({PARITY})"
@@ -147,6 +173,9 @@ def verify(archive: Path) -> list[str]:
     problems += [f"missing: {rel}" for rel in sorted(set(recorded) - set(found))]
     problems += [f"changed: {rel}" for rel in sorted(set(recorded) & set(found)) if recorded[rel] != found[rel]]
     problems += [f"extra: {rel}" for rel in sorted(set(found) - set(recorded))]
+    if stated is not None and (not stated or stated[0] != _root_of(found)["sha256"]):
+        problems.append(f"{ROOT_FILE} states {(stated or ['nothing'])[0][:12]}, but the archive's files give "
+                        f"{_root_of(found)['sha256'][:12]}: the archive was changed after it was packed")
     return problems
 
 
@@ -181,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"verify: {args.file} does NOT match its manifest ({len(problems)} problem(s))", file=sys.stderr)
         return 1
-    print(f"verify: {args.file} matches its manifest")
+    print(f"verify: {args.file} matches its manifest; evidence root sha256 {archive_root(args.file)} (compare it with "
+          "the hash the thesis quotes)")
     return 0
 
 

@@ -158,6 +158,35 @@ def _check_and_rerun(base: dict, where: Path, how: str) -> dict:
             "tracebacks": said.count("Traceback (most recent call last)")}
 
 
+# --- (9) a failed attempt with other settings keeps the finished work ------------------------------------------
+def failed_attempt(base: dict, stages: list[str]) -> dict:
+    """Issue 14 §1: per stage, two attempts with a setting that changes its fingerprint and fails at once
+    (`<stage>.trl={no_such_field: 1}`), then `run <stage>` with the original config. Lost: a final that is gone or
+    changed, or a stage that trained again (its metrics' checkpoint files differ)."""
+    from pipeline import evidence as ev
+    from pipeline.stages import REGISTRY
+    cfg, rows = load_cfg(base), []
+    for name in stages:
+        stage = REGISTRY[name]
+        final = base["root"] / stage.checkpoint(cfg) / "final"
+        before = ev.sha256_tree(final) if final.is_dir() else None
+        runs = [subprocess.run(pipeline_cmd("run", name, *base["overrides"], *extra), cwd=REPO, env=base["env"],
+                               capture_output=True, text=True)
+                for extra in ([f"{name}.trl={{no_such_field: 1}}"],) * 2 + ([],)]
+        said = "".join(r.stdout + r.stderr for r in runs)
+        doc = ev.read_json(base["root"] / stage.evidence(cfg)) or {}
+        kept = before is not None and final.is_dir() and ev.sha256_tree(final) == before \
+            and doc.get("checkpoint_files") == before
+        rows.append({"stage": name, "failed_rcs": [r.returncode for r in runs[:2]], "rerun_rc": runs[2].returncode,
+                     "kept": kept, "restored": "restored" in runs[2].stdout,
+                     "tracebacks": said.count("Traceback (most recent call last)")})
+    return {"setup": "per stage: two failing attempts with another fingerprint (`<stage>.trl={no_such_field: 1}`), "
+                     "then `run <stage>` with the original config; kept = the same final, not retrained",
+            "tried": len(rows), "kept": sum(r["kept"] for r in rows),
+            "lost": sum(not r["kept"] or r["rerun_rc"] != 0 or 0 in r["failed_rcs"] for r in rows),
+            "tracebacks": sum(r["tracebacks"] for r in rows), "rows": rows}
+
+
 # --- (3) two pipelines on one root ---------------------------------------------------------------------
 def two_pipelines(base: dict, trials: int, overrides: list[str]) -> dict:
     env, lock = base["env"], base["root"] / ".pipeline.lock"
@@ -495,6 +524,9 @@ def summary_rows(res: dict) -> list[tuple[str, str, str]]:
         rows.append(("moved root", "the original's verdict / tried (copy, move, unpacked export; original "
                      "strict_pass)", f"{mv['same_verdict']}/{mv['tried']} ({mv['original']['strict_pass']})"))
         rows.append(("moved root", "stages re-run, tracebacks (must be 0)", f"{mv['reran']}, {mv['tracebacks']}"))
+    if fa := res.get("failed_attempt"):
+        rows.append(("failed attempt", "finished work kept / tried, lost, tracebacks (must be 0)",
+                     f"{fa['kept']}/{fa['tried']}, {fa['lost']}, {fa['tracebacks']}"))
     if t := res.get("tamper"):
         rows.append(("tamper", "detected / total (e2e, unit tables; baseline strict_pass)",
                      f"{t['detected']}/{t['total']} ({t['by_source']['e2e']}, {t['by_source']['unit']}; {t['baseline_strict_pass']})"))
@@ -510,7 +542,9 @@ def must_be_zero(res: dict) -> dict:
             "secrets.occurrences": res.get("secrets", {}).get("occurrences", 0),
             "two_pipelines.ran_concurrently": res.get("two_pipelines", {}).get("ran_concurrently", 0),
             "moved_root.verdict_differs": mv.get("tried", 0) - mv.get("same_verdict", 0),
-            "moved_root.reran": mv.get("reran", 0), "moved_root.tracebacks": mv.get("tracebacks", 0)}
+            "moved_root.reran": mv.get("reran", 0), "moved_root.tracebacks": mv.get("tracebacks", 0),
+            "failed_attempt.lost": res.get("failed_attempt", {}).get("lost", 0),
+            "failed_attempt.tracebacks": res.get("failed_attempt", {}).get("tracebacks", 0)}
 
 
 def write_reports(out: Path, res: dict) -> None:
@@ -522,7 +556,7 @@ def write_reports(out: Path, res: dict) -> None:
              f"Must-be-zero counters: {'all zero' if not any(res['must_be_zero'].values()) else res['must_be_zero']}.", "",
              "| area | count | value |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(res)]
-    for key in ("moved_root", "evidence_writes", "two_pipelines", "malformed", "judge_faults"):
+    for key in ("moved_root", "failed_attempt", "evidence_writes", "two_pipelines", "malformed", "judge_faults"):
         if key in res:
             lines += ["", f"**{key}**: {res[key]['setup']}"]
     if res.get("malformed", {}).get("unclear"):
@@ -563,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             res["base_run"] = {"rc": base["rc"], "wall_s": base["wall_s"]}
             steps = [("secrets", lambda: scan_secrets(base)), ("tamper", lambda: tamper(base)),
                      ("moved_root", lambda: moved_root(base, work)),
+                     ("failed_attempt", lambda: failed_attempt(base, ["sft"] if args.quick else ["sft", *REGISTRY.aligned])),
                      ("two_pipelines", lambda: two_pipelines(base, 1 if args.quick else 3, overrides)),
                      ("kill9", lambda: kill_trials(base, stages, n, rng, overrides)),
                      ("evidence_writes", lambda: evidence_write_kills(work, 8 if args.quick else 40, rng)),

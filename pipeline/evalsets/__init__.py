@@ -2,10 +2,12 @@
 
 A set's module defines
     NAME                    the set's name (eval.sets, eval.sample_sizes, the evidence, the reports)
+    SPLIT                   the split its questions come from ("test"): a published figure must share it
     reads                   the config keys it reads, e.g. ("data.medqa_path", "data.on_bad_row")
     files(cfg) -> [Path]    the data files it reads (they enter the fingerprint of every stage that loads it)
     load(cfg) -> (rows, [LoadReport])   through the pipeline.data loaders (errors name file:line and field)
     prompt(row) -> messages             the chat messages the model answers (their sha256 is recorded)
+    free_prompt(row) -> messages        the same question for a free answer (protocol free_answer_extraction)
     extract(row, raw) -> (answer | None, method)   the answer a model's output commits to, by rules
     lm_eval_task(row) -> str             the lm-eval task (lm_eval_tasks/<task>.yaml) that scores the row (loglik)
     lm_eval_data(cfg, row) -> dict       that task's dataset_kwargs for the configured data file(s)

@@ -4,11 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import data as D
-from pipeline.evalsets._choice import extract, prompt
+from pipeline.evalsets._choice import extract, free_prompt, prompt
 
 NAME = "cmmlu"
+SPLIT = "test"   # the split published figures must share to stand beside ours (pipeline/anchors.py)
 reads = ("data.cmmlu_dir", "data.on_bad_row")
-__all__ = ["NAME", "reads", "files", "load", "prompt", "extract", "lm_eval_task", "lm_eval_data", "lm_eval_id"]
+__all__ = ["NAME", "SPLIT", "reads", "files", "load", "prompt", "free_prompt", "extract", "lm_eval_task",
+           "lm_eval_data", "lm_eval_id"]
 
 
 def files(cfg) -> list[Path]:

@@ -7,6 +7,7 @@ from pipeline import data as D
 from pipeline import evalkit
 
 NAME = "pubmedqa"
+SPLIT = "test"   # the split published figures must share to stand beside ours (pipeline/anchors.py)
 reads = ("data.pubmedqa_path", "data.pubmedqa_test_ids", "data.on_bad_row")
 
 
@@ -22,6 +23,14 @@ def load(cfg) -> tuple[list[dict], list]:
 def prompt(row: dict) -> list[dict]:
     question, _, context = row["question"].partition("\n\n")
     text = f"Context: {context}\n\nQuestion: {question}\n\nAnswer yes, no or maybe."
+    return [{"role": "user", "content": text}]
+
+
+def free_prompt(row: dict) -> list[dict]:
+    """Protocol free_answer_extraction: answered freely, concluding with yes, no or maybe."""
+    question, _, context = row["question"].partition("\n\n")
+    text = (f"Context: {context}\n\nQuestion: {question}\n\nAnswer the question. End your answer with "
+            "\"The answer is yes\", \"The answer is no\" or \"The answer is maybe\".")
     return [{"role": "user", "content": text}]
 
 

@@ -12,7 +12,8 @@ from pipeline.training_checks import checks
 STAGE = Stage("dpo", "reports/training/dpo_metrics.json", config=PreferenceCfg,
               needs=("sft",), training=True,
               distributed=True, prepare=T.prepare,
-              reads=T.reads("dpo", "beta"), untracked=T.UNTRACKED, inputs=D.files("preference_path"),
+              reads=T.reads("dpo", "beta"), untracked=T.UNTRACKED,
+              advice=T.ADVICE, inputs=D.files("preference_path"),
               method=Method("checkpoints/dpo-real-baseline", sequences_per_example=2, trainer="DPOTrainer"))
 
 __all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by every training method

@@ -16,17 +16,20 @@ from pipeline import evalsets
 from pipeline import evidence as ev
 from pipeline import training as T
 from pipeline.core import StageFailed
+from pipeline.trainer_args import lora_rank_problem
 from pipeline.settings import GPU_TIERS
 from pipeline.core import Stage
 
 STAGE = Stage("dry_run", "reports/migration/dry_run.json", needs=("gpu_check",), reads=(
     *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", *evalsets.reads(), "eval.sets", "model.name",
     "model.tiny_seed", "runtime.force_skip_training", "runtime.nproc", "runtime.rehearsal",
-    "runtime.rehearsal_fraction", "@methods.batch_size",
+    "runtime.rehearsal_fraction", "lora.r", "lora.target_modules", "@methods.batch_size",
     "@methods.curriculum", "@methods.grad_acc", "@methods.learning_rate", "@methods.max_length",
     "@methods.max_steps", "@methods.optimizer"),
-              in_all=False, in_dry_run=True, done_status="dry_run", inputs=lambda cfg: D.files(
-                  "sft_path", "preference_path", "kto_path")(cfg) + evalsets.files(cfg))
+              in_all=False, in_dry_run=True, done_status="dry_run", advice=("preflight",),
+              inputs=lambda cfg: D.files("sft_path", "preference_path", "kto_path")(cfg) + evalsets.files(cfg)
+              + [Path(cfg.root) / PREFLIGHT])
+PREFLIGHT = "reports/migration/preflight.json"   # an input: a new preflight re-runs the dry run, which prints it
 
 TOKENIZER_FILES = ["tokenizer*", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "config.json"]   # never *.safetensors / *.bin
@@ -41,9 +44,6 @@ def load_all(cfg) -> dict:
         split = T.sft_splits(cfg)
     except D.DataError as exc:
         raise StageFailed(str(exc)) from None
-    except ValueError as exc:   # the held-out sizes do not fit the file
-        raise StageFailed(f"{path(d.sft_path)}: {exc} (data.sft_eval_size={d.sft_eval_size}, data.judge_heldout_size="
-                          f"{d.judge_heldout_size}): use a bigger SFT file or smaller held-out sizes") from None
     try:
         pairs, pref_report = T.preference_rows(cfg)
         kto, kto_report = (D.load_kto(path(d.kto_path), d.on_bad_row, source="data.kto_path") if d.kto_path
@@ -172,11 +172,28 @@ def training_plan(cfg, plan: dict, rows: dict) -> dict:
     return out
 
 
+def predicted_timeline(ctx) -> dict:
+    """The timeline of a fresh preflight (python -m pipeline run preflight; `make preflight`), when there is one."""
+    from pipeline import preflight_kit as K
+    doc = ctx.advice("preflight")
+    if not doc:
+        return {"evidence": None, "lines": [], "note": "no up-to-date preflight: `make preflight` measures and "
+                                                         "predicts the run (it runs by itself in `run all` on 7b/14b)"}
+    lines = K.timeline(doc)
+    for line in lines:
+        ctx.log(f"predicted: {line}")
+    return {"evidence": PREFLIGHT, "lines": lines, "stages_s": K.predictions(doc),
+            "predicted_total_s": doc["predicted_total_s"], "predicted_cost": doc.get("predicted_cost")}
+
+
 def run(ctx) -> dict:
     cfg, plan = ctx.cfg, ctx.plan
     loaded = load_all(cfg)
     split = loaded["split"]
     model, tok_dir, tok_note = find_model(ctx)
+    config_json = ev.read_json(Path(tok_dir) / "config.json") if tok_dir else None
+    if isinstance(config_json, dict) and (problem := lora_rank_problem(cfg, config_json, model["base"])):
+        raise StageFailed(problem)
     tokenizer = check_tokenizer(tok_dir, loaded, cfg, ctx.registry.aligned) if tok_dir else {"checked": False}
     tokenizer["note"] = tok_note
     would_train = plan["feasible"] and not cfg.runtime.force_skip_training
@@ -204,5 +221,5 @@ def run(ctx) -> dict:
         "memory_estimate": plan["memory_estimate"],
         "training_plan": training_plan(cfg, plan, {m: rows_for(ctx.registry[m].method, loaded)
                                                    for m in ctx.registry.methods}),
-        "warnings": warnings,
+        "warnings": warnings, "predicted_timeline": predicted_timeline(ctx),
     }

@@ -20,7 +20,7 @@ import json
 from collections import Counter
 
 from pipeline import data as D
-from pipeline import eval_report, evalkit, evalsets, judgekit, loglik, models
+from pipeline import eval_free, eval_report, evalkit, evalsets, judgekit, loglik, models
 from pipeline import evidence as ev
 from pipeline.core import SkipStage, StageFailed
 from pipeline.provenance import git_commit
@@ -30,7 +30,7 @@ from pipeline.core import Stage
 STAGE = Stage("eval", "reports/eval/eval_default.json", needs=("sft",), needs_methods=True, reads=(
     *evalsets.reads(), "eval", "judge.model", "judge.base_url", "judge.concurrency", "judge.timeout_s",
     "judge.max_retries", "judge.max_reasks", "model.name", "model.tiny_seed", "runtime.force_skip_training",
-    "runtime.rehearsal"), inputs=loglik.inputs, runs_after_skip=True)
+    "runtime.rehearsal"), inputs=loglik.inputs, runs_after_skip=True, content=models.base_content)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -97,12 +97,12 @@ def apply_fallback(ctx, fb: dict, variant: str, preds: list[dict], rows: list[di
             p["llm_fallback"] = f"answered {answer!r}" if res["status"] == "judged" else f"unjudged ({res.get('reason')})"
 
 
-def summarize(preds: list[dict], cfg) -> dict:
-    """Per set: accuracy + CI, per-subject accuracy + CI, format failures, lengths, extraction methods."""
+def summarize(preds: list[dict], cfg, sets: list[str] | None = None) -> dict:
+    """Per set (eval.sets, or `sets`): accuracy + CI, per-subject accuracy + CI, format failures, lengths, methods."""
     ci = lambda ps: evalkit.accuracy_ci([p["correct"] for p in ps], seed=cfg.eval.seed,  # noqa: E731
                                         n_resamples=cfg.eval.n_bootstrap)
     out = {}
-    for name in cfg.eval.sets:
+    for name in sets or cfg.eval.sets:
         ps = [p for p in preds if p["set"] == name]
         fails = sum(p["extracted"] is None for p in ps)
         subjects = sorted({p["subject"] for p in ps})
@@ -147,14 +147,17 @@ def power(sets: dict) -> dict:
                      for s, (rows, _) in sets.items()}}
 
 
-def predict(ctx, model, tok, name: str, rows: list[dict], prompts: list[list[dict]]) -> list[dict]:
-    """The variant's answers to every question, extracted by the rules and scored against the gold answer."""
+def predict(ctx, vs, name: str, rows: list[dict], prompts: list[list[dict]], max_new_tokens: int | None = None,
+            extractor=extract, label: str | None = None, used=None) -> list[dict]:
+    """The variant's answers to every question, extracted by the rules and scored against the gold answer
+    (`used`: the variant's (model, tokenizer) when the caller holds them already)."""
     cfg = ctx.cfg
-    raws = generate(model, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, ctx.progress,
-                    f"eval {name}")
+    model, tok = used or vs.use(name)
+    raws = generate(model, tok, prompts, cfg.eval.batch_size, max_new_tokens or cfg.eval.max_new_tokens, ctx.progress,
+                    label or f"eval {name}")
     out = []
     for row, prompt, raw in zip(rows, prompts, raws):
-        extracted, method = extract(row, raw)
+        extracted, method = extractor(row, raw)
         out.append({"id": row["id"], "set": row["set"], "subject": row["subject"],
                     "prompt_sha256": hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest(),
                     "raw": raw, "extracted": extracted, "gold": row["answer"],
@@ -184,7 +187,7 @@ def run(ctx) -> dict:
                 ctx.log(f"{name}: skipped, not scored ({entry['reason']})")
                 continue
             model, tok = vs.use(name)
-            preds[name] = predict(ctx, model, tok, name, rows, prompts)
+            preds[name] = predict(ctx, vs, name, rows, prompts, used=(model, tok))
             apply_fallback(ctx, fb, name, preds[name], rows)
             results[name] = summarize(preds[name], cfg)
             ll_preds[name], own, ll_seconds[name] = loglik.score(model, tok, tasks, rows, cfg.eval.batch_size)
@@ -195,6 +198,9 @@ def run(ctx) -> dict:
                                (loglik.PREDICTIONS.format(variant=name), ll_preds[name])):
                 ev.atomic_write_text(ctx.path(rel), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in items))
                 outputs.append(rel)
+        free = None   # protocol free_answer_extraction: the base again, freely (pipeline/eval_free.py)
+        if cfg.eval.free_answer and "base" in preds:
+            free = eval_free.score(ctx, vs, sets, predict, summarize)
         memory = vs.memory()
     fb = {k: v for k, v in fb.items() if not k.startswith("_")}
     paired = (paired_tests(preds, cfg, ctx.registry.aligned)
@@ -213,7 +219,11 @@ def run(ctx) -> dict:
                                     "protocols": sorted({t["protocol"] for t in paired})},
            "generation": {"backend": "hf", "greedy": True, "padding_side": "left",
                           "batched_by_prompt_length": True, "decoding": decoding(cfg.eval.max_new_tokens)}}
-    ev.atomic_write_text(ctx.path("reports/eval_default.md"), eval_report.eval_markdown(doc, cfg, git_commit()))
+    if free:
+        doc |= {eval_free.KEY: free[0], "free_answer": free[1]}
+        outputs += free[2]
+    ev.atomic_write_text(ctx.path("reports/eval_default.md"), eval_report.eval_markdown(doc, cfg, git_commit())
+                         + eval_free.markdown(doc))
     return doc | {"outputs": outputs + ["reports/eval_default.md"]}
 
 
@@ -281,7 +291,7 @@ def checks(g, doc) -> list:
     if problems:
         return [coverage, g.blocked("numbers", "coverage")]
     from pipeline.eval_audit import audit
-    wrong = audit(cfg, g.root, doc, g.registry.aligned)
+    wrong = audit(cfg, g.root, doc, g.registry.aligned) + eval_free.audit(cfg, g.root, doc)
     return [coverage, g.result("numbers", wrong[:8] + ([f"{len(wrong) - 8} more"] if len(wrong) > 8 else []),
                                "every accuracy, CI, count and paired test of both protocols recomputes from the "
                                "re-scored predictions")]

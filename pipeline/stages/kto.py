@@ -14,7 +14,7 @@ STAGE = Stage("kto", "reports/training/kto_metrics.json", config=PreferenceCfg,
               needs=("sft",), training=True,
               distributed=True, prepare=T.prepare,
               reads=T.reads("kto", "beta", data=T.PREFERENCE_DATA + ("data.kto_path",)), untracked=T.UNTRACKED,
-              inputs=D.files("preference_path", "kto_path"),
+              advice=T.ADVICE, inputs=D.files("preference_path", "kto_path"),
               method=Method("checkpoints/kto-real-baseline", min_batch=2, trainer="KTOTrainer"))
 
 __all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by every training method

@@ -13,7 +13,8 @@ from pipeline.sections import PreferenceCfg
 STAGE = Stage("orpo", "reports/training/orpo_metrics.json", config=PreferenceCfg,
               needs=("sft",), training=True,
               distributed=True, prepare=T.prepare,
-              reads=T.reads("orpo", "beta"), untracked=T.UNTRACKED, inputs=D.files("preference_path"),
+              reads=T.reads("orpo", "beta"), untracked=T.UNTRACKED,
+              advice=T.ADVICE, inputs=D.files("preference_path"),
               method=Method("checkpoints/orpo-real-baseline", sequences_per_example=2, full_logits=True,
                             casts_adapters_bf16=False, trainer="ORPOTrainer", reference="none"))
 

@@ -3,10 +3,13 @@
 Run: python -m pipeline run preflight                    (make preflight; `run all` runs it before sft)
      BUDGET=20 GPU_PRICE_PER_HOUR=2.5 python -m pipeline run all    stops before SFT when the prediction costs more
 Writes reports/migration/preflight.json: per training stage (the registry's methods) the batch that fit and every
-attempt, peak memory, seconds per optimizer step, tokens/s (no padding) and the predicted wall time; the total, its
-cost and the budget decision. Each trainer is built by training.trainer_for, the function its stage uses, on the
-stage's longest rows at its longest max_length with the planned batch and accumulation; `preflight.steps` timed
-steps after one warm-up. The methods trained from SFT start from the adapter the SFT trial saved.
+attempt, peak memory, seconds per optimizer step, tokens/s (no padding) and the predicted wall time; eval's and the
+judges' predictions (pipeline/preflight_eval.py); the total, its cost and the budget decision. The base is loaded
+once: each trainer is built by training.trainer_for, the function its stage uses, on that base (given back without
+adapters after each trial), on the stage's longest rows at its longest max_length with the planned batch and
+accumulation; `preflight.steps` timed steps after one warm-up. The methods trained from SFT start from the adapter
+the SFT trial saved. A stage then starts at the batch found here (training.start_batch), and guard() re-projects
+the budget before each later stage (the engine asks it). The arithmetic: pipeline/preflight_kit.py.
 """
 from __future__ import annotations
 
@@ -15,70 +18,32 @@ import shutil
 import threading
 import time
 
+from pathlib import Path
+
 from pipeline import data as D
-from pipeline import models, ranks
+from pipeline import evalsets, models, ranks
+from pipeline import evidence as ev
+from pipeline import preflight_kit as K
 from pipeline import training as T
 from pipeline.core import Stage
+from pipeline.preflight_eval import eval_prediction, judge_prediction
 from pipeline.sections import GPU_TIERS
+# the arithmetic (pure) lives in pipeline/preflight_kit.py; re-exported as the stage's own
+from pipeline.preflight_kit import (BASIS, EVAL_FORWARD_SHARE, SAVE_FACTOR, budget_decision, cost,  # noqa: F401
+                                    money, predict_stage)
 
 STAGE = Stage("preflight", "reports/migration/preflight.json", needs=("gpu_check",), stops_run=True,
               requested=lambda cfg: not_requested(cfg),
-              inputs=D.files("sft_path", "preference_path", "kto_path"),
+              inputs=lambda cfg: D.files("sft_path", "preference_path", "kto_path")(cfg) + evalsets.files(cfg),
+              content=models.base_content,
               reads=(*T.RUN_KEYS, *T.SFT_DATA, *T.PREFERENCE_DATA, "data.kto_path", "lora", "sft", "@aligned",
-                     "preflight.steps", "preflight.enabled"),
+                     *evalsets.reads(), "eval", "judge", "preflight.steps", "preflight.enabled"),
               # the money keys decide pass/fail, not the measurement: a failed preflight runs again, so a raised
-              # BUDGET re-decides, and no budget change re-measures (a budget lowered after an ok preflight is for
-              # the between-stage re-projection, issue 10's next slice)
+              # BUDGET re-decides, and no budget change re-measures (a budget lowered after an ok preflight is
+              # decided between stages: guard() below, which the engine asks before each later stage)
               untracked=(*T.UNTRACKED, "preflight.budget", "preflight.price_per_hour"))
 
 GIB = 1024 ** 3
-EVAL_FORWARD_SHARE = 1 / 3   # an eval micro-batch is a forward only: ~1/3 of a training micro-step (fwd + bwd)
-SAVE_FACTOR = 2.0            # a checkpoint adds optimizer + scheduler state to the adapter the preflight saves
-BASIS = (f"planned optimizer steps x measured s/step at the longest max_length (curriculum parts at shorter "
-         f"lengths run faster: an upper bound), plus the measured model load + data preparation per (sub-)stage, "
-         f"{SAVE_FACTOR:g} x the measured adapter save per checkpoint, and SFT's eval-loss passes at "
-         f"{EVAL_FORWARD_SHARE:.2f} of a training micro-step per eval micro-batch; eval and judges not included")
-
-
-# --- the arithmetic (pure: tests/unit/test_preflight_math.py) -------------------------------------------------
-def predict_stage(planned_steps: int, s_per_step: float, load_s: float, loads: int, save_s: float, saves: int,
-                  eval_passes: int = 0, eval_batches: int = 0, grad_acc: int = 1) -> dict:
-    """A training stage's wall time: its steps at the measured rate plus the stated allowance."""
-    allowance = {"model_load_s": load_s * loads, "saves_s": SAVE_FACTOR * save_s * saves,
-                 "eval_loss_s": eval_passes * eval_batches * EVAL_FORWARD_SHARE * s_per_step / max(1, grad_acc)}
-    train_s = planned_steps * s_per_step
-    return {"train_s": round(train_s, 2), "allowance": {k: round(v, 2) for k, v in allowance.items()},
-            "fixed_s": round(allowance["model_load_s"] + allowance["saves_s"], 2),
-            "predicted_s": round(train_s + sum(allowance.values()), 2)}
-
-
-def cost(seconds: float, price_per_hour: float | None) -> float | None:
-    return None if price_per_hour is None else round(seconds / 3600 * price_per_hour, 4)
-
-
-def money(x: float) -> str:
-    return f"{x:.2f}" if abs(x) >= 0.01 else f"{x:.2g}"
-
-
-def budget_decision(total_s: float, fixed_s: float, price_per_hour: float | None, budget: float | None,
-                    planned_steps: dict[str, int]) -> tuple[bool, str | None]:
-    """(fits, one-line reason when it does not): over budget by how much, and the step counts that would fit."""
-    if budget is None:
-        return True, None
-    predicted = cost(total_s, price_per_hour)
-    if predicted <= budget:
-        return True, None
-    head = (f"predicted cost {money(predicted)} exceeds BUDGET={budget:g} by {money(predicted - budget)} "
-            f"({total_s / 3600:.2f} h at GPU_PRICE_PER_HOUR={price_per_hour:g})")
-    affordable_s = budget / price_per_hour * 3600 - fixed_s
-    scale = affordable_s / (total_s - fixed_s) if total_s > fixed_s else 0.0
-    steps = {m: math.floor(n * scale) for m, n in planned_steps.items()}
-    if scale <= 0 or min(steps.values()) < 1:
-        return False, (f"{head}; even the model loads and saves alone cost {money(cost(fixed_s, price_per_hour))}: "
-                       f"raise BUDGET to at least {money(predicted)}, or use a cheaper GPU")
-    fit = " ".join(f"{m}.max_steps={n}" for m, n in steps.items())
-    return False, (f"{head}; it would fit with the steps scaled to x{scale:.2f} ({fit}), or with QLORA=true "
-                   f"if that runs faster here, or with BUDGET >= {money(predicted)}")
 
 
 # --- measuring one trainer ------------------------------------------------------------------------------
@@ -88,13 +53,22 @@ def longest(rows: list, n: int, size) -> list:
     return [ranked[i % len(ranked)] for i in range(n)]
 
 
+def rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
 class RssPeak:
-    """Peak resident memory of this process while the block runs (CPU: sampled every 10 ms)."""
+    """Peak resident memory of this process while the block runs (CPU: sampled every 10 ms), from `start` (the RSS
+    before the base was loaded: a stage loads it too)."""
+
+    def __init__(self, start: int):
+        self.start = self.peak = start
 
     def __enter__(self):
         import psutil
-        self.proc, self.start = psutil.Process(), psutil.Process().memory_info().rss
-        self.peak, self.done = self.start, threading.Event()
+        self.proc, self.done = psutil.Process(), threading.Event()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
         return self
@@ -108,35 +82,36 @@ class RssPeak:
         self.thread.join()
 
 
-def trial(ctx, kind: str, base: str, tok, data: dict, length: int, batch: int, grad_acc: int, out,
-          adapter: str | None) -> dict:
-    """Build the stage's trainer (training.trainer_for) and run 1 + preflight.steps optimizer steps."""
+def trial(ctx, kind: str, base: str, model, tok, data: dict, length: int, batch: int, grad_acc: int, out,
+          adapter: str | None, rss0: int) -> dict:
+    """Build the stage's trainer (training.trainer_for) on the loaded base `model` and run 1 + preflight.steps
+    optimizer steps; the base is given back without adapters (models.without_adapters), whatever happened."""
     import torch
     from pipeline.selftest_kit import meter, speed
     cfg, plan = ctx.cfg, ctx.plan
     cuda, steps = plan["device"] == "cuda", cfg.preflight.steps
     args = T.base_args(cfg, kind, plan, out, batch, grad_acc)
     args.update(max_steps=steps + 1, save_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True)
-    rec, trainer = {"batch": batch, "grad_acc": grad_acc, "oom": False}, None
+    rec, trainer, m = {"batch": batch, "grad_acc": grad_acc, "oom": False}, None, None
     models.release()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
     try:
-        with RssPeak() as rss:
-            trainer = T.trainer_for(cfg, kind, plan, base, tok, data, length, args, adapter=adapter)
+        with RssPeak(rss0) as peak:
+            trainer = T.trainer_for(cfg, kind, plan, base, tok, data, length, args, adapter=adapter, base_model=model)
+            trainer.args.eval_strategy, trainer.args.eval_on_start = "no", False   # eval-loss passes: predicted
             models.fix_trainable_dtype(trainer.model, plan)
-            rec["load_s"] = round(time.monotonic() - t0, 3)
+            rec["build_s"] = round(time.monotonic() - t0, 3)
             trainer.add_callback(T.make_callbacks(cfg, kind, steps + 2)[0])   # the OOM hook, as in fit(); no save
             m = meter(trainer.model, cuda)
             trainer.add_callback(m)
             trainer.train()
-            m.counter.handle.remove()
         rec.update(speed=speed(m.marks), global_step=trainer.state.global_step)
         timed = rec["speed"]["per_step"][1:] or rec["speed"]["per_step"]
         rec["s_per_step"] = round(sum(s["seconds"] for s in timed) / len(timed), 4)
         rec["tokens_per_s"] = rec["speed"]["tokens_per_s"]
-        rec["peak_mem_gb"] = round((torch.cuda.max_memory_reserved() if cuda else rss.peak - rss.start) / GIB, 3)
+        rec["peak_mem_gb"] = round((torch.cuda.max_memory_reserved() if cuda else peak.peak - peak.start) / GIB, 3)
         t1 = time.monotonic()
         trainer.save_model(str(out / "adapter"))   # the methods trained from SFT start from SFT's
         rec["save_s"] = round(time.monotonic() - t1, 3)
@@ -144,18 +119,22 @@ def trial(ctx, kind: str, base: str, tok, data: dict, length: int, batch: int, g
         if not T.is_oom(exc):
             raise
         rec.update(oom=True, error=(str(exc).splitlines() or [type(exc).__name__])[0][:200])
-    trainer = None
-    models.release()
+    finally:   # the meter's hook sits on the base's decoder, which the next trial uses again
+        if m is not None:
+            m.counter.handle.remove()
+        trainer = None
+        models.without_adapters(model)
+        models.release()
     return rec
 
 
-def measure(ctx, kind: str, base: str, tok, data: dict, length: int, adapter: str | None) -> dict:
+def measure(ctx, kind: str, base: str, model, tok, data: dict, length: int, adapter: str | None, rss0: int) -> dict:
     """Trials from the planned batch down (half the batch, twice the accumulation) until one fits."""
     tc = getattr(ctx.cfg, kind)
     batch, grad_acc, raised = T.first_batch(kind, tc.batch_size, tc.grad_acc)
     out, attempts = ctx.root / "checkpoints" / ".preflight" / kind, []
     while True:
-        rec = trial(ctx, kind, base, tok, data, length, batch, grad_acc, out, adapter)
+        rec = trial(ctx, kind, base, model, tok, data, length, batch, grad_acc, out, adapter, rss0)
         attempts.append({k: rec.get(k) for k in ("batch", "grad_acc", "oom", "error") if k in rec})
         if not rec["oom"]:
             break
@@ -178,7 +157,8 @@ def stage_data(ctx, kind: str, tok, n: int) -> tuple[dict, int, dict]:
         held = [{"messages": r["messages"]} for r in split["eval"]]
         data = {"train": Dataset.from_list([{"messages": r["messages"]} for r in rows]),
                 "eval": Dataset.from_list(held)}
-        return data, length, {"passes": tc.max_steps // tc.eval_steps, "rows": len(held)}
+        passes = tc.max_steps // tc.eval_steps + (1 if tc.trl.get("eval_on_start") else 0)
+        return data, length, {"passes": passes, "rows": len(held)}
     paired = ctx.registry[kind].trainer(cfg)[2]
     rows = T.preference_dataset(cfg, kind, tok, paired)[0]
     size = lambda r: sum(len(m["content"]) for key in ("prompt", "chosen", "rejected", "completion")   # noqa: E731
@@ -210,6 +190,9 @@ def run(ctx) -> dict:
     base = models.base_for(cfg)
     tok, adapter, stages = T.sft_tokenizer(base)[0], None, {}
     models.live_high_water(reset=True)
+    rss0, t0 = rss(), time.monotonic()
+    model = models.load_model(base, plan, trainable=True, activation_checkpointing=cfg.sft.activation_checkpointing)
+    base_load_s = round(time.monotonic() - t0, 3)   # once for the whole preflight; every trial wraps this base
     try:
         for kind in ctx.registry.methods:   # sft first: the others start from the adapter its trial saved
             tc = getattr(cfg, kind)
@@ -217,7 +200,8 @@ def run(ctx) -> dict:
             if adapter is not None:
                 tok = models.load_tokenizer(adapter)   # as the stages load the SFT final's
             data, length, evals = stage_data(ctx, kind, tok, n)
-            rec = measure(ctx, kind, base, tok, data, length, adapter)
+            rec = measure(ctx, kind, base, model, tok, data, length, adapter, rss0)
+            rec["load_s"] = round(base_load_s + rec["build_s"], 3)   # a stage loads the base and builds its trainer
             subs = len(tc.curriculum) or 1
             rec.update(planned_steps=tc.max_steps, **predict_stage(
                 tc.max_steps, rec["s_per_step"], rec["load_s"], subs, rec["save_s"],
@@ -228,20 +212,40 @@ def run(ctx) -> dict:
             stages[kind] = rec
             ctx.log(f"{kind}: batch {rec['batch']} x {rec['grad_acc']}, {rec['s_per_step']} s/step, "
                     f"{rec['tokens_per_s']} tokens/s, peak {rec['peak_mem_gb']} GiB, predicted {rec['predicted_s']} s")
+        model.eval()
+        evaluation = eval_prediction(ctx, base, model, base_load_s)
+        judging = judge_prediction(ctx, base, model)
     finally:
-        stages_live = models.live_high_water()
+        model = None
         models.release()
+        stages_live, live_after = models.live_high_water(), models.live_models()
         shutil.rmtree(ctx.root / "checkpoints" / ".preflight", ignore_errors=True)
-    total = round(sum(s["predicted_s"] for s in stages.values()), 2)
-    fixed = sum(s["fixed_s"] for s in stages.values())
+    later = [p["predicted_s"] for p in (evaluation, judging) if p.get("predicted_s") is not None]
+    total = round(sum(s["predicted_s"] for s in stages.values()) + sum(later), 2)
+    fixed = sum(s["fixed_s"] for s in stages.values()) + sum(later)   # no step count makes these cheaper
     fits, reason = budget_decision(total, fixed, price, budget, {k: s["planned_steps"] for k, s in stages.items()})
     doc = {"device": plan["device"], "steps": pf.steps, "warmup_steps": 1, "stages": stages,
            "memory_measure": "torch.cuda.max_memory_reserved" if plan["device"] == "cuda" else "peak RSS growth",
-           "eval": {"predicted_s": None, "basis": "not predicted yet (issue 10, a later slice)"},
-           "judge": {"predicted_s": None, "basis": "not predicted yet (issue 10, a later slice)"},
+           "base_load_s": base_load_s, "base_loads": 1, "eval": evaluation, "judge": judging,
            "predicted_total_s": total, "predicted_cost": cost(total, price), "budget": budget,
            "price_per_hour": price, "fits_budget": fits, "basis": BASIS, "max_live_models": stages_live,
+           "live_models_after": live_after,
            "nproc": cfg.runtime.nproc, "rehearsal_fraction": cfg.runtime.rehearsal_fraction, "test_hooks": hooks}
+    for line in K.timeline(doc):
+        ctx.log(f"predicted: {line}")
     if not fits:
         return {**doc, "status": "failed", "reason": reason, "reason_code": "over_budget"}
     return doc
+
+
+def guard(cfg, registry, done: list[str], todo: list[str]) -> str | None:
+    """Stage.guard, asked by the engine before each later stage of the run once this preflight is ok: the wall
+    time measured so far (duration_s of every stage before it in the run) plus this preflight's predictions for the
+    stages still to run, against BUDGET (preflight_kit.reproject). Why the run stops before todo[0], or None."""
+    pf, root = cfg.preflight, Path(cfg.root)
+    doc = ev.read_json(root / STAGE.evidence(cfg))
+    if pf.budget is None or not isinstance(doc, dict) or doc.get("status") != "ok":
+        return None
+    spent = sum(float((ev.read_json(root / registry[n].evidence(cfg)) or {}).get("duration_s") or 0) for n in done)
+    decision = K.reproject(spent, K.predictions(doc), todo, pf.price_per_hour, pf.budget)
+    return decision["reason"] if decision["stop"] else None

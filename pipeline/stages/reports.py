@@ -2,17 +2,20 @@
 
 Writes reports/sota_compare.md, reports/error_analysis.md, reports/thesis_support/thesis_draft_material.md,
 reports/thesis_support/experiment_record.json and reports/figures/eval_accuracy.png; runs (and says so)
-when variants, the eval or the judges were skipped. Published numbers come only from configs/references.yaml.
+when variants, the eval or the judges were skipped. Published numbers come only from configs/references.yaml, and
+stand beside ours only under the same protocol (pipeline/anchors.py).
 """
 from __future__ import annotations
 
 import json
 
+from pipeline import anchors as A
 from pipeline import data as D
 from pipeline import evalsets
 from pipeline import evidence as ev
 from pipeline import reporting as R
-from pipeline.core import Stage
+from pipeline import root_hash
+from pipeline.core import Stage, StageFailed
 
 STAGE = Stage("reports", "reports/thesis_support/reports_manifest.json", needs=("eval", "judge"), reads=("*",),
               inputs=lambda cfg: R.reference_files(cfg) + D.files("sft_path", "preference_path", "kto_path")(cfg)
@@ -48,14 +51,7 @@ def sota_compare(ctx, eval_doc, refs: list[dict]) -> str:
                   "Paired tests (exact McNemar on the same question ids, Holm-adjusted per protocol):", "",
                   R.paired_table(eval_doc), "", *R.statistics_lines(eval_doc), "",
                   f"(Source: `{R.EVAL_JSON}`, fields `paired` and `min_detectable_difference`.)", ""]
-    lines += ["## 2. Published figures (other models, prompts and settings)", "",
-              "These numbers are quoted from the papers named beside them (`configs/references.yaml`); they were "
-              "measured with other models, prompts, shots and test splits, so they give context only and are not a "
-              "like-for-like comparison with section 1.", ""]
-    rows = [[r["benchmark"], r.get("model", ""), f"{r['number']}%", r["setting"], r["paper"], r["table"],
-             r.get("doi") or r.get("url")] for r in refs]
-    lines += [R.md_table(["benchmark", "model", "accuracy", "setting", "paper", "where", "link"], rows) if rows
-              else "No published figures with complete citations are listed.", ""]
+    lines += A.sota_lines(eval_doc or {}, refs, ctx.cfg.readiness.anchor_tolerance_points)
     return "\n".join(lines)
 
 
@@ -130,12 +126,17 @@ def judge_findings(doc) -> list[str]:
 
 def run(ctx) -> dict:
     eval_doc, judge_doc = ctx.evidence("eval"), ctx.evidence("judge")
-    refs = R.load_references()
+    try:
+        refs = A.load_references()
+    except A.ReferenceError as exc:
+        raise StageFailed(str(exc)) from None
+    evidence_root = root_hash.of_root(ctx.root, ctx.registry)   # nothing this stage writes is inside it
     texts = {"sota": sota_compare(ctx, eval_doc, refs), "errors": error_analysis(ctx, eval_doc, judge_doc),
-             "draft": R.thesis_draft(ctx, eval_doc, judge_doc)}
+             "draft": R.thesis_draft(ctx, eval_doc, judge_doc) + root_lines(evidence_root)}
     for key, text in texts.items():
         ev.atomic_write_text(ctx.path(FILES[key]), text)
-    ev.atomic_write_json(ctx.path(FILES["record"]), R.experiment_record(ctx, judge_doc))
+    ev.atomic_write_json(ctx.path(FILES["record"]), {**R.experiment_record(ctx, judge_doc),
+                                                     "evidence_root": evidence_root})
     outputs = [FILES[k] for k in ("sota", "errors", "draft", "record")]
     figure = None
     if R.scored(eval_doc):
@@ -143,5 +144,24 @@ def run(ctx) -> dict:
                                  ctx.path(FILES["figure"]))
     outputs += [FILES["figure"]] if figure else []
     notes = eval_state(eval_doc) + ([] if figure else ["no accuracy figure: nothing was scored"])
-    return {"files": outputs, "references": len(refs), "eval_status": (eval_doc or {}).get("status"),
+    return {"files": outputs, "references": len(refs), "evidence_root": evidence_root,
+            "eval_status": (eval_doc or {}).get("status"),
             "judge_status": (judge_doc or {}).get("status"), "notes": notes, "outputs": outputs}
+
+
+def root_lines(evidence_root: dict) -> str:
+    return "\n".join(["", "## Evidence root", "",
+                      f"sha256 `{evidence_root['sha256']}` over {evidence_root['files']} files ({evidence_root['scope']}; "
+                      f"{FILES['record']}: evidence_root). Quote it in the thesis: `make export` prints the same hash "
+                      "for an archive of this run and `make verify-export` recomputes it from the archive's files.", ""])
+
+
+def checks(g, doc) -> list:
+    """reports.evidence_root: the root hash the thesis material quotes is the root's now."""
+    if not doc or doc.get("status") != "ok":
+        return []   # chain.stages says it did not run
+    record = ev.read_json(g.root / FILES["record"]) or {}
+    problems = root_hash.problems(g.root, g.registry, record.get("evidence_root"))
+    return [g.result("evidence_root", [f"{FILES['record']} {p}" for p in problems],
+                     f"the thesis material quotes the root's evidence hash {record.get('evidence_root', {}).get('sha256', '')[:12]}",
+                     FILES["record"], code="evidence_root")]

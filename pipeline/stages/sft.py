@@ -5,6 +5,7 @@ Writes checkpoints/layer_b/<slug>_sft/final and reports/training/layer_b_<slug>_
 from __future__ import annotations
 
 from pipeline import data as D
+from pipeline import models
 from pipeline import training as T
 from pipeline.core import Method, Stage
 from pipeline.sections import SFTCfg
@@ -16,7 +17,7 @@ STAGE = Stage("sft", "reports/training/layer_b_{slug}_sft_metrics.json", config=
               distributed=True, prepare=T.prepare,
               reads=T.reads("sft", "eval_steps", "packing", data=T.SFT_DATA)
               + ("lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"),
-              untracked=T.UNTRACKED, inputs=D.files("sft_path"),
+              untracked=T.UNTRACKED, advice=T.ADVICE, inputs=D.files("sft_path"), content=models.base_content,
               method=Method("checkpoints/layer_b/{slug}_sft", start="base", trainer="SFTTrainer", reference="none"))
 
 __all__ = ["STAGE", "run", "checks"]   # checks: the gate's, one set shared by every training method

@@ -12,7 +12,8 @@ from pipeline.training_checks import checks
 STAGE = Stage("simpo", "reports/training/simpo_metrics.json", config=SimPOCfg,
               needs=("sft",), training=True,
               distributed=True, prepare=T.prepare,
-              reads=T.reads("simpo", "beta", "simpo_gamma"), untracked=T.UNTRACKED, inputs=D.files("preference_path"),
+              reads=T.reads("simpo", "beta", "simpo_gamma"), untracked=T.UNTRACKED,
+              advice=T.ADVICE, inputs=D.files("preference_path"),
               method=Method("checkpoints/simpo-real-baseline", sequences_per_example=2, full_logits=True,
                             casts_adapters_bf16=False, trainer="CPOTrainer (loss_type=simpo, cpo_alpha=0)",
                             reference="none"))

@@ -106,3 +106,31 @@ def test_dry_run_is_a_mode_for_every_target_and_run_sft_trains_nothing(dry_env):
     assert not (dry_env / REGISTRY["sft"].evidence(load_config())).exists()
     assert ev.read_json(dry_env / EVIDENCE)["status"] == "dry_run"
     assert "dry run sft" in out.getvalue() and "would run" in out.getvalue()
+
+
+def test_a_lora_rank_beyond_the_models_width_fails_the_dry_run_naming_the_key(dry_env):
+    """The tiny model's k_proj/v_proj are 32 wide (2 KV heads x 16): lora.r=48 passed the config and the dry run."""
+    code, doc, out = dry_run(dry_env, "lora.r=48")
+    assert code == 1 and doc["status"] == "failed"
+    assert "lora.r=48 exceeds the width of k_proj (32)" in doc["reason"] and "Traceback" not in out
+    assert not (dry_env / "checkpoints").exists()
+
+
+@pytest.mark.slow   # two dry runs: make test's time is kept for what it had
+def test_the_dry_run_prints_the_timeline_of_an_up_to_date_preflight_and_runs_again_when_it_changes(dry_env):
+    """A preflight written for this config and this gpu_check (its fingerprint now): the dry run prints its
+    predicted timeline; preflight.json is one of the dry run's inputs, so a new preflight re-runs it."""
+    code, doc, _ = dry_run(dry_env)
+    assert code == 0 and doc["predicted_timeline"]["lines"] == []
+    assert "make preflight" in doc["predicted_timeline"]["note"]
+    cfg = load_config()
+    fp, _ = engine.fingerprint(REGISTRY["preflight"], cfg, REGISTRY)
+    ev.atomic_write_json(dry_env / "reports/migration/preflight.json", {
+        "stage": "preflight", "status": "ok", "fingerprint": fp, "outputs": {}, "predicted_total_s": 90.0,
+        "predicted_cost": None, "stages": {m: {"predicted_s": 10.0} for m in REGISTRY.methods},
+        "eval": {"predicted_s": 30.0}, "judge": {"predicted_s": 0.0}})
+    code, doc, out = dry_run(dry_env)
+    timeline = doc["predicted_timeline"]
+    assert code == 0 and timeline["evidence"] == "reports/migration/preflight.json"
+    assert [line.split()[0] for line in timeline["lines"]] == [*REGISTRY.methods, "eval", "judge", "total"]
+    assert "predicted: total" in out and timeline["predicted_total_s"] == 90.0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.stages import REGISTRY
 from scripts import bench
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +45,9 @@ def test_bench_quick_writes_its_reports_and_the_no_op_loads_nothing(tmp_path):
     assert ours["final_loss"]["median"] == pytest.approx(plain["final_loss"]["median"], rel=1e-3)   # the same training
     assert res["eval"]["extracted_answers_identical"].split("/")[1] == "8"
     assert res["cuda"].get("skipped") or res["cuda"]["runs"]
+    pre = res["preflight"]   # predicted vs actual per training stage and in total (ratios; no timed assertion)
+    assert [r["rc"] for r in pre["runs"]] == [0]
+    assert set(REGISTRY.methods) | {"total"} <= set(pre["ratio_actual_to_predicted"])
 
 
 @pytest.mark.slow
@@ -61,6 +65,8 @@ def test_soak_quick_writes_its_reports_and_every_must_be_zero_counter_is_zero(tm
     assert res["judge_faults"]["completed_after_clean_rerun"] == res["judge_faults"]["items"]
     assert res["two_pipelines"]["refusals"] == res["two_pipelines"]["trials"]
     assert res["moved_root"]["tried"] == 3 and res["moved_root"]["same_verdict"] == 3, res["moved_root"]["rows"]
+    fa = res["failed_attempt"]
+    assert fa["tried"] == 1 and fa["kept"] == 1 and fa["rows"][0]["restored"], fa["rows"]
 
 
 # --- the CUDA benchmark's parts that run without a GPU ---------------------------------------------------

@@ -26,6 +26,7 @@ NOT_READ_BY_STAGES = {
     "runtime.dry_run": "the engine's dry-run mode",
     "runtime.rehearsal_steps": "load_config scales the step counts with it; the stages read those",
     "runtime.rehearsal_eval_samples": "load_config caps the sample sizes with it; the stages read those",
+    "readiness.anchor_tolerance_points": "the gate's readiness check (pipeline/readiness.py); reports reads '*'",
 }
 
 

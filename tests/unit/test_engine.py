@@ -265,6 +265,28 @@ def test_sigkill_mid_stage_leaves_incomplete_then_the_next_run_takes_the_lock_an
     assert CALLS["fake_a"] == 1 and fake.doc("fake_a")["status"] == "ok"
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_stage_is_recorded_as_interrupted_and_the_console_says_how_to_resume(fake, sig, code):
+    """Issue 14 §5: SIGTERM (a host's shutdown, `kill`) killed the process with no word and no record; SIGINT
+    printed a traceback. Both: the marker is kept and says which signal, one line says how to resume."""
+    proc = script(fake, "sleep_forever", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(fake.marker("fake_a").exists, "the stage to start", proc)
+        wait_for(lambda: "fake_a is sleeping" in (fake.root / "reports/logs/fake_a_full.log").read_text()
+                 if (fake.root / "reports/logs/fake_a_full.log").is_file() else False, "the stage to run", proc)
+    finally:
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    text = out
+    assert proc.returncode == code, text
+    assert "Traceback" not in text
+    assert f"interrupted by {sig.name}" in text and "run the same command again" in text
+    marker = json.loads(fake.marker("fake_a").read_text())
+    assert marker["interrupted"] == sig.name and fake.status("fake_a") == "incomplete"
+    assert fake.doc("fake_a") is None                                 # nothing marked ok, nothing failed either
+    assert fake.run("fake_a") == 0 and fake.doc("fake_a")["status"] == "ok"
+
+
 # --- the lock -------------------------------------------------------------------------------------
 HOLD_LOCK = """
 import sys, time

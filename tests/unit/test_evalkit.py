@@ -226,3 +226,35 @@ def test_a_degenerate_trained_variant_blocks_writing(tmp_path):
                          {"status": "ok", "variants": {"sft": {"status": "scored"}}})
     [blocker] = [b for b in thesis_readiness(cfg, strict_pass=True)["blockers"] if "sft" in b]
     assert "predictions/sft.jsonl is missing" in blocker
+
+
+# --- protocol free_answer_extraction: the same rules, read on the answer's conclusion ---------------------------
+@pytest.mark.parametrize("text, want", [
+    ("Option A fits the age, but B explains the labs. The answer is B.", ("B", "conclusion:rule:answer_is")),
+    ("## Thinking\nA? No. C fits.\n## Final Response\nThe answer is C.", ("C", "conclusion:rule:answer_is")),
+    ("这题考查……排除A、B。答案是D", ("D", "conclusion:rule:zh_daan")),
+    ("D", ("D", "whole:rule:only_letter")),                                  # no cue: the rules on the whole text
+    ("A or B, hard to say.", (None, "whole:ambiguous:or")),                 # never guesses
+    ("The answer is unclear; A and C both fit.", (None, "whole:no_match")),
+])
+def test_a_free_answer_is_read_from_its_conclusion_by_the_sets_rules(text, want):
+    from pipeline.evalkit import extract_conclusion
+    assert extract_conclusion(text, lambda t: extract_choice(t, "ABCD")) == want
+
+
+def test_a_free_yes_no_maybe_answer_takes_its_last_stated_answer():
+    from pipeline.evalkit import extract_conclusion
+    text = "At first glance yes, but the cohort was small. The answer is maybe."
+    assert extract_conclusion(text, extract_yes_no_maybe) == ("maybe", "conclusion:rule:answer_is")
+
+
+def test_the_free_prompts_ask_no_letter_only_answer():
+    from pipeline import evalsets
+    mc = {"set": "medqa", "id": "q1", "lang": "en", "question": "Q?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
+          "answer": "A", "subject": "s"}
+    text = evalsets.of(mc).free_prompt(mc)[0]["content"]
+    assert "A. a" in text and "The answer is X" in text and "letter only" not in text
+    assert "答案是X" in evalsets.SETS["cmmlu"].free_prompt(mc | {"set": "cmmlu", "lang": "zh"})[0]["content"]
+    pq = {"set": "pubmedqa", "question": "Does it work?\n\nAbstract text.", "options": {}, "lang": "en"}
+    text = evalsets.of(pq).free_prompt(pq)[0]["content"]
+    assert "Context: Abstract text." in text and '"The answer is maybe"' in text

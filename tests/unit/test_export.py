@@ -61,7 +61,7 @@ def rewrite(archive, out, change=None, drop=None, add=None):
 def test_pack_holds_reports_and_finals_only_and_verifies(root, tmp_path):
     archive = export.pack(root, tmp_path / "day1.tar.gz")
     assert names(archive) == [
-        "MANIFEST.sha256",
+        "EVIDENCE_ROOT", "MANIFEST.sha256",
         "checkpoints/dpo-real-baseline/final/adapter_model.safetensors",
         "checkpoints/layer_b/tiny_sft/final/adapter_config.json",
         "checkpoints/layer_b/tiny_sft/final/adapter_model.safetensors",
@@ -70,7 +70,8 @@ def test_pack_holds_reports_and_finals_only_and_verifies(root, tmp_path):
     assert export.verify(archive) == []
     with tarfile.open(archive) as tar:
         manifest = tar.extractfile("day1/MANIFEST.sha256").read().decode()
-    assert "  reports/eval_default.md\n" in manifest and len(manifest.splitlines()) == 6
+    assert "  reports/eval_default.md\n" in manifest and len(manifest.splitlines()) == 7
+    assert "  EVIDENCE_ROOT\n" in manifest   # the root hash file is itself in the manifest
 
 
 @pytest.mark.parametrize("kind", ["change", "drop", "add"])
@@ -80,7 +81,11 @@ def test_a_damaged_archive_names_the_file(root, tmp_path, kind):
     bad = rewrite(archive, tmp_path / "bad.tar.gz", **({"add": "reports/forged.json"} if kind == "add" else {kind: target}))
     problems = export.verify(bad)
     expected = {"change": f"changed: {target}", "drop": f"missing: {target}", "add": "extra: reports/forged.json"}[kind]
-    assert problems == [expected]
+    assert problems[0] == expected
+    if kind != "add":   # a final is inside the evidence root: the archive no longer gives the hash it states
+        assert len(problems) == 2 and problems[1].startswith("EVIDENCE_ROOT states ")
+    else:
+        assert len(problems) == 1
 
 
 def test_a_truncated_download_is_an_error_not_a_crash(root, tmp_path):

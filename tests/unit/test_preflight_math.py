@@ -91,3 +91,138 @@ def test_a_failed_stage_that_stops_the_run_leaves_every_later_stage_unrun(tiny_e
     assert ran == [] and not (tiny_env / "reports/fake/train.json").exists()
     doc = engine.ev.read_json(tiny_env / "reports/fake/gatekeeper.json")
     assert (doc["status"], doc["reason_code"]) == ("failed", "over_budget")
+
+
+# --- between stages: the re-projection and the engine's guard (issue 10) ------------------------------------
+from pipeline import preflight_kit as K  # noqa: E402
+
+
+def test_the_next_stage_is_stopped_when_the_spend_after_it_would_cross_the_budget():
+    # 1 currency per second: 100 s spent, dpo predicted 50 s -> 150 after it, above a budget of 120
+    got = K.reproject(100.0, {"dpo": 50.0, "eval": 30.0}, ["dpo", "eval"], 3600.0, 120.0)
+    assert got["stop"] and got["projection_s"] == 180.0
+    assert "\n" not in got["reason"] and "crossed by dpo" in got["reason"]
+    assert "spent so far 100" in got["reason"] and "projection of the whole run 180" in got["reason"]
+
+
+def test_a_later_stage_that_would_cross_the_budget_is_decided_at_its_turn_and_no_budget_never_stops():
+    assert not K.reproject(100.0, {"dpo": 10.0, "eval": 30.0}, ["dpo", "eval"], 3600.0, 120.0)["stop"]
+    assert K.reproject(1e9, {"dpo": 1e9}, ["dpo"], 3600.0, None) == {"stop": False, "projection_s": None,
+                                                                    "reason": None}
+    assert not K.reproject(0.0, {}, ["reports"], 3600.0, 1.0)["stop"]   # an unpredicted stage costs nothing
+
+
+def test_a_stage_starts_at_the_smaller_batch_an_ok_preflight_found_and_says_so():
+    doc = {"status": "ok", "stages": {"sft": {"batch": 2, "grad_acc": 2}, "dpo": {"batch": 4, "grad_acc": 1}}}
+    batch, acc, why = K.first_attempt(doc, "sft", (4, 1, None))
+    assert (batch, acc) == (2, 2) and why.startswith("preflight: batch 4 x accumulation 1 ran out of memory")
+    assert K.first_attempt(doc, "dpo", (4, 1, None)) == (4, 1, "as configured")   # it fit as planned
+    assert K.first_attempt({**doc, "status": "failed"}, "sft", (4, 1, None)) == (4, 1, "as configured")
+    assert K.first_attempt(None, "kto", (2, 2, "raised")) == (2, 2, "raised")
+
+
+def test_generation_and_judge_predictions_are_their_stated_arithmetic():
+    got = K.predict_generation(5.0, {"a": {"questions": 20, "batch": 8, "batch_s": 2.0},
+                                     "b": {"questions": 4, "batch": 4, "batch_s": 1.0}}, variants=6)
+    assert got["per_variant_s"] == 3 * 2.0 + 1.0 and got["predicted_s"] == 5.0 + 6 * 7.0
+    j = K.predict_judge({"pairwise": 32, "risk": 24}, concurrency=8, latency_s=0.5, answers_s=3.0)
+    assert j["waves"] == 4 + 3 and j["predicted_s"] == 7 * 0.5 + 3.0 and j["requests"] == 56
+
+
+def test_predicted_against_actual_per_stage_and_in_total():
+    doc = {"status": "ok", "stages": {"sft": {"predicted_s": 100.0}, "dpo": {"predicted_s": 50.0}},
+           "eval": {"predicted_s": 50.0}, "judge": {"predicted_s": None}, "predicted_total_s": 200.0}
+    rows = K.versus(doc, {"sft": 120.0, "dpo": None, "eval": 40.0})
+    assert rows[0] == {"stage": "sft", "predicted_s": 100.0, "actual_s": 120.0, "ratio": 1.2}
+    assert rows[1]["ratio"] is None and rows[-1] == {"stage": "total", "predicted_s": 150.0, "actual_s": 160.0,
+                                                     "ratio": round(160 / 150, 2)}
+    lines = K.timeline(doc)
+    assert [x.split()[0] for x in lines] == ["sft", "dpo", "eval", "total"] and "+3.3 min" in lines[2]
+
+
+def _guarded_registry(decide, ran):
+    from pipeline import core
+
+    def guard(cfg, registry, done, todo):
+        return decide(done, todo)
+
+    def job(name):
+        def run(ctx):
+            ran.append(name)
+            return {}
+        return run
+    return core.Registry([core.Stage("meter", "reports/fake/meter.json", run=job("meter"), guard=guard),
+                          core.Stage("first", "reports/fake/first.json", run=job("first")),
+                          core.Stage("second", "reports/fake/second.json", run=job("second"))])
+
+
+def test_a_guard_stops_the_run_before_a_stage_keeps_what_finished_and_a_rerun_continues(tiny_env):
+    import io
+
+    from rich.console import Console
+
+    from pipeline import engine
+    quiet, ran, seen = Console(file=io.StringIO()), [], []
+
+    def over_before_second(done, todo):
+        seen.append((tuple(done), tuple(todo)))
+        return "BUDGET=1 would be crossed by second: spent so far 2" if todo[0] == "second" else None
+    assert engine.run(["all"], load_config(), quiet, _guarded_registry(over_before_second, ran)) == 1
+    assert ran == ["meter", "first"] and seen[0] == (("meter",), ("first", "second"))
+    doc = engine.ev.read_json(tiny_env / "reports/fake/second.json")
+    assert (doc["status"], doc["reason_code"]) == ("failed", "over_budget") and "crossed by second" in doc["reason"]
+    first = engine.ev.read_json(tiny_env / "reports/fake/first.json")
+    assert first["status"] == "ok"
+    ran.clear()   # a larger budget: the guard lets everything through; finished stages are not redone
+    assert engine.run(["all"], load_config(), quiet, _guarded_registry(lambda d, t: None, ran)) == 0
+    assert ran == ["second"] and engine.ev.read_json(tiny_env / "reports/fake/first.json") == first
+
+
+def test_advice_is_read_only_when_declared_and_fresh(tiny_env):
+    import io
+
+    from rich.console import Console
+
+    from pipeline import core, engine
+    got = {}
+
+    def adviser(ctx):
+        return {"hint": 3}
+
+    def advised(ctx):
+        got["doc"] = ctx.advice("adviser")
+        with pytest.raises(core.StageFailed, match="advice="):
+            ctx.advice("other")
+        return {}
+    stages = [core.Stage("adviser", "reports/fake/adviser.json", run=adviser, reads=("eval.seed",)),
+              core.Stage("other", "reports/fake/other.json", run=adviser),
+              core.Stage("advised", "reports/fake/advised.json", run=advised, advice=("adviser",))]
+    quiet = Console(file=io.StringIO())
+    assert engine.run(["adviser", "advised"], load_config(), quiet, core.Registry(stages)) == 0
+    assert got["doc"]["hint"] == 3
+    # the adviser is stale under another eval.seed: no advice, and the advised stage does not move (not fingerprinted)
+    assert engine.run(["advised"], load_config(overrides=["eval.seed=99"]), quiet, core.Registry(stages),
+                      force=True) == 0
+    assert got["doc"] is None
+
+
+def test_the_day1_summary_shows_predicted_against_actual_per_stage_and_in_total(tiny_env):
+    import json
+
+    from pipeline import day1
+    from pipeline import evidence as ev
+    cfg = load_config()
+    put = lambda name, doc: ev.atomic_write_json(tiny_env / REGISTRY[name].evidence(cfg), doc)   # noqa: E731
+    put("preflight", {"status": "ok", "duration_s": 12.0, "stages": {"sft": {"predicted_s": 100.0},
+                                                                      "dpo": {"predicted_s": 50.0}},
+                      "eval": {"predicted_s": 20.0}, "judge": {"predicted_s": 0.0}, "predicted_total_s": 170.0})
+    put("sft", {"status": "ok", "duration_s": 110.0})
+    put("dpo", {"status": "failed", "duration_s": 3.0})   # a failed stage has no actual to compare
+    put("eval", {"status": "ok", "duration_s": 30.0})
+    steps = tiny_env / "steps.jsonl"
+    steps.write_text(json.dumps({"name": "gpu-run", "status": "ok", "rc": 0, "seconds": 150, "log": "", "note": ""}))
+    assert day1.cli(["summary", str(steps)]) == 0
+    md = (tiny_env / "reports/migration/day1_run_summary.md").read_text()
+    assert "## Predicted vs actual (preflight)" in md and "Load average" in md
+    assert "| sft | 100.0 | 110.0 | 1.1 |" in md and "| dpo | 50.0 | - | - |" in md
+    assert "| eval | 20.0 | 30.0 | 1.5 |" in md and "| total | 120.0 | 140.0 | 1.17 |" in md
