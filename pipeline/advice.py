@@ -39,6 +39,9 @@ ADVICE = {   # code -> what to do; a check's code is the one its stage raised, e
     "evidence_root": "evidence or a final changed after the thesis material quoted the root hash (never edit "
                      "them): `python -m pipeline run reports --force` quotes the root as it is now",
     "coverage": "run `python -m pipeline run eval --force` once every training stage is ok",
+    "loglik_task": "the loglik protocol's lm-eval task definitions (pipeline/evalsets/lm_eval_tasks/) do not read "
+                   "the configured eval files as the sets' loaders do (see the reason): fix the task YAML or the "
+                   "data path, then `python -m pipeline run eval --force`",
     "pairwise": "set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env, or set ENABLE_LLM_JUDGE=false; then "
                 "`python -m pipeline run judge --force`",
     "risk": "set OPENAI_API_KEY (and OPENAI_BASE_URL) in .env, or set ENABLE_LLM_RISK_JUDGE=false; then "

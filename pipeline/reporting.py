@@ -70,9 +70,21 @@ def plot_accuracy(results: dict, sets: list[str], path: Path) -> str | None:
 
 
 # --- reports/eval_default.md ------------------------------------------------------------------------
-def results_table(doc: dict) -> str:
+# what each scoring protocol is; the evidence names the field each one fills (`protocols`: {field: name})
+PROTOCOL_TEXT = {"generative_letter": "greedy generation, \"answer with the letter\", rule extraction",
+                 "loglik": "lm-evaluation-harness log-likelihood multiple choice: lm-eval's own medqa_4options / "
+                           "pubmedqa / cmmlu_<subject> prompts over the bundled files, zero-shot, no chat template, acc "
+                           "(argmax of the options' log-likelihoods)"}
+
+
+def protocol_fields(doc: dict) -> dict:
+    """{evidence field: protocol name}; evidence from before the second protocol has `results` only."""
+    return doc.get("protocols") or {"results": "generative_letter"}
+
+
+def results_table(doc: dict, field: str = "results") -> str:
     sets = list(doc.get("sets") or {})
-    rows = [[v] + [acc_cell((doc["results"].get(v) or {}).get(s)) for s in sets] for v in scored(doc)]
+    rows = [[v] + [acc_cell(((doc.get(field) or {}).get(v) or {}).get(s)) for s in sets] for v in scored(doc)]
     return md_table(["variant"] + [f"{s} accuracy [95% CI]" for s in sets], rows)
 
 
@@ -96,9 +108,10 @@ def paired_table(doc: dict) -> str:
         if ci.get("ci_low") is not None:
             diff += f" [{100 * ci['ci_low']:+.1f}, {100 * ci['ci_high']:+.1f}]"
         holm = f"{p['p_holm']:.3g}" if p.get("p_holm") is not None else "n/a"
-        rows.append([f"{p['a']} vs {p['b']}", p["set"], pct(p["accuracy_a"]), pct(p["accuracy_b"]), diff,
-                     f"{p['a_only']} / {p['b_only']}", f"{p['p_value']:.3g}", holm, reading(doc, p)])
-    return md_table(["comparison", "set", "acc a", "acc b", "a - b [95% paired bootstrap CI]",
+        rows.append([f"{p['a']} vs {p['b']}", p.get("protocol", "-"), p["set"], pct(p["accuracy_a"]),
+                     pct(p["accuracy_b"]), diff, f"{p['a_only']} / {p['b_only']}", f"{p['p_value']:.3g}", holm,
+                     reading(doc, p)])
+    return md_table(["comparison", "protocol", "set", "acc a", "acc b", "a - b [95% paired bootstrap CI]",
                      "discordant a-only / b-only", "McNemar exact p", "Holm p", "reading"], rows)
 
 
@@ -130,59 +143,35 @@ def answers_table(doc: dict) -> str:
     """Per variant and set: extracted answers against the gold answers, and the degenerate-predictor flag."""
     rows = []
     for v in scored(doc):
-        for s, res in (doc["results"].get(v) or {}).items():
-            a = res.get("answers") or {}
-            if not a:
-                continue
-            top = f"{a['top_answer']} {pct(a['top_share'], 0)}" if a.get("top_answer") is not None else "-"
-            rows.append([v, s, _counts(a["predicted"]), a["unanswered"], _counts(a["gold"]), top,
-                         pct(a["gold_top_share"], 0), "**DEGENERATE**" if a["degenerate"] else "-"])
-    return md_table(["variant", "set", "extracted answers", "unanswered", "gold answers", "top answer (share)",
-                     "gold's top share", "degenerate predictor"], rows)
+        for field, protocol in protocol_fields(doc).items():
+            for s, res in ((doc.get(field) or {}).get(v) or {}).items():
+                a = res.get("answers") or {}
+                if not a:
+                    continue
+                top = f"{a['top_answer']} {pct(a['top_share'], 0)}" if a.get("top_answer") is not None else "-"
+                rows.append([v, protocol, s, _counts(a["predicted"]), a["unanswered"], _counts(a["gold"]), top,
+                             pct(a["gold_top_share"], 0), "**DEGENERATE**" if a["degenerate"] else "-"])
+    return md_table(["variant", "protocol", "set", "answers (extracted / loglik argmax)", "unanswered", "gold answers",
+                     "top answer (share)", "gold's top share", "degenerate predictor"], rows)
 
 
 def degenerate_lines(doc: dict) -> list[str]:
     flagged = [(v, s, r["answers"]["threshold"]) for v in scored(doc) for s, r in (doc["results"].get(v) or {}).items()
                if (r.get("answers") or {}).get("degenerate")]
-    return [f"Degenerate predictors (one answer above eval.degenerate_share of a set's questions while the gold's "
-            f"largest share is below it): {', '.join(f'{v} on {s} (> {pct(t, 0)})' for v, s, t in flagged) or 'none'}. "
-            "A flagged trained variant is not a result: thesis readiness lists it as a blocker."]
+    lines = [f"Degenerate predictors (one answer above eval.degenerate_share of a set's questions while the gold's "
+             f"largest share is below it), protocol `generative_letter`: "
+             f"{', '.join(f'{v} on {s} (> {pct(t, 0)})' for v, s, t in flagged) or 'none'}. "
+             "A flagged trained variant is not a result: thesis readiness lists it as a blocker."]
+    ll = [f"{v} on {s}" for v in scored(doc) for s, r in ((doc.get("results_loglik") or {}).get(v) or {}).items()
+          if (r.get("answers") or {}).get("degenerate")]
+    if "results_loglik" in doc:
+        lines.append(f"Under `loglik` (the option with the highest log-likelihood): {', '.join(ll) or 'none'}.")
+    return lines
 
 
 def skipped_lines(doc: dict) -> list[str]:
     return [f"- **{v}**: skipped, not scored: {e.get('reason')}" for v, e in (doc.get("variants") or {}).items()
             if e.get("status") != "scored"]
-
-
-def eval_markdown(doc: dict, cfg, commit: str | None) -> str:
-    src = f"Source of every number below: `{EVAL_JSON}`."
-    sets = doc["sets"]
-    setup = [["model", doc["model_name"]], ["tier", cfg.tier], ["git commit", commit or "unknown"],
-             ["sets (sample / full size)", ", ".join(f"{s} {i['planned_n']}/{i['full_size']}" for s, i in sets.items())],
-             ["sample seed", cfg.eval.seed], ["bootstrap", f"{doc['n_bootstrap']} percentile resamples, seed {cfg.eval.seed}"],
-             ["generation", f"greedy, HF generate, batch size {doc['batch_size']} (left padding), "
-                            f"max_new_tokens {doc['max_new_tokens']}"],
-             ["decoding", ", ".join(f"{k} {v}" for k, v in doc["generation"]["decoding"].items())
-              + " (set explicitly: the model's generation_config.json is not used)"],
-             ["models in memory", f"base loaded {doc['memory']['base_loads']}x, at most "
-                                  f"{doc['memory']['max_live_models']} alive (adapters switched on it)"],
-             ["LLM extraction fallback", "used" if doc["fallback"]["available"] else f"not used: {doc['fallback']['reason']}"]]
-    fails = [[v] + [f"{pct((doc['results'][v].get(s) or {}).get('format_failure_rate'))} "
-                    f"({(doc['results'][v].get(s) or {}).get('format_failures')})" for s in sets] for v in scored(doc)]
-    lines = [f"# Evaluation: {cfg.tier} tier", "", src, "", "## Setup", "", md_table(["item", "value"], setup), "",
-             "## Accuracy", "", results_table(doc), "", f"(Source: `{EVAL_JSON}`, fields `results.<variant>.<set>`.)", ""]
-    if cfg.tier in ("tiny", "demo"):
-        lines += [f"Tier {cfg.tier} is a smoke test on small samples: these numbers check the pipeline, not the method.", ""]
-    lines += ["## Format failures (no answer extracted; counted as wrong)", "",
-              md_table(["variant"] + list(sets), fails), "", f"(Source: `{EVAL_JSON}`, `results.<variant>.<set>.format_failures`.)", "",
-              "## Answers against the gold (degenerate predictors)", "", answers_table(doc), "",
-              *degenerate_lines(doc), "", f"(Source: `{EVAL_JSON}`, `results.<variant>.<set>.answers`.)", "",
-              "## Paired comparisons (same question ids)", "", paired_table(doc), "", *statistics_lines(doc), "",
-              f"(Source: `{EVAL_JSON}`, fields `paired` (p_holm, survives_holm, diff_ci) and "
-              "`min_detectable_difference`.)", ""]
-    if skipped_lines(doc):
-        lines += ["## Variants not scored", ""] + skipped_lines(doc) + [""]
-    return "\n".join(lines)
 
 
 # --- reports/thesis_support/ ------------------------------------------------------------------------
@@ -232,7 +221,10 @@ def thesis_draft(ctx, eval_doc: dict | None, judge_doc: dict | None) -> str:
               "", "(learning rate: resolved config in `reports/thesis_support/experiment_record.json`, field config.<stage>.)", ""]
     lines += ["## Results", ""]
     if scored(eval_doc):
-        lines += [results_table(eval_doc), "", f"[{EVAL_JSON}: results]", "", paired_table(eval_doc), "",
+        for field, protocol in protocol_fields(eval_doc).items():
+            lines += [f"Protocol `{protocol}` ({PROTOCOL_TEXT.get(protocol, protocol)}):", "",
+                      results_table(eval_doc, field), "", f"[{EVAL_JSON}: {field}]", ""]
+        lines += [paired_table(eval_doc), "",
                   *statistics_lines(eval_doc), "", f"[{EVAL_JSON}: paired, min_detectable_difference]", ""]
     else:
         lines += [f"No measured results: eval {(eval_doc or {}).get('status', 'missing')} ({(eval_doc or {}).get('reason')}).", ""]

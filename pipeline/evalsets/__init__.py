@@ -9,6 +9,9 @@ A set's module defines
     prompt(row) -> messages             the chat messages the model answers (their sha256 is recorded)
     free_prompt(row) -> messages        the same question for a free answer (protocol free_answer_extraction)
     extract(row, raw) -> (answer | None, method)   the answer a model's output commits to, by rules
+    lm_eval_task(row) -> str             the lm-eval task (lm_eval_tasks/<task>.yaml) that scores the row (loglik)
+    lm_eval_data(cfg, row) -> dict       that task's dataset_kwargs for the configured data file(s)
+    lm_eval_id(task, doc) -> str         the row id of one of that task's docs
 
 Everything that iterates eval sets (settings' validation, the eval and dry-run stages, reports, bench) asks
 SETS; a new set is its module here, its name in NAMES and its data file(s). Light on purpose: no torch.

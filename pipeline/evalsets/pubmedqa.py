@@ -36,3 +36,17 @@ def free_prompt(row: dict) -> list[dict]:
 
 def extract(row: dict, raw: str) -> tuple[str | None, str]:
     return evalkit.extract_yes_no_maybe(raw)
+
+
+# the loglik protocol (pipeline/loglik.py): lm-eval's pubmedqa over our files (lm_eval_tasks/<task>.yaml)
+def lm_eval_task(row: dict) -> str:
+    return "medllm_pubmedqa"
+
+
+def lm_eval_data(cfg, row: dict) -> dict:
+    return {"ori_path": str(cfg.data_path(cfg.data.pubmedqa_path)),
+            "test_ids_path": str(cfg.data_path(cfg.data.pubmedqa_test_ids))}
+
+
+def lm_eval_id(task: str, doc: dict) -> str:
+    return f"pubmedqa/{doc['PMID']}"

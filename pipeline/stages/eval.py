@@ -6,7 +6,10 @@ answers extracted by evalkit's rules (then, optionally, an LLM that only extract
 bootstrap CI, format failures, lengths, answer distributions against the gold (degenerate predictors), paired
 McNemar tests against SFT and base with Holm-adjusted p-values (one family per protocol) and a paired bootstrap
 CI of each difference, and the minimum detectable difference per set.
-Writes reports/eval/predictions/<variant>.jsonl, reports/eval_default.md, reports/eval/eval_default.json.
+Two protocols on the same question ids: `generative_letter` (the above: `results`) and `loglik` (lm-evaluation-
+harness's log-likelihood multiple choice through our task definitions, pipeline/loglik.py: `results_loglik`).
+Writes reports/eval/predictions/<variant>.jsonl, reports/eval/predictions/loglik/<variant>.jsonl,
+reports/eval_default.md, reports/eval/eval_default.json.
 """
 from __future__ import annotations
 
@@ -17,9 +20,8 @@ import json
 from collections import Counter
 
 from pipeline import data as D
-from pipeline import eval_free, evalkit, evalsets, judgekit, models
+from pipeline import eval_free, eval_report, evalkit, evalsets, judgekit, loglik, models
 from pipeline import evidence as ev
-from pipeline import reporting as R
 from pipeline.core import SkipStage, StageFailed
 from pipeline.provenance import git_commit
 from pipeline.variants import Variants, base_model_path, decoding, generate, variant_table
@@ -28,7 +30,7 @@ from pipeline.core import Stage
 STAGE = Stage("eval", "reports/eval/eval_default.json", needs=("sft",), needs_methods=True, reads=(
     *evalsets.reads(), "eval", "judge.model", "judge.base_url", "judge.concurrency", "judge.timeout_s",
     "judge.max_retries", "judge.max_reasks", "model.name", "model.tiny_seed", "runtime.force_skip_training",
-    "runtime.rehearsal"), inputs=evalsets.files, runs_after_skip=True, content=models.base_content)
+    "runtime.rehearsal"), inputs=loglik.inputs, runs_after_skip=True, content=models.base_content)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -146,10 +148,11 @@ def power(sets: dict) -> dict:
 
 
 def predict(ctx, vs, name: str, rows: list[dict], prompts: list[list[dict]], max_new_tokens: int | None = None,
-            extractor=extract, label: str | None = None) -> list[dict]:
-    """The variant's answers to every question, extracted by the rules and scored against the gold answer."""
+            extractor=extract, label: str | None = None, used=None) -> list[dict]:
+    """The variant's answers to every question, extracted by the rules and scored against the gold answer
+    (`used`: the variant's (model, tokenizer) when the caller holds them already)."""
     cfg = ctx.cfg
-    model, tok = vs.use(name)
+    model, tok = used or vs.use(name)
     raws = generate(model, tok, prompts, cfg.eval.batch_size, max_new_tokens or cfg.eval.max_new_tokens, ctx.progress,
                     label or f"eval {name}")
     out = []
@@ -168,34 +171,45 @@ def run(ctx) -> dict:
         raise SkipStage("FORCE_SKIP_TRAINING=true: no trained variant to evaluate (unset it to train and evaluate)")
     if not ctx.plan.get("feasible"):
         raise SkipStage(f"hardware plan: {ctx.plan.get('feasible_reason', 'not feasible')} (no model is loaded)")
-    if importlib.util.find_spec("statsmodels") is None:   # before the generation, not after it
-        raise StageFailed("statsmodels is not installed (Holm's correction of the paired tests needs it): "
-                          "run `make venv` or `.venv/bin/pip install -r requirements.txt`")
+    for module, why in (("statsmodels", "Holm's correction of the paired tests"), ("lm_eval", "the loglik protocol")):
+        if importlib.util.find_spec(module) is None:   # before the generation, not after it
+            raise StageFailed(f"{module} is not installed ({why} needs it): "
+                              "run `make venv` or `.venv/bin/pip install -r requirements.txt`")
     table, sets, fb = variant_table(ctx), load_sets(cfg), fallback_setup(ctx)
     rows = [r for name in cfg.eval.sets for r in sets[name][0]]
     prompts = [messages(r) for r in rows]
+    tasks = loglik.tasks_for(cfg, rows)   # lm-eval's tasks over the bundled files: the same ids, built once
     preds, results, outputs = {}, {}, []
+    ll_preds, results_ll, ll_seconds = {}, {}, {}
     with Variants(ctx) as vs:   # the base loads once; each trained variant is an adapter switched on it
         for name, entry in table.items():
             if entry["status"] != "scored":
                 ctx.log(f"{name}: skipped, not scored ({entry['reason']})")
                 continue
-            preds[name] = predict(ctx, vs, name, rows, prompts)
+            model, tok = vs.use(name)
+            preds[name] = predict(ctx, vs, name, rows, prompts, used=(model, tok))
             apply_fallback(ctx, fb, name, preds[name], rows)
             results[name] = summarize(preds[name], cfg)
-            rel = f"reports/eval/predictions/{name}.jsonl"
-            lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds[name])
-            ev.atomic_write_text(ctx.path(rel), lines)
-            outputs.append(rel)
+            ll_preds[name], own, ll_seconds[name] = loglik.score(model, tok, tasks, rows, cfg.eval.batch_size)
+            loglik.check_own(name, ll_preds[name], own)
+            results_ll[name] = loglik.summarize(ll_preds[name], cfg)
+            del model, tok
+            for rel, items in ((f"reports/eval/predictions/{name}.jsonl", preds[name]),
+                               (loglik.PREDICTIONS.format(variant=name), ll_preds[name])):
+                ev.atomic_write_text(ctx.path(rel), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in items))
+                outputs.append(rel)
         free = None   # protocol free_answer_extraction: the base again, freely (pipeline/eval_free.py)
         if cfg.eval.free_answer and "base" in preds:
             free = eval_free.score(ctx, vs, sets, predict, summarize)
         memory = vs.memory()
     fb = {k: v for k, v in fb.items() if not k.startswith("_")}
-    paired = paired_tests(preds, cfg, ctx.registry.aligned)
+    paired = (paired_tests(preds, cfg, ctx.registry.aligned)
+              + paired_tests(ll_preds, cfg, ctx.registry.aligned, protocol=loglik.PROTOCOL))
     doc = {"model_name": models.display_name(cfg.tier, base := base_model_path(ctx)),
            "base_model": ev.root_relative(ctx.root, base),
-           "variants": table, "results": results, "paired": paired,
+           "variants": table, "results": results, "results_loglik": results_ll, "paired": paired,
+           "protocols": {"results": PROTOCOL, "results_loglik": loglik.PROTOCOL},
+           "loglik": loglik.describe(tasks, ll_seconds),
            "sets": {s: {"planned_n": len(r), "full_size": full, "question_ids": [x["id"] for x in r], "seed": cfg.eval.seed}
                     for s, (r, full) in sets.items()},
            "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens, "n_bootstrap": cfg.eval.n_bootstrap,
@@ -208,7 +222,7 @@ def run(ctx) -> dict:
     if free:
         doc |= {eval_free.KEY: free[0], "free_answer": free[1]}
         outputs += free[2]
-    ev.atomic_write_text(ctx.path("reports/eval_default.md"), R.eval_markdown(doc, cfg, git_commit())
+    ev.atomic_write_text(ctx.path("reports/eval_default.md"), eval_report.eval_markdown(doc, cfg, git_commit())
                          + eval_free.markdown(doc))
     return doc | {"outputs": outputs + ["reports/eval_default.md"]}
 
@@ -232,7 +246,7 @@ def checks(g, doc) -> list:
         return [g.result("coverage", [f"{rel} is missing: run `python -m pipeline run eval`"], "")]
     problems = [f"status is {doc.get('status')!r}: {doc.get('reason')}"] if doc.get("status") != "ok" else []
     problems += [f"does not match its schema: {e}" for e in ev.validate("eval", doc)[:1]]
-    sets, variants, results = doc.get("sets") or {}, doc.get("variants") or {}, doc.get("results") or {}
+    sets, variants = doc.get("sets") or {}, doc.get("variants") or {}
     planned, floor = {}, required_sizes(cfg)
     for name in dict.fromkeys([*floor, *cfg.eval.sets]):
         info = sets.get(name)
@@ -264,19 +278,20 @@ def checks(g, doc) -> list:
             problems.append(f"variant {method} was scored on a checkpoint that is not the current {method} final")
     for variant, entry in variants.items():
         if isinstance(entry, dict) and entry.get("status") == "scored":
-            for name, (n, ids) in planned.items():
-                res = (results.get(variant) or {}).get(name)
-                if not isinstance(res, dict) or res.get("n") != n:
-                    problems.append(f"variant {variant} on {name}: n {(res or {}).get('n')}, planned {n}")
-                elif "question_ids" in res and list(res["question_ids"]) != ids:
-                    problems.append(f"variant {variant} on {name} used other question ids than planned")
+            for field in ("results", "results_loglik"):   # both protocols, on the planned ids
+                for name, (n, ids) in planned.items():
+                    res = ((doc.get(field) or {}).get(variant) or {}).get(name)
+                    if not isinstance(res, dict) or res.get("n") != n:
+                        problems.append(f"{field}: variant {variant} on {name}: n {(res or {}).get('n')}, planned {n}")
+                    elif list(res.get("question_ids") or []) != ids:
+                        problems.append(f"{field}: variant {variant} on {name} used other question ids than planned")
     sizes = ", ".join(f"{k} {v[0]}" for k, v in planned.items())
     coverage = g.result("coverage", problems[:8], f"{', '.join(g.registry.methods)} scored on the same question ids "
-                        f"({sizes})", code=doc.get("reason_code"))
+                        f"({sizes}) under both protocols", code=doc.get("reason_code"))
     if problems:
         return [coverage, g.blocked("numbers", "coverage")]
     from pipeline.eval_audit import audit
     wrong = audit(cfg, g.root, doc, g.registry.aligned) + eval_free.audit(cfg, g.root, doc)
     return [coverage, g.result("numbers", wrong[:8] + ([f"{len(wrong) - 8} more"] if len(wrong) > 8 else []),
-                               "every accuracy, CI, count and paired test recomputes from the re-scored "
-                               "predictions")]
+                               "every accuracy, CI, count and paired test of both protocols recomputes from the "
+                               "re-scored predictions")]

@@ -19,7 +19,8 @@ from pipeline.core import Stage
 STAGE = Stage("gpu_bootstrap", "reports/migration/gpu_bootstrap.json", reads=("model.qlora", "runtime.hf_home", "runtime.rehearsal"), in_all=False,
               in_dry_run=True)
 
-REQUIRED_IMPORTS = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "openai")
+REQUIRED_IMPORTS = ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "openai",
+                    "lm_eval")
 VERSIONED = REQUIRED_IMPORTS + ("tokenizers", "safetensors", "huggingface-hub", "jsonschema", "pyyaml",
                                 "python-dotenv", "rich", "scipy", "statsmodels", "matplotlib", "gguf")
 # Free disk the tier needs under the output root (weights in the HF cache + checkpoints + reports):

@@ -99,6 +99,23 @@ def _mark_correct_and_rehash(root: Path) -> None:
     _edit_json(root / EVAL, edit)
 
 
+def _loglik_marked_correct_and_rehashed(root: Path) -> None:
+    """A wrong loglik item (lm-eval's per-item log sample) made right, the figure and the recorded hash consistent."""
+    from pipeline.evidence import sha256_file
+    rel = "reports/eval/predictions/loglik/sft.jsonl"
+    items = [json.loads(line) for line in (root / rel).read_text().splitlines()]
+    wrong = next(p for p in items if not p["correct"])
+    wrong.update(acc=1.0, correct=True, extracted=wrong["gold"], raw=wrong["gold"])
+    (root / rel).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in items))
+
+    def edit(doc):
+        res = doc["results_loglik"]["sft"][wrong["set"]]
+        res["correct"] += 1
+        res["accuracy"] = res["correct"] / res["n"]
+        doc["outputs"][rel] = sha256_file(root / rel)
+    _edit_json(root / EVAL, edit)
+
+
 TAMPERS = {
     "one byte changed in a final adapter": (lambda r: _flip_byte(r / "checkpoints/kto-real-baseline/final/adapter_model.safetensors"), "kto.checkpoint"),
     "a final checkpoint deleted": (lambda r: shutil.rmtree(r / "checkpoints/simpo-real-baseline/final"), "simpo.checkpoint"),
@@ -109,6 +126,8 @@ TAMPERS = {
     "every accuracy of the eval set to 0.93": (lambda r: _edit_json(r / EVAL, _all_accuracies(0.93)), "eval.numbers"),
     "a paired test's p-value edited": (lambda r: _edit_json(r / EVAL, lambda d: d["paired"][0].update(p_value=0.001)), "eval.numbers"),
     "a prediction marked correct, its file re-hashed": (_mark_correct_and_rehash, "eval.numbers"),
+    "a loglik accuracy edited": (lambda r: _edit_json(r / EVAL, lambda d: d["results_loglik"]["base"]["medqa"].update(accuracy=0.93)), "eval.numbers"),
+    "a loglik item marked correct, its file re-hashed": (_loglik_marked_correct_and_rehashed, "eval.numbers"),
     "a stage marked incomplete (killed)": (lambda r: (r / "reports/.incomplete").mkdir(exist_ok=True) or (r / "reports/.incomplete/kto.marker").write_text("{}"), "chain.no_incomplete"),
 }
 

@@ -83,11 +83,50 @@ def test_every_scored_variant_answers_the_same_recorded_questions(evaluated):
             assert res["format_failures"] == sum(r["extracted"] is None for r in rows if r["set"] == s)
 
 
+def test_both_protocols_score_every_variant_on_the_same_ids(evaluated):
+    """loglik (lm-eval's log-likelihood multiple choice) beside generative_letter: every scored variant, the
+    eval's own question ids in the same order, per-item records that lm-eval's scoring reproduces, figures the gate
+    recomputes, both protocols in the report."""
+    from pipeline import evalkit, loglik
+    from pipeline.eval_audit import audit
+    from pipeline.settings import load_config
+    d = doc(evaluated)
+    assert set(d["results_loglik"]) == set(d["results"]) == {"base", "sft", "dpo", "simpo"}
+    assert d["protocols"] == {"results": "generative_letter", "results_loglik": "loglik"}
+    sets = d["sets"]
+    planned = [i for s in ("medqa", "pubmedqa", "cmmlu") for i in sets[s]["question_ids"]]
+    firsts = []
+    for v in ("base", "sft", "dpo", "simpo"):
+        rel = f"reports/eval/predictions/loglik/{v}.jsonl"
+        items = [json.loads(x) for x in (evaluated / rel).read_text().splitlines()]
+        assert [r["id"] for r in items] == planned and d["outputs"][rel] == ev.sha256_file(evaluated / rel)
+        for r in items:
+            assert len(r["loglik"]) == len(r["choices"]) == len(r["continuations"]) and r["method"] == "loglik"
+            assert r["extracted"] == r["choices"][max(range(len(r["loglik"])), key=r["loglik"].__getitem__)]
+            assert r["correct"] == (r["extracted"] == r["gold"]) == (r["acc"] == 1.0)
+            assert r["continuations"] == [" " + c for c in r["choices"]]     # lm-eval's target delimiter
+        firsts.append(items[0]["loglik"])
+        for s in sets:
+            res, ps = d["results_loglik"][v][s], [r for r in items if r["set"] == s]
+            assert res["question_ids"] == sets[s]["question_ids"] and res["n"] == sets[s]["planned_n"] == len(ps)
+            assert res == {**res, **evalkit.accuracy_ci([r["correct"] for r in ps], seed=d["sets"][s]["seed"],
+                                                        n_resamples=d["n_bootstrap"])}
+            assert sum(t["n"] for t in res["harness"].values()) == len(ps) and res["format_failures"] == 0
+            assert ("acc_norm" in res) == (s != "pubmedqa")       # lm-eval's pubmedqa reports acc only
+    assert len({tuple(f) for f in firsts}) == 4       # each variant's own adapter, not the base four times
+    assert {p["protocol"] for p in d["paired"]} == {"generative_letter", "loglik"}
+    assert audit(load_config(overrides=ARGS), evaluated, d, REGISTRY.aligned) == []
+    md = (evaluated / "reports/eval_default.md").read_text()
+    assert "medqa, `generative_letter`" in md and "medqa, `loglik`" in md and "results_loglik.<variant>.<set>" in md
+    assert f"lm_eval {d['loglik']['lm_eval']}" in md and d["loglik"]["num_fewshot"] == 0
+
+
 def test_skipped_variant_is_listed_with_its_reason_and_never_scored(evaluated):
     d = doc(evaluated)
     assert d["variants"]["kto"]["status"] == "skipped" and KTO_SKIP in d["variants"]["kto"]["reason"]
     assert "kto" not in d["results"]
     assert not (evaluated / "reports/eval/predictions/kto.jsonl").exists()
+    assert "kto" not in d["results_loglik"] and not (evaluated / "reports/eval/predictions/loglik/kto.jsonl").exists()
     assert all("kto" not in (p["a"], p["b"]) for p in d["paired"])
     assert {(p["a"], p["b"]) for p in d["paired"]} == {("sft", "base"), ("dpo", "sft"), ("dpo", "base"),
                                                        ("simpo", "sft"), ("simpo", "base")}
@@ -295,8 +334,10 @@ def test_the_day1_eval_reports_corrected_tests_power_and_answer_distributions(da
     d = doc(root)
     assert ev.validate("eval", d) == []
     paired = d["paired"]
-    assert paired and all(p["protocol"] == "generative_letter" for p in paired)
-    assert [p["p_holm"] for p in paired] == pytest.approx(_holm_by_hand([p["p_value"] for p in paired]))
+    assert {p["protocol"] for p in paired} == {"generative_letter", "loglik"}
+    for protocol in ("generative_letter", "loglik"):   # one Holm family per protocol
+        family = [p for p in paired if p["protocol"] == protocol]
+        assert [p["p_holm"] for p in family] == pytest.approx(_holm_by_hand([p["p_value"] for p in family]))
     for p in paired:
         ci = p["diff_ci"]
         assert p["survives_holm"] == (p["p_holm"] <= 0.05)
@@ -319,13 +360,14 @@ def test_the_day1_eval_reports_corrected_tests_power_and_answer_distributions(da
     assert "not corrected" not in (root / "reports/thesis_support/thesis_draft_material.md").read_text()
 
 
-def test_eval_without_statsmodels_fails_before_generating(day1_env, monkeypatch):
+@pytest.mark.parametrize("missing", ["statsmodels", "lm_eval"])
+def test_eval_without_statsmodels_fails_before_generating(day1_env, monkeypatch, missing):
     import importlib.util
     find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "statsmodels" else find(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find(name, *a))
     from pipeline.stages import eval as eval_stage
-    monkeypatch.setattr(eval_stage, "generate", lambda *a, **k: pytest.fail("generated before checking statsmodels"))
+    monkeypatch.setattr(eval_stage, "generate", lambda *a, **k: pytest.fail(f"generated before checking {missing}"))
     assert main(["run", "eval", "--force", "--no-deps"]) != 0
     d = doc(day1_env)
-    assert d["status"] == "failed" and "statsmodels is not installed" in d["reason"]
+    assert d["status"] == "failed" and f"{missing} is not installed" in d["reason"]
     assert "requirements.txt" in d["reason"]

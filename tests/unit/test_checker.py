@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pipeline import day1, engine, reference, training_checks  # noqa: E402
+from pipeline import loglik as LL  # noqa: E402
 from pipeline.readiness import ARTIFACTS, READINESS, thesis_readiness  # noqa: E402
 from pipeline import gate as G  # noqa: E402
 from pipeline import evidence as ev  # noqa: E402
@@ -94,6 +95,21 @@ def train(root, cfg, stage, seed=0):
     return doc
 
 
+def loglik_item(row, i):
+    """A loglik per-item record as pipeline.loglik.record writes it; the gold option most likely on every third."""
+    from pipeline import evalsets
+    choices = list(row["options"])
+    gold = choices.index(row["answer"])
+    lls = [-1.0 - j for j in range(len(choices))]
+    lls[gold] = 0.0 if i % 3 == 0 else -5.0
+    item = {"id": row["id"], "set": row["set"], "subject": row["subject"], "task": evalsets.of(row).lm_eval_task(row),
+            "doc_id": i, "choices": choices, "target": gold, "gold": row["answer"], "loglik": lls,
+            "is_greedy": [False] * len(choices), **({} if row["set"] == "pubmedqa" else {"acc_norm": None}),
+            "prompt_sha256": "0" * 64, "doc_hash": "0" * 64, "continuations": [" " + c for c in choices]}
+    scored = LL.rescore_item(item)
+    return item | scored | {"raw": scored["extracted"], "method": "loglik", "correct": scored["acc"] == 1.0}
+
+
 def eval_doc(root, cfg):
     """Predictions on the bundled questions written like the eval stage writes them, and every figure computed
     from them with the stage's own functions (the gate's eval.numbers recomputes them)."""
@@ -107,7 +123,7 @@ def eval_doc(root, cfg):
         sha = (ev.read_json(root / METRICS[st]) or {}).get("checkpoint_sha256")
         variants[st] = ({"status": "scored", "reason": None, "checkpoint_dir": final, "checkpoint_sha256": sha} if sha else
                         {"status": "skipped", "reason": f"{st} was not trained", "checkpoint_dir": None, "checkpoint_sha256": None})
-    preds, outputs = {}, {}
+    preds, ll_preds, outputs = {}, {}, {}
     for k, (v, entry) in enumerate(variants.items()):
         if entry["status"] != "scored":
             continue
@@ -119,11 +135,18 @@ def eval_doc(root, cfg):
             preds[v].append({"id": row["id"], "set": row["set"], "subject": row["subject"], "prompt_sha256": "0" * 64,
                              "raw": raw, "extracted": extracted, "gold": row["answer"],
                              "correct": extracted == row["answer"], "method": method})
-        rel = f"reports/eval/predictions/{v}.jsonl"
-        ev.atomic_write_text(root / rel, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds[v]))
-        outputs[rel] = ev.sha256_file(root / rel)
+        ll_preds[v] = [loglik_item(row, i + k) for i, row in enumerate(rows)]
+        for rel, items in ((f"reports/eval/predictions/{v}.jsonl", preds[v]),
+                           (LL.PREDICTIONS.format(variant=v), ll_preds[v])):
+            ev.atomic_write_text(root / rel, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in items))
+            outputs[rel] = ev.sha256_file(root / rel)
     return common(cfg, "eval", variants=variants, sets=sets, results={v: E.summarize(ps, cfg) for v, ps in preds.items()},
-                  paired=E.paired_tests(preds, cfg, REGISTRY.aligned), batch_size=8, max_new_tokens=8,
+                  results_loglik={v: LL.summarize(ps, cfg) for v, ps in ll_preds.items()},
+                  protocols={"results": "generative_letter", "results_loglik": "loglik"},
+                  loglik={"protocol": "loglik", "harness": "lm-eval", "lm_eval": "0.4.13", "num_fewshot": 0,
+                          "chat_template": False, "tasks": {}, "predictions": LL.PREDICTIONS, "seconds": {}},
+                  paired=E.paired_tests(preds, cfg, REGISTRY.aligned)
+                  + E.paired_tests(ll_preds, cfg, REGISTRY.aligned, protocol="loglik"), batch_size=8, max_new_tokens=8,
                   n_bootstrap=cfg.eval.n_bootstrap, outputs=outputs,
                   fallback={"enabled": False, "available": False, "reason": "off"},
                   generation={"backend": "hf", "decoding": decoding(8)},
@@ -341,6 +364,24 @@ def eval_without_decoding(root, cfg):
     _edit_json(root / "reports/eval/eval_default.json", lambda d: d["generation"].pop("decoding"))
 
 
+def eval_loglik_accuracy_edited(root, cfg):
+    _edit_json(root / "reports/eval/eval_default.json", lambda d: d["results_loglik"]["sft"]["medqa"].update(accuracy=0.93))
+
+
+def eval_loglik_item_flipped_and_rehashed(root, cfg):
+    """A wrong loglik item marked right (acc 1, its prediction the gold), the file's hash made to match."""
+    rel = LL.PREDICTIONS.format(variant="dpo")
+    items = [json.loads(x) for x in (root / rel).read_text().splitlines()]
+    wrong = next(p for p in items if not p["correct"])
+    wrong.update(acc=1.0, correct=True, extracted=wrong["gold"], raw=wrong["gold"])
+    (root / rel).write_text("".join(json.dumps(p) + "\n" for p in items))
+    _edit_json(root / "reports/eval/eval_default.json", lambda d: d["outputs"].update({rel: ev.sha256_file(root / rel)}))
+
+
+def eval_without_loglik(root, cfg):
+    _edit_json(root / "reports/eval/eval_default.json", lambda d: d.pop("results_loglik"))
+
+
 @pytest.mark.parametrize("tamper, failing_id", [
     (skipped_edited_to_not_skipped, "simpo.metrics"),
     (drop_required_field, "dpo.metrics"),
@@ -367,6 +408,9 @@ def eval_without_decoding(root, cfg):
     (kto_retried_at_batch_one, "kto.invariants"),
     (metrics_without_memory, "simpo.invariants"),
     (eval_without_decoding, "eval.coverage"),
+    (eval_loglik_accuracy_edited, "eval.numbers"),
+    (eval_loglik_item_flipped_and_rehashed, "eval.numbers"),
+    (eval_without_loglik, "eval.coverage"),
 ])
 def test_each_tamper_fails_its_check_and_restoring_passes(run, tamper, failing_id):
     root, cfg, backup = run

@@ -15,6 +15,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from pipeline import loglik
 from pipeline import data as D
 from pipeline import engine, evalkit, evalsets
 from pipeline import evidence as ev
@@ -117,7 +118,9 @@ def test_files_are_those_of_the_configured_sets_only(bundled):
     only = load_config(tier="tiny", env={}, overrides=["eval.sets=[pubmedqa]"])
     assert [p.name for p in evalsets.files(only)] == ["ori_pqal.json", "test_ground_truth.json"]
     names = [p.name for p in engine.input_files(REGISTRY["eval"], only)]
-    assert names == ["ori_pqal.json", "test_ground_truth.json"]
+    tasks = sorted(p.name for p in loglik.TASKS_DIR.iterdir() if p.is_file() and p.suffix != ".pyc")
+    assert names == ["ori_pqal.json", "test_ground_truth.json", *tasks]   # + the loglik protocol's task definitions
+    assert "medllm_pubmedqa.yaml" in tasks and "bundled.py" in tasks
 
 
 # --- a new set: a module object added to a copy of the set list, nothing else edited ------------------
