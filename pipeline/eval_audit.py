@@ -76,6 +76,16 @@ def _report(out: list[str], what: str, bad: list[str]) -> None:
     out += [f"{what}: {b}" for b in bad[:3]] + ([f"{what}: {len(bad) - 3} more items like these"] if len(bad) > 3 else [])
 
 
+def _with_gold(gold: dict, preds: list, bad: list[str]):
+    """(item, its bundled question) for each predicted item; an item that is no bundled question goes to `bad`."""
+    for p in preds:
+        row = gold.get(p.get("id"))
+        if row is None:
+            bad.append(f"{p.get('id')}: not a question of the bundled data")
+        else:
+            yield p, row
+
+
 def rescore_loglik(gold: dict, preds: dict, out: list[str]) -> None:
     """Each loglik item's task, choices and gold against the bundled data, its verdicts against lm-eval's scoring
     of its own log-likelihoods."""
@@ -83,11 +93,7 @@ def rescore_loglik(gold: dict, preds: dict, out: list[str]) -> None:
     from pipeline.stages.eval import allowed
     for variant, ps in preds.items():
         bad = []
-        for p in ps:
-            row = gold.get(p.get("id"))
-            if row is None:
-                bad.append(f"{p.get('id')}: not a question of the bundled data")
-                continue
+        for p, row in _with_gold(gold, ps, bad):
             choices, lls = p.get("choices"), p.get("loglik")
             if (p.get("task") != evalsets.of(row).lm_eval_task(row) or choices != allowed(row)
                     or p.get("gold") != row["answer"] or p.get("target") != choices.index(row["answer"])):
@@ -111,11 +117,7 @@ def rescore(cfg, preds: dict, out: list[str], gold: dict | None = None) -> None:
     gold = bundled(cfg, preds) if gold is None else gold
     for variant, ps in preds.items():
         bad = []
-        for p in ps:
-            row = gold.get(p.get("id"))
-            if row is None:
-                bad.append(f"{p.get('id')}: not a question of the bundled data")
-                continue
+        for p, row in _with_gold(gold, ps, bad):
             if p.get("method") == "llm_fallback":
                 fine = p.get("extracted") in allowed(row)
             else:
