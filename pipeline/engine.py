@@ -289,19 +289,21 @@ def run(targets: list[str], cfg: Config, console, registry: Registry, force: boo
 
 @contextlib.contextmanager
 def _signals_interrupt():
-    """SIGTERM (a host shutting down, `kill`) raises KeyboardInterrupt("SIGTERM") as Ctrl-C raises SIGINT's, so
-    the stage records it and the lock and the log capture are released; the previous handler comes back after."""
+    """SIGTERM (a host shutting down, `kill`) and SIGINT (Ctrl-C) raise KeyboardInterrupt("SIGTERM" / "SIGINT"), so
+    the stage records it and the lock and the log capture are released; the previous handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
-    before = signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT too: a shell starts a background job with SIGINT ignored, and Python then never raises on it
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _run(targets: list[str], cfg: Config, console, registry: Registry, force: bool = False,
