@@ -162,6 +162,7 @@ def _day1(env_extra: dict, root: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "day1_run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 def test_day1_dry_run_trains_nothing(tmp_path):
     proc = _day1({"DAY1_DRY_RUN": "true", "MODEL_TIER": "tiny"}, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -170,6 +171,7 @@ def test_day1_dry_run_trains_nothing(tmp_path):
     assert "nothing was trained" in summary.lower()
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 def test_day1_7b_on_cpu_skips_honestly_and_exits_nonzero(tmp_path):
     proc = _day1({"MODEL_TIER": "7b"}, tmp_path)
     assert proc.returncode != 0

@@ -55,7 +55,7 @@ def final_dir(root: Path, name: str) -> Path:
 
 
 # --- one answer, equal to eval's ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [pytest.param("base", marks=pytest.mark.slow), "sft"])   # 2-3 s each, idle
+@pytest.mark.parametrize("name", [pytest.param("base", marks=pytest.mark.slow), pytest.param("sft", marks=pytest.mark.slow)])   # 2-3 s each, idle
 def test_one_shot_answers_like_eval(day1_env, capsys, monkeypatch, name):
     monkeypatch.setenv("PROMPT", QUESTION)
     monkeypatch.setenv("MAX_NEW_TOKENS", str(TOKENS))

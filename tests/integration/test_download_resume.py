@@ -32,6 +32,7 @@ def tiny(tmp_path_factory):
     return models.build_tiny(tmp_path_factory.getbasetemp() / "medllm-cache" / "tiny-seed0")
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 def test_the_tiny_model_downloads_and_loads_by_its_hub_id_without_the_hub(tiny_env, tiny, monkeypatch):
     with FakeHub(tiny) as hub:
         cache = stage_env(monkeypatch, tiny_env, hub)

@@ -33,6 +33,7 @@ def selftest(root, expect_rc: int = 0) -> dict:
     return json.loads((root / EVIDENCE).read_text())
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 def test_each_trainer_takes_a_few_steps_at_its_longest_length_and_every_invariant_holds(tiny_env):
     doc = selftest(tiny_env)
     assert doc["status"] == "ok" and doc["skipped"] is False and ev.validate("gpu_selftest", doc) == []
@@ -74,6 +75,7 @@ def test_a_gpu_tier_plans_its_longest_length_and_first_batch_and_has_a_stand_in_
     assert S.pick_model(load_config(), {"device": "cpu"})["stand_in"] is True   # never a 7B on a CPU
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 def test_a_leaked_model_and_a_crash_each_fail_the_self_test_and_the_others_still_run(tiny_env, monkeypatch):
     real, leaked = S.build, []
 
@@ -182,6 +184,7 @@ def test_older_transformers_get_the_gradient_checkpointing_names():
     assert T.for_installed_transformers(args) == args   # the pinned transformers 5.24 has the new names
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 def test_the_device_script_runs_the_stage_and_writes_its_figures_flat_into_out(tiny_env):
     """scripts/device_selftest.sh as a lent GPU runs it, here on the tiny tier and the CPU (no wheels)."""
     out = tiny_env / "out"

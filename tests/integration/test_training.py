@@ -136,6 +136,7 @@ def test_force_skip_training_is_evidence(tmp_path, monkeypatch):
     assert m["status"] == "skipped" and "FORCE_SKIP_TRAINING" in m["reason"]
 
 
+@pytest.mark.slow   # make test keeps under 10 minutes; make test-slow (CI) runs it
 def test_kill_minus_9_then_resume_gives_one_continuous_curve(tmp_path):
     env = {**os.environ, "PIPELINE_ROOT": str(tmp_path), "MODEL_TIER": "tiny", "HF_HUB_OFFLINE": "1"}
     env.pop("MEDLLM_INJECT_OOM_AT_STEP", None)
