@@ -14,15 +14,11 @@ from pathlib import Path
 
 import yaml
 
-# our scoring protocols and the eval evidence key holding each one's results (None: this pipeline does not run it)
-PROTOCOLS = {"generative_letter": "results", "loglik": "results_loglik", "free_answer_extraction": "results_free",
-             "cot": None}
+from pipeline.protocols import RESULTS as PROTOCOLS   # protocol -> eval evidence key (None: not run here)
+from pipeline.protocols import TEXT as DESCRIBE
+
 UNKNOWN = "unknown"          # a published protocol that is none of ours (or not known): listed, never compared
 SHOTS = 0                    # every protocol of ours is zero-shot
-DESCRIBE = {"generative_letter": "greedy generation, 'answer with the letter' (or yes/no/maybe), rule extraction",
-            "loglik": "log-likelihood over the options (lm-evaluation-harness)",
-            "free_answer_extraction": "zero-shot free answer, rule extraction from its conclusion",
-            "cot": "chain-of-thought prompting"}
 CAUSES = ("the usual causes: the chat template (the model's own, applied), the EOS/end-of-turn token (generation "
           "stops where it should), the answer extraction (the methods in reports/eval/predictions/base.jsonl), "
           "truncation (max_new_tokens)")

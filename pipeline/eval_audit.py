@@ -24,7 +24,13 @@ import math
 from pipeline import evalsets
 from pipeline import evidence as ev
 
-PREDICTIONS = "reports/eval/predictions/{variant}.jsonl"
+PREDICTIONS = "reports/eval/predictions/{variant}.jsonl"   # the generative protocol's per-question records
+
+
+def read_predictions(root, variant: str, pattern: str = PREDICTIONS) -> list[dict]:
+    """A variant's per-question records (OSError or ValueError when the file is missing or unreadable)."""
+    text = (root / pattern.format(variant=variant)).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def diff(got, want, where: str, out: list[str]) -> None:
@@ -62,7 +68,7 @@ def load_predictions(root, doc: dict, out: list[str], field: str = "results", pa
         elif ev.sha256_file(path) != outputs.get(rel):
             out.append(f"{rel} does not re-hash to the sha256 the eval evidence records")
         else:
-            preds[variant] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            preds[variant] = read_predictions(root, variant, pattern)
     return preds
 
 

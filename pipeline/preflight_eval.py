@@ -1,7 +1,9 @@
 """The preflight's eval and judge measurements (pipeline/stages/preflight.py calls them on the base it loaded once).
 
-eval: one generation batch per eval set (the seeded sample eval answers, at eval.batch_size and
-eval.max_new_tokens), extrapolated to the set's questions x the variants, plus the base load.
+eval: per eval set one generation batch (the seeded sample eval answers, at eval.batch_size and
+eval.max_new_tokens), the log-likelihood protocol on a few of its questions (lm-eval, as the eval stage calls it),
+and with eval.free_answer one free-answer batch, extrapolated to the set's questions x the variants, plus the
+adapter switch measured on the SFT trial's adapter and the base load.
 judge: when a judge is enabled, the variants' answers to the judge questions (one measured batch at
 judge.max_new_tokens) plus the planned requests in waves of judge.concurrency at the latency of one request
 measured against the configured endpoint; 0 with the reason when the judges are off or have no key.
@@ -10,7 +12,9 @@ The eval and judge stages' own functions build the prompts (read, not changed).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+from pipeline import evidence as ev
 from pipeline import models
 from pipeline import preflight_kit as K
 from pipeline import training as T
@@ -31,20 +35,62 @@ def timed_batch(model, tok, prompts: list, batch_size: int, max_new_tokens: int)
     return round(time.monotonic() - t0, 3), texts
 
 
-def eval_prediction(ctx, base: str, model, load_s: float) -> dict:
+def loglik_rows(batch_size: int) -> int:
+    """Questions per set the log-likelihood protocol is timed on: about one forward batch of lm-eval's requests
+    (a question asks one per option: 3-5)."""
+    return max(2, -(-batch_size // 4))
+
+
+def timed_loglik(cfg, model, tok, rows: list[dict], batch_size: int) -> float:
+    """Seconds lm-eval (pipeline/loglik.py, the eval stage's call) takes to score `rows` under protocol loglik."""
+    from pipeline import loglik
+    tasks = loglik.tasks_for(cfg, rows)
+    return round(loglik.score(model, tok, tasks, rows, batch_size)[2], 3)
+
+
+def timed_switch(model, adapter: str | None) -> float:
+    """Seconds the eval stage spends per trained variant before it answers: the final's hash check and the
+    adapter loaded onto the base (PeftModel.from_pretrained, as Variants does), on the adapter the SFT trial saved;
+    the base is given back without it."""
+    if adapter is None or not Path(adapter).is_dir():
+        return 0.0
+    from peft import PeftModel
+    t0 = time.monotonic()
+    ev.sha256_tree(Path(adapter))
+    PeftModel.from_pretrained(model, adapter, adapter_name="preflight")
+    secs = round(time.monotonic() - t0, 3)
+    models.without_adapters(model)
+    return secs
+
+
+def eval_prediction(ctx, base: str, model, load_s: float, adapter: str | None = None) -> dict:
+    from pipeline import eval_free, evalsets
     from pipeline.stages.eval import load_sets, messages
-    cfg = ctx.cfg
+    cfg, ec = ctx.cfg, ctx.cfg.eval
     _ready_to_generate(model)
     tok = models.load_tokenizer(base, padding_side="left")
     per_set = {}
     for name, (rows, _full) in load_sets(cfg).items():
-        if rows:
-            secs, _ = timed_batch(model, tok, [messages(r) for r in rows], cfg.eval.batch_size, cfg.eval.max_new_tokens)
-            per_set[name] = {"questions": len(rows), "batch": min(cfg.eval.batch_size, len(rows)), "batch_s": secs}
-    out = K.predict_generation(load_s, per_set, len(ctx.registry.variants))
-    return {**out, "sets": per_set, "max_new_tokens": cfg.eval.max_new_tokens,
-            "basis": "one measured generation batch per set (the first of eval's seeded sample) x the set's batches "
-                     "x the variants, plus the base load; the LLM answer-extraction fallback is not included"}
+        if not rows:
+            continue
+        secs, _ = timed_batch(model, tok, [messages(r) for r in rows], ec.batch_size, ec.max_new_tokens)
+        some = rows[:loglik_rows(ec.batch_size)]
+        per_set[name] = {"questions": len(rows), "batch": min(ec.batch_size, len(rows)), "batch_s": secs,
+                         "loglik_rows": len(some), "loglik_s": timed_loglik(cfg, model, tok, some, ec.batch_size)}
+        if ec.free_answer and name in ec.free_answer_sets:
+            per_set[name]["free_batch_s"] = timed_batch(model, tok, [evalsets.of(r).free_prompt(r) for r in rows],
+                                                        ec.batch_size, ec.free_answer_max_new_tokens)[0]
+    out = K.predict_generation(load_s, per_set, len(ctx.registry.variants),
+                               free_variants=len(eval_free.VARIANTS) if ec.free_answer else 0,
+                               switch_s=timed_switch(model, adapter))
+    return {**out, "sets": per_set, "max_new_tokens": ec.max_new_tokens,
+            "basis": "per set: one measured generation batch (the first of eval's seeded sample) x the set's batches, "
+                     f"the log-likelihood protocol timed on its first {loglik_rows(ec.batch_size)} questions x the "
+                     "set's questions"
+                     + (", the free-answer protocol (base only) at one measured batch x the set's batches"
+                        if ec.free_answer else "")
+                     + "; x the variants, plus the measured adapter switch per trained variant and the base load; "
+                       "the LLM answer-extraction fallback is not included"}
 
 
 def judge_prediction(ctx, base: str, model) -> dict:

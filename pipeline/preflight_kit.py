@@ -10,8 +10,9 @@ import math
 
 EVAL_FORWARD_SHARE = 1 / 3   # an eval micro-batch is a forward only: ~1/3 of a training micro-step (fwd + bwd)
 SAVE_FACTOR = 2.0            # a checkpoint adds optimizer + scheduler state to the adapter the preflight saves
-BASIS = (f"planned optimizer steps x measured s/step at the longest max_length (curriculum parts at shorter "
-         f"lengths run faster: an upper bound), plus the measured base load + trainer build per (sub-)stage, "
+BASIS = (f"planned optimizer steps x the s/step measured on the stage's longest rows (in tokens) at its longest "
+         f"max_length, scaled by the stage's mean row tokens over the trial's (a step costs what its tokens do; "
+         f"curriculum parts at shorter lengths run faster: an upper bound there), plus the measured base load + trainer build per (sub-)stage, "
          f"{SAVE_FACTOR:g} x the measured adapter save per checkpoint, and SFT's eval-loss passes at "
          f"{EVAL_FORWARD_SHARE:.2f} of a training micro-step per eval micro-batch; eval: one measured generation "
          f"batch per set, extrapolated to questions x variants, plus the base load; judges: planned requests / "
@@ -29,12 +30,21 @@ def predict_stage(planned_steps: int, s_per_step: float, load_s: float, loads: i
             "predicted_s": round(train_s + sum(allowance.values()), 2)}
 
 
-def predict_generation(load_s: float, per_set: dict[str, dict], variants: int) -> dict:
-    """Eval's wall time: the base load, then for each variant every set's questions at the rate one measured batch
-    of that set ran ({set: {"questions", "batch", "batch_s"}}), batches of `batch` (the last one partial)."""
-    per_variant = sum(math.ceil(s["questions"] / s["batch"]) * s["batch_s"] for s in per_set.values())
+def predict_generation(load_s: float, per_set: dict[str, dict], variants: int, free_variants: int = 0,
+                       switch_s: float = 0.0) -> dict:
+    """Eval's wall time: the base load, then for each variant every set's questions under each protocol at the rate
+    measured for that set ({set: {"questions", "batch", "batch_s"[, "loglik_rows", "loglik_s"][, "free_batch_s"]}}):
+    generation in batches of `batch` (the last one partial), the log-likelihood protocol at loglik_s per
+    loglik_rows questions, and for `free_variants` (the base) the free-answer protocol at free_batch_s per batch;
+    plus `switch_s` per trained variant (variants - 1: its final's hash check and its adapter switched on)."""
+    per_variant = sum(math.ceil(s["questions"] / s["batch"]) * s["batch_s"]
+                      + (s["questions"] / s["loglik_rows"] * s["loglik_s"] if s.get("loglik_rows") else 0.0)
+                      for s in per_set.values())
+    free = sum(math.ceil(s["questions"] / s["batch"]) * s["free_batch_s"] for s in per_set.values()
+               if s.get("free_batch_s") is not None) * free_variants
     return {"load_s": round(load_s, 2), "variants": variants, "per_variant_s": round(per_variant, 2),
-            "predicted_s": round(load_s + variants * per_variant, 2)}
+            "switch_s": round(switch_s, 3), "free_answer_s": round(free, 2),
+            "predicted_s": round(load_s + variants * per_variant + (variants - 1) * switch_s + free, 2)}
 
 
 def predict_judge(requests: dict[str, int], concurrency: int, latency_s: float, answers_s: float = 0.0) -> dict:

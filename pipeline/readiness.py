@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline import evalsets
 from pipeline import evidence as ev
+from pipeline.eval_audit import PREDICTIONS, read_predictions
 
 READINESS = "reports/thesis_support/thesis_readiness.json"
 ARTIFACTS = ("reports/eval_default.md", "reports/sota_compare.md", "reports/error_analysis.md",
@@ -22,14 +23,12 @@ def rehearsal_evidence(cfg, registry=None) -> list[str]:
     return [rel for rel, d in docs.items() if isinstance(d, dict) and d.get("rehearsal") not in (None, False)]
 
 
-PREDICTIONS = "reports/eval/predictions/{v}.jsonl"
 
 
 def _predictions_by_set(root: Path, v: str) -> dict | Exception:
     """{set: [prediction rows]} of variant v's per-question predictions file, or the exception reading it."""
-    import json
     try:
-        rows = [json.loads(line) for line in (root / PREDICTIONS.format(v=v)).read_text(encoding="utf-8").splitlines()]
+        rows = read_predictions(root, v)
     except (OSError, ValueError) as e:
         return e
     return {s: [p for p in rows if p.get("set") == s] for s in dict.fromkeys(p.get("set") for p in rows)}
@@ -51,13 +50,13 @@ def answer_blockers(cfg, eval_doc: dict, methods) -> list[str]:
     trained = [m for m in methods if (variants.get(m) or {}).get("status") == "scored"]
     base = _predictions_by_set(root, "base") if trained else {}
     if isinstance(base, Exception):
-        out.append(f"{PREDICTIONS.format(v='base')} is missing or unreadable ({type(base).__name__}): the trained "
+        out.append(f"{PREDICTIONS.format(variant='base')} is missing or unreadable ({type(base).__name__}): the trained "
                    "variants' format failures cannot be held against the base's; re-run `python -m pipeline run eval`")
         base = {}
     for v in trained:
         by_set = _predictions_by_set(root, v)
         if isinstance(by_set, Exception):
-            out.append(f"{PREDICTIONS.format(v=v)} is missing or unreadable ({type(by_set).__name__}): the answers of "
+            out.append(f"{PREDICTIONS.format(variant=v)} is missing or unreadable ({type(by_set).__name__}): the answers of "
                        f"{v} cannot be checked for a degenerate predictor or format failures; re-run "
                        "`python -m pipeline run eval`")
             continue

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.protocols import TEXT as PROTOCOL_TEXT   # what each scoring protocol is (one table)
+
 EVAL_JSON = "reports/eval/eval_default.json"
 JUDGE_JSON = "reports/judge/judge_summary.json"
 REFERENCES = Path(__file__).resolve().parents[1] / "configs" / "references.yaml"
@@ -70,13 +72,6 @@ def plot_accuracy(results: dict, sets: list[str], path: Path) -> str | None:
 
 
 # --- reports/eval_default.md ------------------------------------------------------------------------
-# what each scoring protocol is; the evidence names the field each one fills (`protocols`: {field: name})
-PROTOCOL_TEXT = {"generative_letter": "greedy generation, \"answer with the letter\", rule extraction",
-                 "loglik": "lm-evaluation-harness log-likelihood multiple choice: lm-eval's own medqa_4options / "
-                           "pubmedqa / cmmlu_<subject> prompts over the bundled files, zero-shot, no chat template, acc "
-                           "(argmax of the options' log-likelihoods)"}
-
-
 def protocol_fields(doc: dict) -> dict:
     """{evidence field: protocol name}; evidence from before the second protocol has `results` only."""
     return doc.get("protocols") or {"results": "generative_letter"}

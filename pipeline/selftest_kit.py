@@ -163,10 +163,12 @@ def meter(model, cuda: bool):
     return Meter(TokenCounter(inner.get_decoder()))
 
 
-def speed(marks: list) -> dict:
+def speed(marks: list, warmup: int = 1) -> dict:
+    """Per-step seconds and tokens from the meter's marks; tokens/s over the steps after the `warmup` first ones
+    (on CUDA the first step selects kernels and grows the allocator)."""
     steps = [{"seconds": round(t1 - t0, 4), "tokens": n1 - n0}
              for (t0, n0), (t1, n1) in zip(marks, marks[1:])]
-    timed = steps[1:] or steps   # the first step is the warm-up (kernels, allocator)
+    timed = steps[warmup:] or steps
     secs = sum(s["seconds"] for s in timed)
     return {"per_step": steps, "tokens": sum(s["tokens"] for s in steps),
             "tokens_per_s": round(sum(s["tokens"] for s in timed) / secs, 2) if secs else None,

@@ -20,7 +20,7 @@ import json
 from collections import Counter
 
 from pipeline import data as D
-from pipeline import eval_free, eval_report, evalkit, evalsets, judgekit, loglik, models
+from pipeline import eval_audit, eval_free, eval_report, evalkit, evalsets, judgekit, loglik, models
 from pipeline import evidence as ev
 from pipeline.core import SkipStage, StageFailed
 from pipeline.provenance import git_commit
@@ -194,7 +194,7 @@ def run(ctx) -> dict:
             loglik.check_own(name, ll_preds[name], own)
             results_ll[name] = loglik.summarize(ll_preds[name], cfg)
             del model, tok
-            for rel, items in ((f"reports/eval/predictions/{name}.jsonl", preds[name]),
+            for rel, items in ((eval_audit.PREDICTIONS.format(variant=name), preds[name]),
                                (loglik.PREDICTIONS.format(variant=name), ll_preds[name])):
                 ev.atomic_write_text(ctx.path(rel), "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in items))
                 outputs.append(rel)

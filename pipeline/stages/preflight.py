@@ -7,7 +7,7 @@ attempt, peak memory, seconds per optimizer step, tokens/s (no padding) and the 
 judges' predictions (pipeline/preflight_eval.py); the total, its cost and the budget decision. The base is loaded
 once: each trainer is built by training.trainer_for, the function its stage uses, on that base (given back without
 adapters after each trial), on the stage's longest rows at its longest max_length with the planned batch and
-accumulation; `preflight.steps` timed steps after one warm-up. The methods trained from SFT start from the adapter
+accumulation; `preflight.steps` timed steps after a warm-up step (warmup_steps). The methods trained from SFT start from the adapter
 the SFT trial saved. A stage then starts at the batch found here (training.start_batch), and guard() re-projects
 the budget before each later stage (the engine asks it). The arithmetic: pipeline/preflight_kit.py.
 """
@@ -44,6 +44,14 @@ STAGE = Stage("preflight", "reports/migration/preflight.json", needs=("gpu_check
               untracked=(*T.UNTRACKED, "preflight.budget", "preflight.price_per_hour"))
 
 GIB = 1024 ** 3
+
+
+def warmup_steps(plan: dict, first: bool) -> int:
+    """Untimed steps before the timed ones. One on CUDA (kernel selection, allocator growth and lazy cuBLAS init make
+    a first step slow). On a CPU only for the process's first trial (autograd's first backward; demo, s/step first /
+    second: sft 2.15/1.13); later trials' first steps cost what their next ones do (simpo 4.14/3.95, kto 4.68/4.55,
+    orpo 3.81/3.77), so they run `preflight.steps` steps only."""
+    return 1 if plan["device"] == "cuda" or first else 0
 
 
 # --- measuring one trainer ------------------------------------------------------------------------------
@@ -83,15 +91,15 @@ class RssPeak:
 
 
 def trial(ctx, kind: str, base: str, model, tok, data: dict, length: int, batch: int, grad_acc: int, out,
-          adapter: str | None, rss0: int) -> dict:
-    """Build the stage's trainer (training.trainer_for) on the loaded base `model` and run 1 + preflight.steps
+          adapter: str | None, rss0: int, warm: int) -> dict:
+    """Build the stage's trainer (training.trainer_for) on the loaded base `model` and run `warm` + preflight.steps
     optimizer steps; the base is given back without adapters (models.without_adapters), whatever happened."""
     import torch
     from pipeline.selftest_kit import meter, speed
     cfg, plan = ctx.cfg, ctx.plan
     cuda, steps = plan["device"] == "cuda", cfg.preflight.steps
     args = T.base_args(cfg, kind, plan, out, batch, grad_acc)
-    args.update(max_steps=steps + 1, save_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True)
+    args.update(max_steps=steps + warm, save_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True)
     rec, trainer, m = {"batch": batch, "grad_acc": grad_acc, "oom": False}, None, None
     models.release()
     if cuda:
@@ -103,12 +111,12 @@ def trial(ctx, kind: str, base: str, model, tok, data: dict, length: int, batch:
             trainer.args.eval_strategy, trainer.args.eval_on_start = "no", False   # eval-loss passes: predicted
             models.fix_trainable_dtype(trainer.model, plan)
             rec["build_s"] = round(time.monotonic() - t0, 3)
-            trainer.add_callback(T.make_callbacks(cfg, kind, steps + 2)[0])   # the OOM hook, as in fit(); no save
+            trainer.add_callback(T.make_callbacks(cfg, kind, steps + warm + 1)[0])   # the OOM hook, as in fit(); no save
             m = meter(trainer.model, cuda)
             trainer.add_callback(m)
             trainer.train()
-        rec.update(speed=speed(m.marks), global_step=trainer.state.global_step)
-        timed = rec["speed"]["per_step"][1:] or rec["speed"]["per_step"]
+        rec.update(speed=speed(m.marks, warm), global_step=trainer.state.global_step)
+        timed = rec["speed"]["per_step"][warm:] or rec["speed"]["per_step"]
         rec["s_per_step"] = round(sum(s["seconds"] for s in timed) / len(timed), 4)
         rec["tokens_per_s"] = rec["speed"]["tokens_per_s"]
         rec["peak_mem_gb"] = round((torch.cuda.max_memory_reserved() if cuda else peak.peak - peak.start) / GIB, 3)
@@ -128,13 +136,14 @@ def trial(ctx, kind: str, base: str, model, tok, data: dict, length: int, batch:
     return rec
 
 
-def measure(ctx, kind: str, base: str, model, tok, data: dict, length: int, adapter: str | None, rss0: int) -> dict:
+def measure(ctx, kind: str, base: str, model, tok, data: dict, length: int, adapter: str | None, rss0: int,
+            warm: int) -> dict:
     """Trials from the planned batch down (half the batch, twice the accumulation) until one fits."""
     tc = getattr(ctx.cfg, kind)
     batch, grad_acc, raised = T.first_batch(kind, tc.batch_size, tc.grad_acc)
     out, attempts = ctx.root / "checkpoints" / ".preflight" / kind, []
     while True:
-        rec = trial(ctx, kind, base, model, tok, data, length, batch, grad_acc, out, adapter, rss0)
+        rec = trial(ctx, kind, base, model, tok, data, length, batch, grad_acc, out, adapter, rss0, warm)
         attempts.append({k: rec.get(k) for k in ("batch", "grad_acc", "oom", "error") if k in rec})
         if not rec["oom"]:
             break
@@ -146,29 +155,56 @@ def measure(ctx, kind: str, base: str, model, tok, data: dict, length: int, adap
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
-def stage_data(ctx, kind: str, tok, n: int) -> tuple[dict, int, dict]:
-    """A stage's longest n rows as its trainer's datasets, its longest max_length, and SFT's eval-loss plan."""
+def row_tokens(tok, row: dict, length: int) -> int:
+    """Tokens a row puts through the model in one step, each sequence cut at `length`: the conversation (SFT), prompt +
+    chosen and prompt + rejected (the paired methods), prompt + completion (KTO). 0 for an SFT row whose reply starts
+    at or after `length`: TRL's SFTTrainer drops it (no loss token left after truncation), so it never trains."""
+    def n(msgs: list, **kw) -> int:
+        return min(length, len(tok.apply_chat_template(msgs, tokenize=True, **kw)["input_ids"]))
+    if "messages" in row:
+        msgs = row["messages"]
+        first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), len(msgs))
+        if first and n(msgs[:first], add_generation_prompt=True) >= length:
+            return 0
+        return n(msgs)
+    return sum(n(row["prompt"] + row[k]) for k in ("chosen", "rejected", "completion") if k in row)
+
+
+def stage_data(ctx, kind: str, tok, n: int) -> tuple[dict, int, dict, dict]:
+    """A stage's n longest rows (in tokens) as its trainer's datasets, its longest max_length, SFT's eval-loss plan,
+    and the rows' token counts against the stage's own rows (`scale`: the planned mean over the trial's)."""
     from datasets import Dataset
     cfg, tc = ctx.cfg, getattr(ctx.cfg, kind)
     length = max([tc.max_length] + [c["max_length"] for c in tc.curriculum])
     if T.method(kind).start == "base":
         split = T.sft_splits(cfg)
-        rows = longest(split["train"], n, lambda r: sum(len(m["content"]) for m in r["messages"]))
+        rows = [{"messages": r["messages"]} for r in split["train"]]
         held = [{"messages": r["messages"]} for r in split["eval"]]
-        data = {"train": Dataset.from_list([{"messages": r["messages"]} for r in rows]),
-                "eval": Dataset.from_list(held)}
         passes = tc.max_steps // tc.eval_steps + (1 if tc.trl.get("eval_on_start") else 0)
-        return data, length, {"passes": passes, "rows": len(held)}
-    paired = ctx.registry[kind].trainer(cfg)[2]
-    rows = T.preference_dataset(cfg, kind, tok, paired)[0]
-    size = lambda r: sum(len(m["content"]) for key in ("prompt", "chosen", "rejected", "completion")   # noqa: E731
-                         for m in r.get(key, []))
-    return {"train": Dataset.from_list(longest(rows, n, size))}, length, {"passes": 0, "rows": 0}
+        evals = {"passes": passes, "rows": len(held), "eval": Dataset.from_list(held)}
+    else:
+        paired = ctx.registry[kind].trainer(cfg)[2]
+        rows, evals = T.preference_dataset(cfg, kind, tok, paired)[0], {"passes": 0, "rows": 0}
+    picked, tokens = pick_rows(tok, rows, n, length)
+    data = {"train": Dataset.from_list(picked), **({"eval": evals.pop("eval")} if "eval" in evals else {})}
+    return data, length, evals, tokens
+
+
+def pick_rows(tok, rows: list[dict], n: int, length: int) -> tuple[list[dict], dict]:
+    """The n rows with the most tokens at `length` among those the trainer keeps (repeated when there are fewer), and
+    their mean token count against all kept rows' (`scale` = planned mean / trial mean: how much cheaper the stage's
+    average step is)."""
+    sizes = [row_tokens(tok, r, length) for r in rows]
+    trains = [i for i, size in enumerate(sizes) if size] or list(range(len(rows)))   # the rows the trainer keeps
+    picked = longest(trains, n, sizes.__getitem__)
+    trial_mean, planned_mean = sum(sizes[i] for i in picked) / n, sum(sizes[i] for i in trains) / len(trains)
+    return [rows[i] for i in picked], {"trial_mean": round(trial_mean, 1), "planned_mean": round(planned_mean, 1),
+                                       "scale": round(planned_mean / trial_mean, 4) if trial_mean else 1.0}
 
 
 def wanted(cfg) -> bool:
-    """preflight.enabled, or when unset: on a GPU tier (paid hours; a rehearsal too), or when money is set.
-    On the CPU tiers a measured step costs about what their few training steps do, so it runs when asked."""
+    """preflight.enabled, or when unset: on a GPU tier (paid hours; a rehearsal too), or when money is set. The demo
+    tier sets it (its Day-1 shows the prediction against the run); on tiny (the tests) it runs when asked."""
     pf = cfg.preflight
     if pf.enabled is not None:
         return pf.enabled
@@ -187,7 +223,9 @@ def run(ctx) -> dict:
     cfg, plan, pf = ctx.cfg, ctx.plan, ctx.cfg.preflight
     budget, price = pf.budget, pf.price_per_hour
     hooks = {"inject_oom_at_step": cfg.runtime.inject_oom_at_step, "inject_oom_rank": cfg.runtime.inject_oom_rank}
-    base = models.base_for(cfg)
+    t_build = time.monotonic()
+    base = models.base_for(cfg)   # the tiny/demo build, once per cache: whichever stage comes first pays it
+    base_build_s = round(time.monotonic() - t_build, 3)
     tok, adapter, stages = T.sft_tokenizer(base)[0], None, {}
     models.live_high_water(reset=True)
     rss0, t0 = rss(), time.monotonic()
@@ -196,15 +234,20 @@ def run(ctx) -> dict:
     try:
         for kind in ctx.registry.methods:   # sft first: the others start from the adapter its trial saved
             tc = getattr(cfg, kind)
-            n = tc.batch_size * tc.grad_acc * (pf.steps + 1)
+            warm = warmup_steps(plan, first=not stages)
+            n = tc.batch_size * tc.grad_acc * (pf.steps + warm)
             if adapter is not None:
                 tok = models.load_tokenizer(adapter)   # as the stages load the SFT final's
-            data, length, evals = stage_data(ctx, kind, tok, n)
-            rec = measure(ctx, kind, base, model, tok, data, length, adapter, rss0)
+            data, length, evals, tokens = stage_data(ctx, kind, tok, n)
+            rec = measure(ctx, kind, base, model, tok, data, length, adapter, rss0, warm)
+            rec["warmup_steps"], rec["row_tokens"] = warm, tokens
             rec["load_s"] = round(base_load_s + rec["build_s"], 3)   # a stage loads the base and builds its trainer
             subs = len(tc.curriculum) or 1
+            # the trial ran on the longest rows (peak memory); the stage's own rows are shorter on average, and a
+            # step's cost follows its tokens: the prediction's rate is the measured one x the token ratio
+            rec["s_per_step_planned_rows"] = round(rec["s_per_step"] * tokens["scale"], 4)
             rec.update(planned_steps=tc.max_steps, **predict_stage(
-                tc.max_steps, rec["s_per_step"], rec["load_s"], subs, rec["save_s"],
+                tc.max_steps, rec["s_per_step_planned_rows"], rec["load_s"], subs, rec["save_s"],
                 math.ceil(tc.max_steps / tc.save_steps) + subs, evals["passes"],
                 math.ceil(evals["rows"] / rec["batch"]), rec["grad_acc"]))
             adapter = adapter or rec.pop("adapter_dir")
@@ -213,7 +256,7 @@ def run(ctx) -> dict:
             ctx.log(f"{kind}: batch {rec['batch']} x {rec['grad_acc']}, {rec['s_per_step']} s/step, "
                     f"{rec['tokens_per_s']} tokens/s, peak {rec['peak_mem_gb']} GiB, predicted {rec['predicted_s']} s")
         model.eval()
-        evaluation = eval_prediction(ctx, base, model, base_load_s)
+        evaluation = eval_prediction(ctx, base, model, base_load_s, adapter)
         judging = judge_prediction(ctx, base, model)
     finally:
         model = None
@@ -224,9 +267,9 @@ def run(ctx) -> dict:
     total = round(sum(s["predicted_s"] for s in stages.values()) + sum(later), 2)
     fixed = sum(s["fixed_s"] for s in stages.values()) + sum(later)   # no step count makes these cheaper
     fits, reason = budget_decision(total, fixed, price, budget, {k: s["planned_steps"] for k, s in stages.items()})
-    doc = {"device": plan["device"], "steps": pf.steps, "warmup_steps": 1, "stages": stages,
+    doc = {"device": plan["device"], "steps": pf.steps, "stages": stages,
            "memory_measure": "torch.cuda.max_memory_reserved" if plan["device"] == "cuda" else "peak RSS growth",
-           "base_load_s": base_load_s, "base_loads": 1, "eval": evaluation, "judge": judging,
+           "base_build_s": base_build_s, "base_load_s": base_load_s, "base_loads": 1, "eval": evaluation, "judge": judging,
            "predicted_total_s": total, "predicted_cost": cost(total, price), "budget": budget,
            "price_per_hour": price, "fits_budget": fits, "basis": BASIS, "max_live_models": stages_live,
            "live_models_after": live_after,

@@ -16,6 +16,7 @@ from pipeline import evidence as ev
 from pipeline import reporting as R
 from pipeline import root_hash
 from pipeline.core import Stage, StageFailed
+from pipeline.eval_audit import PREDICTIONS, read_predictions
 
 STAGE = Stage("reports", "reports/thesis_support/reports_manifest.json", needs=("eval", "judge"), reads=("*",),
               inputs=lambda cfg: R.reference_files(cfg) + D.files("sft_path", "preference_path", "kto_path")(cfg)
@@ -27,11 +28,9 @@ FILES = {"sota": "reports/sota_compare.md", "errors": "reports/error_analysis.md
 
 
 def predictions(ctx, variants: list[str]) -> dict:
-    out = {}
-    for v in variants:
-        path = ctx.root / f"reports/eval/predictions/{v}.jsonl"
-        out[v] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
-    return out
+    """{variant: its per-question records} ([] where eval wrote none)."""
+    return {v: read_predictions(ctx.root, v) if (ctx.root / PREDICTIONS.format(variant=v)).is_file() else []
+            for v in variants}
 
 
 def eval_state(doc: dict | None) -> list[str]:

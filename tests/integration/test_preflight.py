@@ -24,14 +24,16 @@ def preflight(root: Path) -> dict:
     return json.loads((root / PREFLIGHT).read_text())
 
 
-def test_the_cpu_tiers_skip_the_preflight_unless_asked(day1_env):
-    """On tiny/demo a measured step costs about what their few training steps do: `run all` skips it, saying how
-    to ask for it; the GPU tiers (and a rehearsal of one) run it by themselves."""
+def test_the_tiny_tier_skips_the_preflight_unless_asked(day1_env):
+    """On tiny (the tests' tier) `run all` skips it, saying how to ask for it; the GPU tiers (and a rehearsal of one)
+    run it by themselves, and the demo tier's Day-1 runs it (configs/tiers/demo.yaml), so make day1-smoke shows the
+    predicted timeline and the prediction against the run."""
     doc = preflight(day1_env)
     assert doc["status"] == "skipped" and "make preflight" in doc["reason"]
     from pipeline.stages.preflight import wanted
-    assert wanted(load_config(tier="7b")) and not wanted(load_config(tier="demo"))
-    assert wanted(load_config(tier="demo", overrides=["preflight.budget=5", "preflight.price_per_hour=2"]))
+    assert wanted(load_config(tier="7b")) and wanted(load_config(tier="demo")) and not wanted(load_config(tier="tiny"))
+    assert wanted(load_config(tier="tiny", overrides=["preflight.budget=5", "preflight.price_per_hour=2"]))
+    assert not wanted(load_config(tier="demo", overrides=["preflight.enabled=false"]))
 
 
 @pytest.mark.slow
@@ -46,12 +48,20 @@ def test_the_day1_preflight_measured_every_method_and_predicted_the_run(day1_env
         assert rec["s_per_step"] > 0 and rec["tokens_per_s"] > 0, kind
         assert (rec["batch"], rec["grad_acc"]) == planned, kind   # it fit at the planned batch
         assert rec["attempts"] == [{"batch": planned[0], "grad_acc": planned[1], "oom": False}], kind
-        assert rec["predicted_s"] >= rec["planned_steps"] * rec["s_per_step"] - 0.01, kind
+        # measured on the longest rows: the stage's own rows cost their share of the tokens
+        assert 0 < rec["row_tokens"]["scale"] <= 1 and rec["row_tokens"]["trial_mean"] > 0, kind
+        assert rec["s_per_step_planned_rows"] == pytest.approx(rec["s_per_step"] * rec["row_tokens"]["scale"],
+                                                               abs=1e-3), kind
+        assert rec["predicted_s"] >= rec["planned_steps"] * rec["s_per_step_planned_rows"] - 0.01, kind
+        assert rec["warmup_steps"] == (1 if kind == "sft" else 0), kind   # CPU: the first trial warms up
 
     # the base loaded once for every trial, eval's and the judges' measurement, and nothing left alive after
     assert doc["max_live_models"] <= 1 and doc["base_loads"] == 1 and doc["live_models_after"] == 0
     assert doc["predicted_cost"] is None   # no GPU_PRICE_PER_HOUR set
     assert set(doc["eval"]["sets"]) == set(cfg.eval.sets) and doc["eval"]["variants"] == len(REGISTRY.variants)
+    for name, part in doc["eval"]["sets"].items():   # both protocols measured; the adapter switch too
+        assert part["batch_s"] > 0 and part["loglik_s"] > 0 and 1 <= part["loglik_rows"] <= part["questions"], name
+    assert doc["eval"]["switch_s"] > 0 and doc["base_build_s"] >= 0
     later = doc["eval"]["predicted_s"] + doc["judge"]["predicted_s"]
     assert doc["judge"]["predicted_s"] == 0 and "judges off" in doc["judge"]["basis"]
     assert doc["predicted_total_s"] == pytest.approx(sum(r["predicted_s"] for r in doc["stages"].values()) + later,

@@ -50,6 +50,38 @@ def test_the_longest_rows_are_picked_and_repeated_when_too_few():
     assert P.longest(["a", "bb"], 5, len) == ["bb", "a", "bb", "a", "bb"]
 
 
+class WordTokenizer:
+    """One token per word of the conversation (and one for the assistant's turn marker), as
+    apply_chat_template(tokenize=True) returns them."""
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):
+        return {"input_ids": [w for m in messages for w in m["content"].split()] + ["<a>"] * add_generation_prompt}
+
+
+def test_the_trial_rows_are_the_longest_in_tokens_and_the_rate_scales_to_the_stage_rows():
+    """The demo SFT trial once ran on the rows with the most characters, which were short in tokens (its second step
+    saw 128 tokens where the stage's steps saw up to 256), so the SFT stage ran 1.43x its prediction."""
+    def row(reply):
+        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]}
+    long_chars, many_words, middle = row("x" * 400), row("a b c d e f g h"), row("a b c")   # 2, 9 and 4 tokens
+    rows, tokens = P.pick_rows(WordTokenizer(), [long_chars, middle, many_words], 2, length=6)
+    assert rows == [many_words, middle]                       # 9 tokens cut at length 6, then 4
+    assert tokens == {"trial_mean": 5.0, "planned_mean": round((2 + 4 + 6) / 3, 1), "scale": round(12 / 3 / 5, 4)}
+    pair = {"prompt": [{"role": "user", "content": "q q"}], "chosen": [{"role": "assistant", "content": "a a a"}],
+            "rejected": [{"role": "assistant", "content": "b"}]}
+    assert P.row_tokens(WordTokenizer(), pair, length=4) == 4 + 3   # prompt + chosen cut at 4, prompt + rejected
+
+
+def test_an_sft_row_whose_reply_is_cut_away_is_not_a_trial_row():
+    """TRL's SFTTrainer drops a row whose prompt fills max_length (no loss token left): the demo SFT trial once got
+    four such rows and trained on one of them per step where the stage trains two (batch 2)."""
+    def row(user, reply):
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+    cut_away, kept, short = row("w " * 10, "r r"), row("w w", "r r r r r r"), row("w", "r")
+    rows, tokens = P.pick_rows(WordTokenizer(), [cut_away, kept, short], 2, length=6)
+    assert P.row_tokens(WordTokenizer(), cut_away, 6) == 0 and rows == [kept, short]
+    assert tokens["planned_mean"] == (6 + 2) / 2    # the dropped row is not in the stage's mean either
+
+
 @pytest.mark.parametrize("env, fragment", [
     ({"BUDGET": "-1", "GPU_PRICE_PER_HOUR": "2"}, "environment variable BUDGET: preflight.budget must be a finite"),
     ({"BUDGET": "nan", "GPU_PRICE_PER_HOUR": "2"}, "environment variable BUDGET: preflight.budget must be a finite"),
@@ -125,6 +157,14 @@ def test_generation_and_judge_predictions_are_their_stated_arithmetic():
     got = K.predict_generation(5.0, {"a": {"questions": 20, "batch": 8, "batch_s": 2.0},
                                      "b": {"questions": 4, "batch": 4, "batch_s": 1.0}}, variants=6)
     assert got["per_variant_s"] == 3 * 2.0 + 1.0 and got["predicted_s"] == 5.0 + 6 * 7.0
+    # the log-likelihood protocol per question at its measured rate, the free answers for the base only, and the
+    # measured adapter switch per variant
+    both = K.predict_generation(5.0, {"a": {"questions": 20, "batch": 8, "batch_s": 2.0, "loglik_rows": 4,
+                                            "loglik_s": 1.0, "free_batch_s": 10.0},
+                                      "b": {"questions": 4, "batch": 4, "batch_s": 1.0, "loglik_rows": 2,
+                                            "loglik_s": 0.5}}, variants=6, free_variants=1, switch_s=0.25)
+    assert both["per_variant_s"] == 7.0 + 20 / 4 * 1.0 + 4 / 2 * 0.5
+    assert both["free_answer_s"] == 3 * 10.0 and both["predicted_s"] == 5.0 + 6 * 13.0 + 5 * 0.25 + 30.0
     j = K.predict_judge({"pairwise": 32, "risk": 24}, concurrency=8, latency_s=0.5, answers_s=3.0)
     assert j["waves"] == 4 + 3 and j["predicted_s"] == 7 * 0.5 + 3.0 and j["requests"] == 56
 
