@@ -141,6 +141,7 @@ def test_tamper_is_caught_with_the_right_check(fresh, name):
     assert check_id in verdict["failed"], (name, verdict["failed"])
 
 
+@pytest.mark.slow   # make test stays under 10 minutes on 2 cores; CI runs it in make test-slow
 def test_skipped_stage_edited_to_look_trained_is_caught(tmp_path, monkeypatch):
     for k, v in {"PIPELINE_ROOT": str(tmp_path), "MODEL_TIER": "tiny", "HF_HUB_OFFLINE": "1",
                  "FORCE_SKIP_TRAINING": "true"}.items():
@@ -247,6 +248,7 @@ def test_the_up_to_date_path_imports_no_torch_transformers_or_trl(day1):
     assert done.stdout.count("up to date") >= 9, done.stdout[-2000:]
 
 
+@pytest.mark.slow   # make test stays under 10 minutes on 2 cores; CI runs it in make test-slow
 @pytest.mark.parametrize("override", ["eval.sets=[]", "eval.sets=[medqa]"])
 def test_an_eval_configured_away_does_not_pass_the_gate(day1, override):
     """Issue 14 §2: with eval.sets=[] the eval was ok with no sets and strict_pass stayed true. The gate requires

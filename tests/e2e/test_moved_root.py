@@ -71,6 +71,7 @@ def test_a_copied_or_moved_root_passes_and_nothing_reruns(tiny_day1, day1_env, t
         _no_old_root_in_evidence(root, new)
 
 
+@pytest.mark.slow   # make test stays under 10 minutes on 2 cores; CI runs it in make test-slow
 def test_an_unpacked_export_passes_and_nothing_reruns(tiny_day1, day1_env, tmp_path, monkeypatch, capsys):
     root, _, env = tiny_day1
     archive = export.pack(root, tmp_path / "day1.tar.gz")

@@ -63,6 +63,7 @@ def test_an_honest_run_records_the_sft_final_as_the_reference(day1_env, stage):
         assert "reference" not in metrics(root, free)
 
 
+@pytest.mark.slow   # make test stays under 10 minutes on 2 cores; CI runs it in make test-slow
 def test_a_tampered_reference_record_fails_the_gate(day1_env, monkeypatch):
     root = day1_env
     cfg = load_config(tier="tiny", env={"PIPELINE_ROOT": str(root)})

@@ -66,6 +66,7 @@ def _with(cfg, dotted: str):
     return out
 
 
+@pytest.mark.slow   # make test stays under 10 minutes on 2 cores; CI runs it in make test-slow
 def test_every_declared_key_is_in_the_fingerprint(tiny_env):
     """For every stage and every config field it declares: changing the field changes the fingerprint."""
     cfg = load_config()
