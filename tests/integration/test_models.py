@@ -34,6 +34,7 @@ def tok(tiny):
 
 # ---- build -----------------------------------------------------------------------------------
 
+@pytest.mark.slow   # make test stays under 10 minutes on 2 cores; CI runs it in make test-slow
 def test_same_seed_gives_byte_identical_files_and_another_seed_other_weights(tiny, tmp_path):
     again = models.build_tiny(tmp_path / "again", seed=0)
     other = models.build_tiny(tmp_path / "other", seed=1)
@@ -47,6 +48,7 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_other_weights(tin
     assert manifest["files"] == {k: v for k, v in files.items() if k != "tiny_build.json"}
 
 
+@pytest.mark.slow   # make test stays under 10 minutes on 2 cores; CI runs it in make test-slow
 def test_build_reuses_an_intact_folder_and_rebuilds_a_tampered_one(tmp_path):
     folder = models.build_tiny(tmp_path / "t", seed=0)
     weights = folder / "model.safetensors"

@@ -454,6 +454,7 @@ def test_force_skip_fails_the_gate_with_the_skip_reason_and_advice(tmp_path, pro
     assert md.index("sft.metrics") < md.index("## Passing")
 
 
+@pytest.mark.slow   # make test stays under 10 minutes on 2 cores; CI runs it in make test-slow
 def test_main_writes_both_verdicts_and_never_reads_an_old_one(run):
     root, cfg, _ = run
     assert G.main(cfg, Console(file=io.StringIO())) == 0
