@@ -12,11 +12,13 @@ EVAL_FORWARD_SHARE = 1 / 3   # an eval micro-batch is a forward only: ~1/3 of a 
 SAVE_FACTOR = 2.0            # a checkpoint adds optimizer + scheduler state to the adapter the preflight saves
 BASIS = (f"planned optimizer steps x the s/step measured on the stage's longest rows (in tokens) at its longest "
          f"max_length, scaled by the stage's mean row tokens over the trial's (a step costs what its tokens do; "
-         f"curriculum parts at shorter lengths run faster: an upper bound there), plus the measured base load + trainer build per (sub-)stage, "
-         f"{SAVE_FACTOR:g} x the measured adapter save per checkpoint, and SFT's eval-loss passes at "
-         f"{EVAL_FORWARD_SHARE:.2f} of a training micro-step per eval micro-batch; eval: one measured generation "
-         f"batch per set, extrapolated to questions x variants, plus the base load; judges: planned requests / "
-         f"concurrency x one measured request's latency, plus their answers' generation")
+         f"curriculum parts at shorter lengths run faster: an upper bound there), plus the measured base load + "
+         f"trainer build per (sub-)stage, {SAVE_FACTOR:g} x the measured adapter save per checkpoint, and SFT's "
+         f"eval-loss passes at {EVAL_FORWARD_SHARE:.2f} of a training micro-step per eval micro-batch; eval: per set "
+         f"one measured generation batch, the log-likelihood protocol on a few questions and (eval.free_answer) one "
+         f"free-answer batch, extrapolated to questions x variants, plus the measured adapter switch and the base "
+         f"load; judges: planned requests / concurrency x one measured request's latency, plus their answers' "
+         f"generation")
 
 
 def predict_stage(planned_steps: int, s_per_step: float, load_s: float, loads: int, save_s: float, saves: int,

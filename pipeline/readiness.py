@@ -23,8 +23,6 @@ def rehearsal_evidence(cfg, registry=None) -> list[str]:
     return [rel for rel, d in docs.items() if isinstance(d, dict) and d.get("rehearsal") not in (None, False)]
 
 
-
-
 def _predictions_by_set(root: Path, v: str) -> dict | Exception:
     """{set: [prediction rows]} of variant v's per-question predictions file, or the exception reading it."""
     try:
@@ -50,14 +48,15 @@ def answer_blockers(cfg, eval_doc: dict, methods) -> list[str]:
     trained = [m for m in methods if (variants.get(m) or {}).get("status") == "scored"]
     base = _predictions_by_set(root, "base") if trained else {}
     if isinstance(base, Exception):
-        out.append(f"{PREDICTIONS.format(variant='base')} is missing or unreadable ({type(base).__name__}): the trained "
-                   "variants' format failures cannot be held against the base's; re-run `python -m pipeline run eval`")
+        out.append(f"{PREDICTIONS.format(variant='base')} is missing or unreadable ({type(base).__name__}): the "
+                   "trained variants' format failures cannot be held against the base's; re-run "
+                   "`python -m pipeline run eval`")
         base = {}
     for v in trained:
         by_set = _predictions_by_set(root, v)
         if isinstance(by_set, Exception):
-            out.append(f"{PREDICTIONS.format(variant=v)} is missing or unreadable ({type(by_set).__name__}): the answers of "
-                       f"{v} cannot be checked for a degenerate predictor or format failures; re-run "
+            out.append(f"{PREDICTIONS.format(variant=v)} is missing or unreadable ({type(by_set).__name__}): the "
+                       f"answers of {v} cannot be checked for a degenerate predictor or format failures; re-run "
                        "`python -m pipeline run eval`")
             continue
         for s, ps in by_set.items():

@@ -6,10 +6,11 @@ Writes reports/migration/preflight.json: per training stage (the registry's meth
 attempt, peak memory, seconds per optimizer step, tokens/s (no padding) and the predicted wall time; eval's and the
 judges' predictions (pipeline/preflight_eval.py); the total, its cost and the budget decision. The base is loaded
 once: each trainer is built by training.trainer_for, the function its stage uses, on that base (given back without
-adapters after each trial), on the stage's longest rows at its longest max_length with the planned batch and
-accumulation; `preflight.steps` timed steps after a warm-up step (warmup_steps). The methods trained from SFT start from the adapter
-the SFT trial saved. A stage then starts at the batch found here (training.start_batch), and guard() re-projects
-the budget before each later stage (the engine asks it). The arithmetic: pipeline/preflight_kit.py.
+adapters after each trial), on the stage's longest rows (in tokens: pick_rows) at its longest max_length with the
+planned batch and accumulation; `preflight.steps` timed steps after a warm-up step (warmup_steps). The methods
+trained from SFT start from the adapter the SFT trial saved. A stage then starts at the batch found here
+(training.start_batch), and guard() re-projects the budget before each later stage (the engine asks it). The
+arithmetic: pipeline/preflight_kit.py.
 """
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def trial(ctx, kind: str, base: str, model, tok, data: dict, length: int, batch:
             trainer.args.eval_strategy, trainer.args.eval_on_start = "no", False   # eval-loss passes: predicted
             models.fix_trainable_dtype(trainer.model, plan)
             rec["build_s"] = round(time.monotonic() - t0, 3)
-            trainer.add_callback(T.make_callbacks(cfg, kind, steps + warm + 1)[0])   # the OOM hook, as in fit(); no save
+            # the OOM hook, as in fit(); no save
+            trainer.add_callback(T.make_callbacks(cfg, kind, steps + warm + 1)[0])
             m = meter(trainer.model, cuda)
             trainer.add_callback(m)
             trainer.train()
@@ -269,7 +271,8 @@ def run(ctx) -> dict:
     fits, reason = budget_decision(total, fixed, price, budget, {k: s["planned_steps"] for k, s in stages.items()})
     doc = {"device": plan["device"], "steps": pf.steps, "stages": stages,
            "memory_measure": "torch.cuda.max_memory_reserved" if plan["device"] == "cuda" else "peak RSS growth",
-           "base_build_s": base_build_s, "base_load_s": base_load_s, "base_loads": 1, "eval": evaluation, "judge": judging,
+           "base_build_s": base_build_s, "base_load_s": base_load_s, "base_loads": 1, "eval": evaluation,
+           "judge": judging,
            "predicted_total_s": total, "predicted_cost": cost(total, price), "budget": budget,
            "price_per_hour": price, "fits_budget": fits, "basis": BASIS, "max_live_models": stages_live,
            "live_models_after": live_after,
